@@ -1,0 +1,41 @@
+"""Exception types. Every error xpcnn raises on purpose derives from `XpcnnError`.
+
+The shape and value errors also derive from `ValueError` (and the backend mix-up
+from `TypeError`), so code written against the book's plain exceptions still works.
+"""
+
+
+class XpcnnError(Exception):
+    """Base class of every error raised on purpose by xpcnn."""
+
+
+class BackendUnavailable(XpcnnError, RuntimeError):
+    """The requested array backend (e.g. CuPy or a CUDA device) is not usable here."""
+
+
+class BackendMismatch(XpcnnError, TypeError):
+    """Arrays from two different namespaces or devices were mixed in one call."""
+
+
+class ShapeError(XpcnnError, ValueError):
+    """An array has the wrong rank, size or geometry."""
+
+
+class DTypeError(XpcnnError, ValueError):
+    """An array has a dtype other than the one expected (e.g. int or float16 input)."""
+
+
+class ConfigError(XpcnnError, ValueError):
+    """A hyper-parameter or option has an invalid value (stride 0, lr <= 0, ...)."""
+
+
+class DatasetError(XpcnnError):
+    """A dataset is missing, corrupted, or does not match its checksum."""
+
+
+class CheckpointError(XpcnnError):
+    """A checkpoint cannot be written, read, or does not fit the model."""
+
+
+class TrainingError(XpcnnError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
