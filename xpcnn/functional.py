@@ -1,0 +1,220 @@
+"""Pure array functions on any array-API namespace: im2col/col2im, softmax, losses.
+
+Shapes follow the book: images are ``(N, C, H, W)``, filters ``(FN, C, FH, FW)``.
+Inside, windows are cut from a channels-last view ``(N, H, W, C)``: a strided slice per
+filter offset ``(i, j)``, stacked on the last axis, gives im2col's rows in the book's
+column order ``(c, i, j)`` with no transpose of the big column matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import array_api_compat
+
+from .backend import namespace_of
+from .errors import ConfigError, ShapeError
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def check_stride_pad(stride: Any, pad: Any, what: str) -> None:
+    """Raise `ConfigError` unless stride is an int >= 1 and pad an int >= 0."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"{what}: stride must be an integer >= 1, got {stride!r}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ConfigError(f"{what}: pad must be an integer >= 0, got {pad!r}")
+
+
+def conv_output_size(input_size: int, filter_size: int, stride: int = 1, pad: int = 0,
+                     *, what: str = "convolution") -> int:
+    """``(input_size + 2*pad - filter_size) / stride + 1``, which must be a whole number >= 1.
+
+    Raises:
+        ConfigError: stride < 1 or pad < 0.
+        ShapeError: the filter does not fit, or the stride does not divide the span.
+    """
+    check_stride_pad(stride, pad, what)
+    span = input_size + 2 * pad - filter_size
+    if filter_size < 1 or span < 0:
+        raise ShapeError(
+            f"{what}: window of size {filter_size} does not fit an input of size {input_size} "
+            f"with pad {pad} (expected 1 <= window <= {input_size + 2 * pad})"
+        )
+    if span % stride != 0:
+        raise ShapeError(
+            f"{what}: output size does not divide: (input {input_size} + 2*pad {pad} - window "
+            f"{filter_size}) = {span} is not a multiple of stride {stride}"
+        )
+    return span // stride + 1
+
+
+def check_rank(x: Any, rank: int, what: str, layout: str) -> None:
+    """Raise `ShapeError` unless `x` has `rank` dimensions."""
+    if x.ndim != rank:
+        raise ShapeError(f"{what}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------- channels-last helpers
+
+
+def to_nhwc(x: Any) -> Any:
+    """``(N, C, H, W) -> (N, H, W, C)`` (a view where the namespace allows)."""
+    return namespace_of(x).permute_dims(x, (0, 2, 3, 1))
+
+
+def to_nchw(x: Any) -> Any:
+    """``(N, H, W, C) -> (N, C, H, W)`` (a view where the namespace allows)."""
+    return namespace_of(x).permute_dims(x, (0, 3, 1, 2))
+
+
+def pad_nhwc(x: Any, pad: int, fill: float = 0.0) -> Any:
+    """Pad the two spatial axes of ``(N, H, W, C)`` by `pad` on each side with `fill`."""
+    if pad == 0:
+        return x
+    xp = namespace_of(x)
+    n, h, w, c = x.shape
+    out = xp.full((n, h + 2 * pad, w + 2 * pad, c), fill, dtype=x.dtype, device=array_api_compat.device(x))
+    out[:, pad:pad + h, pad:pad + w, :] = x
+    return out
+
+
+def window_offsets(filter_h: int, filter_w: int) -> Iterator[tuple[int, int]]:
+    """The ``(i, j)`` offsets inside a window, in the book's (row-major) order."""
+    for i in range(filter_h):
+        for j in range(filter_w):
+            yield i, j
+
+
+def window_slice(i: int, j: int, stride: int, out_h: int, out_w: int) -> tuple:
+    """Index that cuts, from ``(N, H, W, C)``, the pixel at offset (i, j) of every window."""
+    return (slice(None), slice(i, i + stride * (out_h - 1) + 1, stride),
+            slice(j, j + stride * (out_w - 1) + 1, stride), slice(None))
+
+
+def im2col_nhwc(x_nhwc: Any, filter_h: int, filter_w: int, stride: int, pad: int,
+                out_h: int, out_w: int) -> Any:
+    """``(N, H, W, C) -> (N*OH*OW, C*FH*FW)``, columns in the book's ``(c, i, j)`` order."""
+    xp = namespace_of(x_nhwc)
+    n, _, _, c = x_nhwc.shape
+    x_pad = pad_nhwc(x_nhwc, pad)
+    patches = [x_pad[window_slice(i, j, stride, out_h, out_w)] for i, j in window_offsets(filter_h, filter_w)]
+    col = xp.stack(patches, axis=-1)  # (N, OH, OW, C, FH*FW)
+    return xp.reshape(col, (n * out_h * out_w, c * filter_h * filter_w))
+
+
+def col2im_nhwc(col: Any, input_shape_nhwc: tuple, filter_h: int, filter_w: int, stride: int,
+                pad: int, out_h: int, out_w: int) -> Any:
+    """Adjoint of `im2col_nhwc`: ``(N*OH*OW, C*FH*FW) -> (N, H, W, C)``, overlaps added."""
+    xp = namespace_of(col)
+    n, h, w, c = input_shape_nhwc
+    col6 = xp.reshape(col, (n, out_h, out_w, c, filter_h, filter_w))
+    dx_pad = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=col.dtype, device=array_api_compat.device(col))
+    for i, j in window_offsets(filter_h, filter_w):
+        dx_pad[window_slice(i, j, stride, out_h, out_w)] += col6[:, :, :, :, i, j]
+    return dx_pad[:, pad:pad + h, pad:pad + w, :]
+
+
+# --------------------------------------------------------------------- public im2col
+
+
+def im2col(x: Any, filter_h: int, filter_w: int, stride: int = 1, pad: int = 0) -> Any:
+    """Unfold image windows into rows: ``(N, C, H, W) -> (N*OH*OW, C*FH*FW)``.
+
+    Row ``(n, oh, ow)`` holds the window under output pixel (oh, ow) of image n, with
+    columns in the book's ``(c, i, j)`` order, so ``col @ W.reshape(FN, -1).T`` is the
+    convolution.
+    """
+    check_rank(x, 4, "im2col", "(N, C, H, W)")
+    out_h = conv_output_size(x.shape[2], filter_h, stride, pad, what="im2col (height)")
+    out_w = conv_output_size(x.shape[3], filter_w, stride, pad, what="im2col (width)")
+    return im2col_nhwc(to_nhwc(x), filter_h, filter_w, stride, pad, out_h, out_w)
+
+
+def col2im(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int = 1,
+           pad: int = 0) -> Any:
+    """Fold rows back into images, adding overlaps: ``(N*OH*OW, C*FH*FW) -> (N, C, H, W)``.
+
+    The adjoint of `im2col`: ``<im2col(x), y> == <x, col2im(y)>``.
+    """
+    if len(input_shape) != 4:
+        raise ShapeError(f"col2im: input_shape must be (N, C, H, W), got {tuple(input_shape)}")
+    n, c, h, w = (int(s) for s in input_shape)
+    out_h = conv_output_size(h, filter_h, stride, pad, what="col2im (height)")
+    out_w = conv_output_size(w, filter_w, stride, pad, what="col2im (width)")
+    expected = (n * out_h * out_w, c * filter_h * filter_w)
+    if tuple(col.shape) != expected:
+        raise ShapeError(f"col2im: expected col of shape {expected} for input {tuple(input_shape)}, got {tuple(col.shape)}")
+    return to_nchw(col2im_nhwc(col, (n, h, w, c), filter_h, filter_w, stride, pad, out_h, out_w))
+
+
+# ------------------------------------------------------------------ softmax and losses
+
+
+def log_softmax(x: Any) -> Any:
+    """Row-wise ``log(softmax(x))`` of ``(N, K)`` scores, computed stably."""
+    xp = namespace_of(x)
+    shifted = x - xp.max(x, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax(x: Any) -> Any:
+    """Row-wise softmax of ``(N, K)`` (or ``(K,)``) scores."""
+    xp = namespace_of(x)
+    shifted = x - xp.max(x, axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def one_hot(t: Any, num_classes: int, dtype: Any) -> Any:
+    """``(N,)`` integer labels -> ``(N, num_classes)`` one-hot rows of `dtype`.
+
+    Built by comparison with ``arange`` (no integer scatter, which is slow on GPUs).
+    """
+    xp = namespace_of(t)
+    classes = xp.arange(num_classes, device=array_api_compat.device(t))
+    return xp.astype(xp.reshape(t, (-1, 1)) == classes, dtype)
+
+
+def as_one_hot(t: Any, like: Any) -> Any:
+    """Labels `t` as one-hot rows matching scores `like` ``(N, K)``.
+
+    Accepts ``(N,)`` integer class labels or ``(N, K)`` one-hot rows (the book's form).
+    """
+    xp = namespace_of(t, like)
+    n, k = like.shape
+    if t.ndim == 1:
+        if t.shape[0] != n:
+            raise ShapeError(f"labels: expected {n} labels for {n} samples, got {t.shape[0]}")
+        if not xp.isdtype(t.dtype, "integral"):
+            raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
+        return one_hot(t, k, like.dtype)
+    if t.ndim == 2:
+        if tuple(t.shape) != (n, k):
+            raise ShapeError(f"labels: one-hot labels must have shape {(n, k)}, got {tuple(t.shape)}")
+        return t if t.dtype == like.dtype else xp.astype(t, like.dtype)
+    raise ShapeError(f"labels: expected (N,) class indices or (N, K) one-hot rows, got shape {tuple(t.shape)}")
+
+
+def cross_entropy_error(y: Any, t: Any) -> Any:
+    """The book's loss on probabilities `y` ``(N, K)``: ``-sum(t * log(y + 1e-7)) / N``.
+
+    `t` is ``(N,)`` class indices or ``(N, K)`` one-hot. Returns a 0-d array.
+    """
+    xp = namespace_of(y)
+    if y.ndim == 1:
+        y = xp.reshape(y, (1, -1))
+        t = xp.reshape(t, (1, -1)) if t.ndim == 1 and t.shape[0] == y.shape[1] else xp.reshape(t, (1,))
+    t_hot = as_one_hot(t, y)
+    return -xp.sum(t_hot * xp.log(y + 1e-7)) / y.shape[0]
+
+
+def softmax_cross_entropy(x: Any, t_hot: Any) -> tuple[Any, Any]:
+    """Mean cross-entropy of scores `x` ``(N, K)`` against one-hot `t_hot`, and softmax(x).
+
+    Uses log-softmax, so the loss is exact where the book's ``log(y + 1e-7)`` would clip.
+    """
+    xp = namespace_of(x)
+    log_y = log_softmax(x)
+    loss = -xp.sum(t_hot * log_y) / x.shape[0]
+    return loss, xp.exp(log_y)

@@ -1,0 +1,224 @@
+"""The book's layers, written once for any array-API namespace.
+
+Each layer keeps what its backward pass needs on itself, exposes `forward` and
+`backward(dout)`, and puts parameter gradients in `dW`/`db`. Layers never write into
+the arrays they are given. A layer whose input gradient nobody needs (the network's first
+layer) can be told so with ``need_input_grad = False``; its `backward` then returns None
+and skips that work (for a convolution, the whole col2im).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import array_api_compat
+
+from .backend import check_same_device, dtype_name, namespace_of
+from .errors import ConfigError, DTypeError, ShapeError
+from .functional import (
+    as_one_hot, check_rank, check_stride_pad, col2im_nhwc, conv_output_size, im2col_nhwc,
+    pad_nhwc, softmax_cross_entropy, to_nchw, to_nhwc, window_offsets, window_slice,
+)
+
+
+def _check_input(x: Any, weight: Any, what: str) -> Any:
+    """Namespace of `x` and `weight`, after checking they share a backend, device and dtype."""
+    xp = namespace_of(x, weight)
+    check_same_device(x, weight, f"{what} input")
+    if x.dtype != weight.dtype:
+        raise DTypeError(f"{what}: expected {dtype_name(weight.dtype)} input (the layer's dtype), got {dtype_name(x.dtype)}")
+    return xp
+
+
+class Convolution:
+    """2-D convolution by im2col: ``(N, C, H, W) -> (N, FN, OH, OW)``.
+
+    Args:
+        W: filters ``(FN, C, FH, FW)``.
+        b: biases ``(FN,)``.
+        stride, pad: as in the book; ``(H + 2*pad - FH)`` must be a multiple of stride.
+    """
+
+    def __init__(self, W: Any, b: Any, stride: int = 1, pad: int = 0):
+        if W.ndim != 4:
+            raise ShapeError(f"Convolution: W must be (FN, C, FH, FW), got shape {tuple(W.shape)}")
+        if tuple(b.shape) != (W.shape[0],):
+            raise ShapeError(f"Convolution: b must have shape ({W.shape[0]},) to match W, got {tuple(b.shape)}")
+        check_stride_pad(stride, pad, "Convolution")
+        self.W, self.b, self.stride, self.pad = W, b, stride, pad
+        self.need_input_grad = True
+        self.x_shape: tuple | None = None
+        self.col: Any = None        # (N*OH*OW, C*FH*FW) windows of the last input
+        self.dW: Any = None
+        self.db: Any = None
+
+    def forward(self, x: Any) -> Any:
+        xp = _check_input(x, self.W, "Convolution")
+        check_rank(x, 4, "Convolution", "(N, C, H, W)")
+        filter_num, channels, filter_h, filter_w = self.W.shape
+        n, c, h, w = x.shape
+        if c != channels:
+            raise ShapeError(f"Convolution: input has {c} channels, but the filters expect {channels} (W shape {tuple(self.W.shape)})")
+        out_h = conv_output_size(h, filter_h, self.stride, self.pad, what="Convolution (height)")
+        out_w = conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)")
+
+        self.x_shape = (n, h, w, c)
+        self.col = im2col_nhwc(to_nhwc(x), filter_h, filter_w, self.stride, self.pad, out_h, out_w)
+        # col @ W.T lands in channels-last order (N, OH, OW, FN): no transpose of the output.
+        out = self.col @ xp.reshape(self.W, (filter_num, -1)).T + self.b
+        return to_nchw(xp.reshape(out, (n, out_h, out_w, filter_num)))
+
+    def backward(self, dout: Any) -> Any:
+        """``dout (N, FN, OH, OW) -> dx (N, C, H, W)``; sets `dW` and `db`."""
+        xp = namespace_of(dout)
+        filter_num, _, filter_h, filter_w = self.W.shape
+        _, out_h, out_w = dout.shape[1:]
+        dout_mat = xp.reshape(to_nhwc(dout), (-1, filter_num))  # (N*OH*OW, FN)
+        self.db = xp.sum(dout_mat, axis=0)
+        self.dW = xp.reshape(dout_mat.T @ self.col, self.W.shape)
+        if not self.need_input_grad:
+            return None
+        dcol = dout_mat @ xp.reshape(self.W, (filter_num, -1))
+        dx = col2im_nhwc(dcol, self.x_shape, filter_h, filter_w, self.stride, self.pad, out_h, out_w)
+        return to_nchw(dx)
+
+
+class Pooling:
+    """Max pooling: ``(N, C, H, W) -> (N, C, OH, OW)``.
+
+    Padding is filled with -inf, so it never wins the max (pad must be < the window size,
+    so every window holds a real pixel). On ties the first maximum in the window (row-major)
+    gets the gradient, as with the book's argmax.
+    """
+
+    def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0):
+        for name, size in (("pool_h", pool_h), ("pool_w", pool_w)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"Pooling: {name} must be an integer >= 1, got {size!r}")
+        check_stride_pad(stride, pad, "Pooling")
+        if pad >= min(pool_h, pool_w):
+            raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all padding, got pad {pad}")
+        self.pool_h, self.pool_w, self.stride, self.pad = pool_h, pool_w, stride, pad
+        self.x_shape: tuple | None = None
+        self.x_pad: Any = None      # (N, H+2p, W+2p, C) padded input, channels last
+        self.out: Any = None        # (N, OH, OW, C) window maxima
+
+    def forward(self, x: Any) -> Any:
+        xp = namespace_of(x)
+        check_rank(x, 4, "Pooling", "(N, C, H, W)")
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise DTypeError(f"Pooling: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
+        n, c, h, w = x.shape
+        out_h = conv_output_size(h, self.pool_h, self.stride, self.pad, what="Pooling (height)")
+        out_w = conv_output_size(w, self.pool_w, self.stride, self.pad, what="Pooling (width)")
+
+        self.x_shape = (n, h, w, c)
+        self.x_pad = pad_nhwc(to_nhwc(x), self.pad, fill=-math.inf)
+        out = None
+        for i, j in window_offsets(self.pool_h, self.pool_w):
+            window = self.x_pad[window_slice(i, j, self.stride, out_h, out_w)]
+            out = window if out is None else xp.maximum(out, window)
+        self.out = out
+        return to_nchw(out)
+
+    def backward(self, dout: Any) -> Any:
+        """``dout (N, C, OH, OW) -> dx (N, C, H, W)``: each window's gradient goes to its max."""
+        xp = namespace_of(dout)
+        n, h, w, c = self.x_shape
+        _, _, out_h, out_w = dout.shape
+        dout_nhwc = to_nhwc(dout)
+        dx_pad = xp.zeros(self.x_pad.shape, dtype=dout.dtype, device=array_api_compat.device(dout))
+        taken = None  # windows whose max already received the gradient
+        for i, j in window_offsets(self.pool_h, self.pool_w):
+            index = window_slice(i, j, self.stride, out_h, out_w)
+            is_max = self.x_pad[index] == self.out
+            first = is_max if taken is None else xp.logical_and(is_max, xp.logical_not(taken))
+            taken = first if taken is None else xp.logical_or(taken, first)
+            dx_pad[index] += xp.where(first, dout_nhwc, 0.0)
+        return to_nchw(dx_pad[:, self.pad:self.pad + h, self.pad:self.pad + w, :])
+
+
+class Affine:
+    """Fully connected layer: ``(N, ...) -> (N, out)``; inputs are flattened per sample.
+
+    Args:
+        W: weights ``(in, out)``; ``in`` must equal the product of the input's trailing dims.
+        b: biases ``(out,)``.
+    """
+
+    def __init__(self, W: Any, b: Any):
+        if W.ndim != 2:
+            raise ShapeError(f"Affine: W must be (in, out), got shape {tuple(W.shape)}")
+        if tuple(b.shape) != (W.shape[1],):
+            raise ShapeError(f"Affine: b must have shape ({W.shape[1]},) to match W, got {tuple(b.shape)}")
+        self.W, self.b = W, b
+        self.need_input_grad = True
+        self.x_shape: tuple | None = None
+        self.x: Any = None          # (N, in) flattened input
+        self.dW: Any = None
+        self.db: Any = None
+
+    def forward(self, x: Any) -> Any:
+        xp = _check_input(x, self.W, "Affine")
+        if x.ndim < 2:
+            raise ShapeError(f"Affine: expected input (N, ...) with a batch axis, got shape {tuple(x.shape)}")
+        features = math.prod(x.shape[1:])
+        if features != self.W.shape[0]:
+            raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), but W expects {self.W.shape[0]}")
+        self.x_shape = tuple(x.shape)
+        self.x = xp.reshape(x, (x.shape[0], features))
+        return self.x @ self.W + self.b
+
+    def backward(self, dout: Any) -> Any:
+        """``dout (N, out) -> dx`` of the input's original shape; sets `dW` and `db`."""
+        xp = namespace_of(dout)
+        self.dW = self.x.T @ dout
+        self.db = xp.sum(dout, axis=0)
+        if not self.need_input_grad:
+            return None
+        return xp.reshape(dout @ self.W.T, self.x_shape)
+
+
+class ReLU:
+    """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0."""
+
+    def __init__(self):
+        self.mask: Any = None
+
+    def forward(self, x: Any) -> Any:
+        xp = namespace_of(x)
+        self.mask = x > 0
+        return xp.where(self.mask, x, 0.0)
+
+    def backward(self, dout: Any) -> Any:
+        # A new array: the book's version zeroed the caller's `dout` in place.
+        return namespace_of(dout).where(self.mask, dout, 0.0)
+
+
+class SoftmaxWithLoss:
+    """Softmax followed by the mean cross-entropy loss.
+
+    `forward(x, t)` takes scores ``(N, K)`` and labels as ``(N,)`` class indices or
+    ``(N, K)`` one-hot rows (the book's form), and returns the loss as a 0-d array (it stays
+    on the device; convert with ``float()`` only when you log it).
+    """
+
+    def __init__(self):
+        self.loss: Any = None
+        self.y: Any = None          # softmax probabilities (N, K)
+        self.t: Any = None          # one-hot labels (N, K)
+
+    def forward(self, x: Any, t: Any) -> Any:
+        if x.ndim != 2:
+            raise ShapeError(f"SoftmaxWithLoss: expected scores (N, K), got shape {tuple(x.shape)}")
+        xp = namespace_of(x, t)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise DTypeError(f"SoftmaxWithLoss: expected float32 or float64 scores, got {dtype_name(x.dtype)}")
+        self.t = as_one_hot(t, x)
+        self.loss, self.y = softmax_cross_entropy(x, self.t)
+        return self.loss
+
+    def backward(self, dout: Any = 1) -> Any:
+        """``(N, K)`` gradient of the loss with respect to the scores."""
+        return (self.y - self.t) * (dout / self.y.shape[0])

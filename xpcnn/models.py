@@ -1,0 +1,164 @@
+"""Networks built from the layers. `SimpleConvNet` is the book's chapter-7 network:
+
+    conv - relu - pool(2x2, stride 2) - affine - relu - affine - softmax
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, get_backend, namespace_of
+from .errors import ConfigError, ShapeError
+from .functional import conv_output_size
+from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+
+DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"SimpleConvNet: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class SimpleConvNet:
+    """The book's SimpleConvNet, on any backend.
+
+    Args:
+        input_dim: ``(C, H, W)`` of one image.
+        conv_param: ``filter_num``, ``filter_size``, ``pad``, ``stride`` of the convolution.
+        hidden_size: units of the hidden affine layer.
+        output_size: number of classes.
+        weight_init_std: standard deviation of the Gaussian initial weights.
+        backend: ``"cpu"``, ``"gpu"``, ``"array_api_strict"`` or a `Backend`.
+        dtype: ``"float32"`` (default) or ``"float64"``.
+        seed: seed of the host generator that draws the weights, so every backend starts
+            from identical weights.
+
+    ``params`` holds ``W1 b1`` (convolution), ``W2 b2`` (hidden affine), ``W3 b3`` (output
+    affine), shared by reference with the layers so optimizers update them in place.
+    """
+
+    def __init__(self, input_dim: tuple = (1, 28, 28), conv_param: dict | None = None,
+                 hidden_size: int = 100, output_size: int = 10, weight_init_std: float = 0.01,
+                 *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None):
+        conv = dict(DEFAULT_CONV_PARAM)
+        if conv_param:
+            unknown = set(conv_param) - set(conv)
+            if unknown:
+                raise ConfigError(f"SimpleConvNet: unknown conv_param keys {sorted(unknown)}; expected {sorted(conv)}")
+            conv.update(conv_param)
+        if len(input_dim) != 3:
+            raise ShapeError(f"SimpleConvNet: input_dim must be (C, H, W), got {tuple(input_dim)}")
+        channels, height, width = (_positive_int("input_dim", v) for v in input_dim)
+        filter_num = _positive_int("filter_num", conv["filter_num"])
+        filter_size = _positive_int("filter_size", conv["filter_size"])
+        hidden_size = _positive_int("hidden_size", hidden_size)
+        output_size = _positive_int("output_size", output_size)
+        conv_h = conv_output_size(height, filter_size, conv["stride"], conv["pad"], what="SimpleConvNet convolution (height)")
+        conv_w = conv_output_size(width, filter_size, conv["stride"], conv["pad"], what="SimpleConvNet convolution (width)")
+        pool_h = conv_output_size(conv_h, 2, 2, 0, what="SimpleConvNet 2x2 pooling (height)")
+        pool_w = conv_output_size(conv_w, 2, 2, 0, what="SimpleConvNet 2x2 pooling (width)")
+        pool_output_size = filter_num * pool_h * pool_w
+
+        self.backend = get_backend(backend)
+        self.dtype = self.backend.dtype(dtype)
+        self.config = {
+            "input_dim": [channels, height, width], "conv_param": conv, "hidden_size": hidden_size,
+            "output_size": output_size, "weight_init_std": float(weight_init_std),
+        }
+
+        rng = np.random.default_rng(seed)
+        host = {
+            "W1": weight_init_std * rng.standard_normal((filter_num, channels, filter_size, filter_size)),
+            "b1": np.zeros(filter_num),
+            "W2": weight_init_std * rng.standard_normal((pool_output_size, hidden_size)),
+            "b2": np.zeros(hidden_size),
+            "W3": weight_init_std * rng.standard_normal((hidden_size, output_size)),
+            "b3": np.zeros(output_size),
+        }
+        self.params = {key: self.backend.asarray(value, dtype=self.dtype) for key, value in host.items()}
+        self._build_layers(conv)
+
+    def _build_layers(self, conv: dict) -> None:
+        p = self.params
+        self.layers = {
+            "Conv1": Convolution(p["W1"], p["b1"], conv["stride"], conv["pad"]),
+            "Relu1": ReLU(),
+            "Pool1": Pooling(pool_h=2, pool_w=2, stride=2),
+            "Affine1": Affine(p["W2"], p["b2"]),
+            "Relu2": ReLU(),
+            "Affine2": Affine(p["W3"], p["b3"]),
+        }
+        # Nobody needs d(loss)/d(images) in training: skip the col2im of the first layer.
+        self.layers["Conv1"].need_input_grad = False
+        self.last_layer = SoftmaxWithLoss()
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Copy `params` (host or backend arrays of the same shapes) into the network, in place."""
+        for key, current in self.params.items():
+            if key not in params:
+                raise ConfigError(f"set_params: missing parameter {key!r}")
+            value = params[key]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ShapeError(f"set_params: {key} must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
+            current[...] = self.backend.asarray(self.backend.to_numpy(value), dtype=self.dtype)
+
+    def predict(self, x: Any) -> Any:
+        """Class scores ``(N, output_size)`` for images ``(N, C, H, W)``."""
+        for layer in self.layers.values():
+            x = layer.forward(x)
+        return x
+
+    def loss(self, x: Any, t: Any) -> Any:
+        """Mean cross-entropy on a batch, as a 0-d array on the backend."""
+        return self.last_layer.forward(self.predict(x), t)
+
+    def gradient(self, x: Any, t: Any) -> dict[str, Any]:
+        """Forward and backward on a batch: the gradients, keyed like `params`.
+
+        The batch loss stays available as ``self.last_layer.loss`` (on the device).
+        """
+        self.loss(x, t)
+        dout = self.last_layer.backward(1)
+        for layer in reversed(list(self.layers.values())):
+            dout = layer.backward(dout)
+        conv, hidden, output = self.layers["Conv1"], self.layers["Affine1"], self.layers["Affine2"]
+        return {"W1": conv.dW, "b1": conv.db, "W2": hidden.dW, "b2": hidden.db, "W3": output.dW, "b3": output.db}
+
+    def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
+        """Fraction of correct predictions, evaluated `batch_size` images at a time.
+
+        `x` and `t` may be backend arrays or host NumPy arrays (host batches are moved one at
+        a time, so a large host set never sits on the device at once). Correct counts are
+        summed on the device; one number comes back at the end.
+        """
+        batch_size = _positive_int("batch_size", batch_size)
+        n = x.shape[0]
+        if t.shape[0] != n:
+            raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
+        if n == 0:
+            raise ShapeError("accuracy: no images given (N = 0)")
+        xp = self.xp
+        correct = None
+        for start in range(0, n, batch_size):
+            xb, tb = self._on_backend(x[start:start + batch_size]), self._on_backend(t[start:start + batch_size])
+            pred = xp.argmax(self.predict(xb), axis=1)
+            if tb.ndim != 1:
+                tb = xp.argmax(tb, axis=1)
+            hits = xp.sum(xp.astype(pred == tb, xp.int64))
+            correct = hits if correct is None else correct + hits
+        return float(self.backend.to_numpy(correct)) / n
+
+    def _on_backend(self, array: Any) -> Any:
+        if isinstance(array, np.ndarray) and self.backend.name != "numpy":
+            dtype = self.dtype if np.issubdtype(array.dtype, np.floating) else None
+            return self.backend.asarray(array, dtype=dtype)
+        namespace_of(array, self.params["W1"])  # BackendMismatch on a foreign array
+        return array
