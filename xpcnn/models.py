@@ -148,7 +148,8 @@ class SimpleConvNet:
         xp = self.xp
         correct = None
         for start in range(0, n, batch_size):
-            xb, tb = self._on_backend(x[start:start + batch_size]), self._on_backend(t[start:start + batch_size])
+            stop = min(start + batch_size, n)
+            xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
             pred = xp.argmax(self.predict(xb), axis=1)
             if tb.ndim != 1:
                 tb = xp.argmax(tb, axis=1)
