@@ -1,0 +1,64 @@
+"""Backend selection, host <-> device transfer, and the clear errors around them."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from xpcnn.backend import backend_of, get_backend, namespace_of, resolve_dtype
+from xpcnn.errors import BackendMismatch, BackendUnavailable, ConfigError, DTypeError
+
+
+@pytest.mark.parametrize("name, canonical", [("cpu", "numpy"), ("numpy", "numpy"), ("CPU", "numpy"),
+                                             ("array_api_strict", "array_api_strict"), ("strict", "array_api_strict")])
+def test_names_resolve(name, canonical):
+    assert get_backend(name).name == canonical
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown backend 'tpu': expected one of 'cpu', 'gpu'"):
+        get_backend("tpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_gpu_without_cupy_says_how_to_install():
+    with pytest.raises(BackendUnavailable, match=r"needs CuPy, which is not installed.*xpcnn\[gpu\]"):
+        get_backend("gpu")
+
+
+def test_round_trip_keeps_values_and_dtype(backend, rng):
+    host = rng.standard_normal((3, 4)).astype(np.float32)
+    arr = backend.asarray(host, "float32")
+    assert backend.owns(arr)
+    assert arr.dtype == backend.xp.float32
+    back = backend.to_numpy(arr)
+    assert isinstance(back, np.ndarray) and back.dtype == np.float32
+    np.testing.assert_array_equal(back, host)
+    assert backend_of(arr).name == backend.name
+    backend.synchronize()
+
+
+def test_asarray_converts_dtype_on_request(backend):
+    arr = backend.asarray(np.arange(4, dtype=np.uint8), "float64")
+    assert arr.dtype == backend.xp.float64
+
+
+def test_strict_backend_uses_a_non_default_device():
+    import array_api_strict
+    strict = get_backend("array_api_strict")
+    assert strict.device == array_api_strict.Device("device1")
+    with pytest.raises(Exception):
+        np.sum(strict.asarray(np.ones(3), "float32"))   # NumPy cannot silently take these arrays
+
+
+def test_mixing_backends_is_reported():
+    strict = get_backend("array_api_strict")
+    with pytest.raises(BackendMismatch, match="different backends"):
+        namespace_of(np.ones(2), strict.asarray(np.ones(2), "float32"))
+    assert not strict.owns(np.ones(2))
+
+
+@pytest.mark.parametrize("bad", ["float16", "int32", "double"])
+def test_resolve_dtype_rejects_non_float32_64(bad):
+    with pytest.raises(DTypeError, match="dtype must be one of"):
+        resolve_dtype(get_backend("cpu").xp, bad)
