@@ -13,8 +13,11 @@ from .errors import (
 )
 from .functional import col2im, conv_output_size, cross_entropy_error, im2col, softmax
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from .data import DatasetSpec, load_dataset, load_idx_pair, load_mnist, load_split, read_idx, write_idx
 from .models import SimpleConvNet
 from .optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
+from .train import History, Trainer, TrainingInterrupted
+from .checkpoint import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,8 @@ __all__ = [
     "DatasetError", "CheckpointError", "TrainingError",
     "im2col", "col2im", "conv_output_size", "softmax", "cross_entropy_error",
     "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss",
-    "SimpleConvNet",
+    "SimpleConvNet", "Trainer", "History", "TrainingInterrupted",
+    "load_mnist", "load_dataset", "load_split", "load_idx_pair", "read_idx", "write_idx", "DatasetSpec",
+    "save_checkpoint", "load_checkpoint",
     "SGD", "Momentum", "AdaGrad", "Adam", "make_optimizer",
 ]

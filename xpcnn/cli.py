@@ -1,0 +1,249 @@
+"""Command line: ``xpcnn train`` and ``xpcnn evaluate``.
+
+Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     any other xpcnn error
+2     bad arguments or options (also argparse's own usage errors)
+3     backend unavailable (e.g. ``--backend gpu`` without CuPy or a GPU)
+4     dataset missing, corrupted or failing its checksum
+5     checkpoint missing, corrupted or not matching the model
+6     training stopped: the loss became NaN or infinite
+7     output directory not writable, or another I/O error while saving
+130   interrupted by Ctrl-C (a checkpoint of the last finished step is saved)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import (
+    BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError, ShapeError,
+    TrainingError, XpcnnError,
+)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_INTERRUPTED = 130
+_EXIT_CODES = [  # most specific first
+    (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
+    (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
+]
+
+# The seed's recipe.
+DEFAULTS = {"epochs": 10, "batch_size": 100, "optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01}
+
+
+class OutputError(XpcnnError):
+    """The output directory cannot be created or written."""
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy or CuPy.")
+    parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+
+    train = sub.add_parser("train", help="train SimpleConvNet (the seed's recipe by default)",
+                           description="Train SimpleConvNet; defaults are the seed's: AdaGrad lr 0.06, batch 100, 10 epochs.")
+    _add_backend_args(train)
+    _add_data_args(train)
+    train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10; on --resume, the checkpoint's)")
+    train.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS["batch_size"], help="images per step (default 100)")
+    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=DEFAULTS["optimizer"])
+    train.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"], help="learning rate (default 0.06)")
+    train.add_argument("--weight-init-std", type=_positive_float, default=DEFAULTS["weight_init_std"])
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    train.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the shuffling (default 0)")
+    train.add_argument("--train-size", type=_int_at_least(1), default=None, help="use only the first N training images")
+    train.add_argument("--test-size", type=_int_at_least(1), default=None, help="use only the first N test images")
+    train.add_argument("--eval-batch-size", type=_int_at_least(1), default=500, help="images per batch when scoring (default 500)")
+    train.add_argument("--log-every", type=_int_at_least(1), default=50, help="steps between loss reads from the device (default 50)")
+    train.add_argument("--on-nan", choices=["stop", "skip"], default="stop", help="a NaN/inf loss stops training (default) or skips that step")
+    train.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
+    train.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint.npz")
+    train.add_argument("--no-plots", action="store_true", help="do not draw loss.png, accuracy.png, filters.png")
+    train.add_argument("--quiet", action="store_true", help="no progress bar (the one-line epoch summaries still print)")
+
+    evaluate = sub.add_parser("evaluate", help="score a saved checkpoint on a dataset split")
+    evaluate.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    _add_backend_args(evaluate)
+    _add_data_args(evaluate, dataset_default=None)
+    evaluate.add_argument("--split", choices=["test", "train"], default="test")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=500)
+    return parser
+
+
+def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
+    parser.add_argument("--device", type=_int_at_least(0), default=None, help="CUDA device number for --backend gpu")
+
+
+def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
+    parser.add_argument("--dataset", default=dataset_default,
+                        help="mnist or fashion-mnist" + (f" (default {dataset_default})" if dataset_default else " (default: the one the checkpoint was trained on)"))
+    parser.add_argument("--data-dir", default=None, help="folder holding the IDX files (searched first)")
+    parser.add_argument("--download", action="store_true", help="download missing files into the user cache (checksums verified)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xpcnn`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return run_train(args)
+        return run_evaluate(args)
+    except XpcnnError as exc:
+        if type(exc).__name__ == "TrainingInterrupted":
+            print(f"xpcnn: {exc}", file=sys.stderr)
+            if getattr(exc, "checkpoint_path", None):
+                print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"xpcnn: error: {exc}", file=sys.stderr)
+        return next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("xpcnn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        print(f"xpcnn: error: {exc.filename or ''}: {exc.strerror or exc}".replace(": : ", ": "), file=sys.stderr)
+        return EXIT_IO
+
+
+def _prepare_out_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write to --out {path!r}: {exc.strerror or exc}; choose a writable folder") from exc
+    return out
+
+
+def _load_split_pair(args: argparse.Namespace, dataset: str, dtype: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    from .data import load_dataset
+
+    return load_dataset(dataset, normalize=True, flatten=False, data_dir=args.data_dir, download=args.download, dtype=dtype)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .backend import get_backend
+    from .checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
+    from .models import SimpleConvNet
+    from .train import Trainer
+
+    out = _prepare_out_dir(args.out)
+    backend = get_backend(args.backend, device=args.device)      # fail fast, before loading data
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    dataset = args.dataset
+    if checkpoint is not None and checkpoint.extra.get("dataset") and args.dataset != checkpoint.extra["dataset"]:
+        dataset = str(checkpoint.extra["dataset"])
+        print(f"resuming on the checkpoint's dataset {dataset!r}", file=sys.stderr)
+    dtype = checkpoint.dtype if checkpoint is not None else args.dtype
+
+    (x_train, t_train), (x_test, t_test) = _load_split_pair(args, dataset, dtype)
+    if args.train_size:
+        x_train, t_train = x_train[:args.train_size], t_train[:args.train_size]
+    if args.test_size:
+        x_test, t_test = x_test[:args.test_size], t_test[:args.test_size]
+
+    if checkpoint is not None:
+        network = build_from_checkpoint(checkpoint, backend)
+        optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
+        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULTS["epochs"]))
+        initial_w1 = checkpoint.extra.get("W1_initial")
+    else:
+        network = SimpleConvNet(input_dim=tuple(x_train.shape[1:]), weight_init_std=args.weight_init_std,
+                                backend=backend, dtype=dtype, seed=args.seed)
+        optimizer = args.optimizer
+        epochs = args.epochs or DEFAULTS["epochs"]
+        initial_w1 = None
+    if initial_w1 is None:
+        initial_w1 = backend.to_numpy(network.params["W1"]).copy()
+
+    trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=args.batch_size,
+                      optimizer=optimizer, optimizer_param={"lr": args.lr}, seed=args.seed, log_every=args.log_every,
+                      eval_batch_size=args.eval_batch_size, progress=not args.quiet,
+                      checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
+    trainer.extra_state.update(dataset=dataset, W1_initial=initial_w1)
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+        print(f"resumed from {args.resume}: epoch {checkpoint.epoch}, step {checkpoint.step}", flush=True)
+
+    print(f"xpcnn {__version__}: SimpleConvNet on {dataset} ({trainer.train_size} train / {x_test.shape[0]} test images), "
+          f"backend {backend}, {dtype}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
+          f"batch {args.batch_size}, epochs {epochs}", flush=True)
+    started = time.perf_counter()
+    try:
+        history = trainer.train()
+    finally:
+        if trainer.history.epoch or trainer.history.step_loss:
+            trainer.history.save(out)
+    if not args.no_plots:
+        from .plots import plot_accuracy, plot_filters, plot_loss
+
+        plot_loss(history.step_loss, out / "loss.png", steps_per_epoch=trainer._steps_per_epoch())
+        plot_accuracy(history.epoch, history.train_acc, history.test_acc, out / "accuracy.png")
+        plot_filters(initial_w1, backend.to_numpy(network.params["W1"]), out / "filters.png")
+    print(f"done in {time.perf_counter() - started:.1f} s: final test acc {history.test_acc[-1]:.4f}; "
+          f"outputs in {out}/ (checkpoint.npz, history.json, history.csv"
+          + ("" if args.no_plots else ", loss.png, accuracy.png, filters.png") + ")", flush=True)
+    return EXIT_OK
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .backend import get_backend
+    from .checkpoint import build_from_checkpoint, load_checkpoint
+    from .data import load_split
+
+    backend = get_backend(args.backend, device=args.device)
+    checkpoint = load_checkpoint(args.checkpoint)
+    dataset = args.dataset or checkpoint.extra.get("dataset")
+    if not dataset:
+        raise ConfigError("this checkpoint does not say which dataset it was trained on: pass --dataset mnist|fashion-mnist")
+    network = build_from_checkpoint(checkpoint, backend)
+    x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
+                      download=args.download, dtype=checkpoint.dtype)
+    started = time.perf_counter()
+    accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    seconds = time.perf_counter() - started
+    print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
+          f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

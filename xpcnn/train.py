@@ -1,0 +1,378 @@
+"""The book's `Trainer`, made real: device-resident data, seeded shuffling, full-set
+evaluation every epoch, a progress bar, history, checkpoints and exact resume.
+
+    >>> trainer = Trainer(net, x_train, t_train, x_test, t_test, epochs=10,
+    ...                   mini_batch_size=100, optimizer="adagrad", optimizer_param={"lr": 0.06})
+    >>> history = trainer.train()
+
+Data flows one way: host arrays are moved to the network's backend once; each epoch a
+permutation is drawn on the host from a seeded generator (so CPU and GPU see the same
+batches) and batches are gathered on the device. Losses stay on the device and come back
+to the host once every `log_every` steps, never every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backend import dtype_name
+from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
+from .errors import ConfigError, ShapeError, TrainingError, XpcnnError
+from .optim import Optimizer, make_optimizer
+
+ON_NAN_CHOICES = ("stop", "skip")
+
+
+class TrainingInterrupted(XpcnnError):
+    """Training stopped on SIGINT (Ctrl-C); `checkpoint_path` holds the last finished step."""
+
+    def __init__(self, message: str, checkpoint_path: str | None, epoch: int, step: int):
+        super().__init__(message)
+        self.checkpoint_path, self.epoch, self.step = checkpoint_path, epoch, step
+
+
+@dataclass
+class History:
+    """What training measured. Per epoch: mean loss, full-set accuracies, time, speed.
+
+    `step_loss` holds every step's loss (gathered from the device at each log point).
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    eval_seconds: list[float] = field(default_factory=list)
+    images_per_second: list[float] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "test_acc", "seconds", "eval_seconds", "images_per_second")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*self.EPOCH_COLUMNS, "step_loss", "skipped_steps")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "History":
+        history = cls()
+        for key, value in (data or {}).items():
+            if hasattr(history, key):
+                setattr(history, key, list(value) if isinstance(value, list) else value)
+        return history
+
+    def save(self, out_dir: "str | os.PathLike[str]") -> tuple[Path, Path]:
+        """Write ``history.json`` (everything) and ``history.csv`` (one row per epoch)."""
+        out = Path(out_dir)
+        json_path, csv_path = out / "history.json", out / "history.csv"
+        _atomic_text(json_path, json.dumps(self.to_dict(), indent=1))
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(self.EPOCH_COLUMNS)
+        writer.writerows(zip(*(getattr(self, c) for c in self.EPOCH_COLUMNS)))
+        _atomic_text(csv_path, table.getvalue())
+        return json_path, csv_path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"Trainer: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class Trainer:
+    """Trains a network with mini-batches, the book's way, on the network's backend.
+
+    Args:
+        network: e.g. a `SimpleConvNet`; its backend decides where training runs.
+        x_train, t_train, x_test, t_test: host NumPy (or backend) arrays. Images
+            ``(N, C, H, W)`` (flat ``(N, C*H*W)`` rows are reshaped to the network's
+            ``input_dim``); labels ``(N,)`` class indices or ``(N, K)`` one-hot.
+        epochs: epochs to train in total (a resumed run continues up to this number).
+        mini_batch_size: images per step.
+        optimizer: a name (``sgd``, ``momentum``, ``adagrad``, ``adam``) or an `Optimizer`.
+        optimizer_param: the optimizer's arguments when it is given by name.
+        evaluate_sample_num_per_epoch: None (default) scores the FULL train and test sets
+            each epoch; a number scores only that many images, as the book did.
+        verbose: print one summary line per epoch.
+        seed: seed of the host generator that shuffles the training set.
+        log_every: steps between host reads of the loss (progress bar, NaN check).
+        eval_batch_size: images per batch when scoring accuracy.
+        progress: show a tqdm progress bar per epoch (only when verbose).
+        checkpoint_path: where to save a checkpoint after every epoch and on Ctrl-C.
+        on_nan: ``"stop"`` raises `TrainingError` when the loss becomes NaN/inf (checked at
+            each log point, naming the first bad step); ``"skip"`` checks every step and
+            skips the update of a non-finite step (one host sync per step).
+        print_fn: where summary lines go (default ``print``).
+    """
+
+    def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
+                 epochs: int = 10, mini_batch_size: int = 100, optimizer: "str | Optimizer" = "adagrad",
+                 optimizer_param: dict | None = None, evaluate_sample_num_per_epoch: int | None = None,
+                 verbose: bool = True, *, seed: int | None = 0, log_every: int = 50,
+                 eval_batch_size: int = 500, progress: bool = True, checkpoint_path: "str | os.PathLike[str] | None" = None,
+                 on_nan: str = "stop", print_fn: Callable[[str], None] = print):
+        self.network = network
+        self.backend = network.backend
+        self.epochs = _positive_int("epochs", epochs)
+        self.batch_size = _positive_int("mini_batch_size", mini_batch_size)
+        self.log_every = _positive_int("log_every", log_every)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        if evaluate_sample_num_per_epoch is not None:
+            evaluate_sample_num_per_epoch = _positive_int("evaluate_sample_num_per_epoch", evaluate_sample_num_per_epoch)
+        self.evaluate_sample_num = evaluate_sample_num_per_epoch
+        if on_nan not in ON_NAN_CHOICES:
+            raise ConfigError(f"Trainer: on_nan must be one of {ON_NAN_CHOICES}, got {on_nan!r}")
+        self.on_nan = on_nan
+        self.verbose, self.progress, self.print_fn = verbose, progress, print_fn
+        self.checkpoint_path = None if checkpoint_path is None else str(checkpoint_path)
+
+        if isinstance(optimizer, Optimizer):
+            self.optimizer = optimizer
+        else:
+            self.optimizer = make_optimizer(optimizer, **(optimizer_param if optimizer_param is not None else {"lr": 0.01}))
+
+        output_size = int(network.config["output_size"]) if hasattr(network, "config") else None
+        self.x_train, self.t_train = self._to_device(x_train, t_train, "training", output_size)
+        self.x_test, self.t_test = self._to_device(x_test, t_test, "test", output_size)
+        self.train_size = int(self.x_train.shape[0])
+        if self.batch_size > self.train_size:
+            raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set ({self.train_size} images)")
+
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0                      # finished epochs
+        self.step_in_epoch = 0              # finished steps of the epoch in progress
+        self._epoch_rng_state = self.rng.bit_generator.state
+        self.history = History()
+        self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. dataset name)
+        self._stop_requested = False
+
+    # ---------------------------------------------------------------------- data
+
+    def _to_device(self, x: Any, t: Any, what: str, output_size: int | None) -> tuple[Any, Any]:
+        n = x.shape[0]
+        if t.shape[0] != n:
+            raise ShapeError(f"Trainer: {what} set has {n} images but {t.shape[0]} labels")
+        if n == 0:
+            raise ShapeError(f"Trainer: {what} set is empty")
+        input_dim = tuple(getattr(self.network, "config", {}).get("input_dim", ()))
+        if isinstance(x, np.ndarray):
+            if input_dim and x.ndim == 2 and x.shape[1] == math.prod(input_dim):
+                x = x.reshape((n, *input_dim))
+            if input_dim and tuple(x.shape[1:]) != input_dim:
+                raise ShapeError(f"Trainer: {what} images must be (N, {', '.join(map(str, input_dim))}), got {x.shape} "
+                                 f"(load them with flatten=False)")
+            if not np.issubdtype(x.dtype, np.floating):
+                raise ShapeError(f"Trainer: {what} images must be floats (normalize=True), got dtype {x.dtype}")
+            if not np.all(np.isfinite(x)):
+                raise ConfigError(f"Trainer: {what} images contain NaN or infinite values")
+            t = self._check_labels_host(np.asarray(t), what, output_size)
+            return (self.backend.asarray(x, dtype=self.network.dtype), self.backend.asarray(t))
+        if not self.backend.owns(x) or not self.backend.owns(t):
+            raise ConfigError(f"Trainer: {what} arrays must be host NumPy arrays or live on the network's backend ({self.backend})")
+        return x, t
+
+    @staticmethod
+    def _check_labels_host(t: np.ndarray, what: str, output_size: int | None) -> np.ndarray:
+        if t.ndim == 2:
+            if output_size is not None and t.shape[1] != output_size:
+                raise ShapeError(f"Trainer: {what} one-hot labels must have {output_size} columns, got {t.shape[1]}")
+            return t.argmax(axis=1).astype(np.int64)
+        if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
+            raise ShapeError(f"Trainer: {what} labels must be (N,) integers or (N, K) one-hot, got shape {t.shape} dtype {t.dtype}")
+        if output_size is not None and t.size and (t.min() < 0 or t.max() >= output_size):
+            raise ShapeError(f"Trainer: {what} labels must be in 0..{output_size - 1}, got values from {t.min()} to {t.max()}")
+        return t.astype(np.int64, copy=False)
+
+    # -------------------------------------------------------------------- resume
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Continue from a checkpoint: weights, optimizer state, epoch, step, RNG and history."""
+        restore(checkpoint, self.network, self.optimizer)
+        self.epoch, self.step_in_epoch = checkpoint.epoch, checkpoint.step
+        if checkpoint.rng_state is not None:
+            self.rng = generator_from_state(checkpoint.rng_state)
+            self._epoch_rng_state = self.rng.bit_generator.state
+        self.history = History.from_dict(checkpoint.history)
+
+    def save_checkpoint(self, path: "str | os.PathLike[str] | None" = None) -> str:
+        """Checkpoint of the current state (after the last finished step)."""
+        target = path or self.checkpoint_path
+        if target is None:
+            raise ConfigError("Trainer.save_checkpoint: no path given and no checkpoint_path set")
+        return save_checkpoint(target, self.network, self.optimizer, epoch=self.epoch, step=self.step_in_epoch,
+                               rng_state=self._epoch_rng_state, history=self.history.to_dict(),
+                               extra={**self.extra_state, "epochs": self.epochs, "mini_batch_size": self.batch_size})
+
+    # ---------------------------------------------------------------------- loop
+
+    def train(self) -> History:
+        """Train until `epochs` epochs are finished; returns the history."""
+        with self._sigint_requests_stop():
+            while self.epoch < self.epochs:
+                self._train_epoch()
+                if self._stop_requested and self.epoch < self.epochs:
+                    self._interrupt(None)     # Ctrl-C during evaluation: the epoch's checkpoint is written
+        return self.history
+
+    def train_step(self, x_batch: Any, t_batch: Any) -> Any:
+        """One step on a batch already on the device: gradients, then the update. Returns the loss (0-d, on device)."""
+        grads = self.network.gradient(x_batch, t_batch)
+        loss = self.network.last_layer.loss
+        if self.on_nan == "skip" and not math.isfinite(self.backend.to_float(loss)):
+            self.history.skipped_steps += 1
+            return loss
+        self.optimizer.update(self.network.params, grads)
+        return loss
+
+    def _train_epoch(self) -> None:
+        xp, be = self.backend.xp, self.backend
+        self.rng.bit_generator.state = self._epoch_rng_state
+        order = be.asarray(self.rng.permutation(self.train_size))
+        next_epoch_rng_state = self.rng.bit_generator.state
+        starts = list(range(0, self.train_size, self.batch_size))
+        bar = self._progress_bar(len(starts))
+        pending: list[Any] = []            # losses since the last log point, still on the device
+        be.synchronize()
+        start_time = time.perf_counter()
+        epoch_loss_start = len(self.history.step_loss) - self.step_in_epoch
+        first_step = self.step_in_epoch      # > 0 when resuming inside an epoch
+        for step in range(first_step, len(starts)):
+            start = starts[step]
+            index = order[start:min(start + self.batch_size, self.train_size)]
+            loss = self.train_step(xp.take(self.x_train, index, axis=0), xp.take(self.t_train, index, axis=0))
+            pending.append(loss)
+            self.step_in_epoch = step + 1
+            if bar is not None:
+                bar.update(1)
+            last = step + 1 == len(starts)
+            if len(pending) >= self.log_every or last or self._stop_requested:
+                self._log_losses(pending, bar, start_time, step + 1 - first_step)
+                pending = []
+            if self._stop_requested and not last:
+                self._interrupt(bar)
+        be.synchronize()
+        seconds = time.perf_counter() - start_time
+        if bar is not None:
+            bar.close()
+        self._end_epoch(seconds, epoch_loss_start, len(starts) - first_step, next_epoch_rng_state)
+
+    def _log_losses(self, pending: list[Any], bar: Any, start_time: float, steps_done: int) -> None:
+        xp = self.backend.xp
+        values = self.backend.to_numpy(xp.stack(pending)).astype(float)
+        first_step = self.epoch * self._steps_per_epoch() + self.step_in_epoch - len(values)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size and self.on_nan == "stop":
+            global_step = first_step + int(bad[0]) + 1
+            raise TrainingError(
+                f"loss became {values[bad[0]]} at step {global_step} (epoch {self.epoch + 1}, step "
+                f"{first_step - self.epoch * self._steps_per_epoch() + int(bad[0]) + 1} of {self._steps_per_epoch()}); "
+                f"training stopped, the last checkpoint written is kept. Try a smaller learning rate."
+            )
+        self.history.step_loss.extend(values.tolist())
+        if bar is not None:
+            elapsed = max(time.perf_counter() - start_time, 1e-9)
+            finite = values[np.isfinite(values)]
+            bar.set_postfix(loss=f"{finite.mean():.4f}" if finite.size else "nan",
+                            img_s=f"{steps_done * self.batch_size / elapsed:.0f}", refresh=False)
+
+    def _steps_per_epoch(self) -> int:
+        return -(-self.train_size // self.batch_size)
+
+    def _end_epoch(self, seconds: float, epoch_loss_start: int, steps_run: int, next_epoch_rng_state: dict) -> None:
+        eval_start = time.perf_counter()
+        train_acc, test_acc = self._evaluate()
+        eval_seconds = time.perf_counter() - eval_start
+        epoch_losses = self.history.step_loss[max(epoch_loss_start, 0):]
+        images = min(steps_run * self.batch_size, self.train_size)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._epoch_rng_state = next_epoch_rng_state
+        h = self.history
+        h.epoch.append(self.epoch)
+        h.train_loss.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+        h.train_acc.append(train_acc)
+        h.test_acc.append(test_acc)
+        h.seconds.append(seconds)
+        h.eval_seconds.append(eval_seconds)
+        h.images_per_second.append(images / seconds if seconds > 0 else float("nan"))
+        if self.verbose:
+            self.print_fn(
+                f"epoch {self.epoch}/{self.epochs}  loss {h.train_loss[-1]:.4f}  train acc {train_acc:.4f}  "
+                f"test acc {test_acc:.4f}  ({seconds:.1f} s, {h.images_per_second[-1]:.0f} img/s, eval {eval_seconds:.1f} s)"
+            )
+        if self.checkpoint_path is not None:
+            self.save_checkpoint()
+
+    def _evaluate(self) -> tuple[float, float]:
+        def score(x: Any, t: Any) -> float:
+            if self.evaluate_sample_num is not None:
+                n = min(self.evaluate_sample_num, x.shape[0])
+                x, t = x[:n, ...], t[:n, ...]
+            return self.network.accuracy(x, t, batch_size=self.eval_batch_size)
+
+        return score(self.x_train, self.t_train), score(self.x_test, self.t_test)
+
+    def _progress_bar(self, total: int) -> Any:
+        if not (self.verbose and self.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   unit="step", leave=False, dynamic_ncols=True)
+        return bar
+
+    # ------------------------------------------------------------------ Ctrl-C
+
+    @contextlib.contextmanager
+    def _sigint_requests_stop(self):
+        """During training, Ctrl-C asks the loop to stop after the current step (never mid-update)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:          # a second Ctrl-C: stop right now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self._stop_requested = False
+
+    def _interrupt(self, bar: Any) -> None:
+        if bar is not None:
+            bar.close()
+        path = self.save_checkpoint() if self.checkpoint_path is not None else None
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch} of {self._steps_per_epoch()}"
+        raise TrainingInterrupted(f"interrupted at {where}" + (f"; checkpoint saved to {path}" if path else ""),
+                                  path, self.epoch, self.step_in_epoch)
