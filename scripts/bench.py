@@ -1,0 +1,826 @@
+#!/usr/bin/env python
+"""Benchmark one xpcnn training step against the book's algorithm and PyTorch.
+
+    python scripts/bench.py                      # CPU, float32, batch 100
+    python scripts/bench.py --backend gpu        # CuPy vs book-on-CuPy vs torch CUDA
+    python scripts/bench.py --dtype float64 --repeats 50 --json out/bench.json
+
+What is timed, in one process, interleaved round-robin (the order rotates every round,
+warm-up steps excluded):
+
+* ``xpcnn``    ``net.gradient(x, t)`` + ``AdaGrad(lr=0.06).update(net.params, grads)`` on
+               SimpleConvNet with the book's defaults;
+* ``book-f64`` the book's own algorithm (K*K-slice im2col/col2im through the
+               ``(N, C, FH, FW, OH, OW)`` buffer and its transpose, argmax pooling with
+               an index scatter, Affine/ReLU/SoftmaxWithLoss and AdaGrad as in the book),
+               written out in this file, in float64 as the seed ran it; ``book-f32`` is the
+               same code in float32 (added when ``--dtype float32``);
+* ``torch``    the same network in PyTorch eager mode (nn.Conv2d/MaxPool2d/Linear,
+               F.cross_entropy, torch.optim.Adagrad), same initial weights, batch and dtype,
+               when torch is importable.
+
+Then evaluation throughput on 10,000 images (xpcnn ``net.accuracy`` vs torch ``no_grad``
+forward in batches), and peak memory of each contender measured in a fresh subprocess
+(RSS from ``resource.getrusage`` on the CPU; CuPy's memory pool and
+``torch.cuda.max_memory_allocated`` on the GPU). Data are random, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=100, help="training batch (default 100)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds per contender (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender first (default 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for numpy's BLAS and for torch (default: what numpy's BLAS uses)")
+    p.add_argument("--eval-images", type=int, default=10_000)
+    p.add_argument("--eval-batch-size", type=int, default=1000)
+    p.add_argument("--eval-repeats", type=int, default=5)
+    p.add_argument("--no-book", action="store_true", help="skip the book reference")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "repeats", "eval_images", "eval_batch_size", "eval_repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+ARGS = parse_args()
+if ARGS.threads is not None:
+    # Must happen before numpy (and its OpenBLAS) is first imported.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import resource  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+try:
+    import xpcnn  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from xpcnn.backend import get_backend  # noqa: E402
+from xpcnn.models import SimpleConvNet  # noqa: E402
+from xpcnn.optim import AdaGrad  # noqa: E402
+
+LR = 0.06
+
+
+# =========================================================================== the book
+# The book's code ("Deep Learning from Scratch", common/util.py and common/layers.py),
+# kept as close to it as the comparison allows. `np` is a parameter so the same code runs
+# on CuPy, as the book's GPU configuration does with `import cupy as np`; `dtype` is
+# float64 for the book as written (its np.zeros default).
+
+def book_im2col(np, input_data, filter_h, filter_w, stride=1, pad=0):
+    N, C, H, W = input_data.shape
+    out_h = (H + 2 * pad - filter_h) // stride + 1
+    out_w = (W + 2 * pad - filter_w) // stride + 1
+    img = np.pad(input_data, [(0, 0), (0, 0), (pad, pad), (pad, pad)], "constant")
+    col = np.zeros((N, C, filter_h, filter_w, out_h, out_w), dtype=input_data.dtype)
+    for y in range(filter_h):
+        y_max = y + stride * out_h
+        for x in range(filter_w):
+            x_max = x + stride * out_w
+            col[:, :, y, x, :, :] = img[:, :, y:y_max:stride, x:x_max:stride]
+    col = col.transpose(0, 4, 5, 1, 2, 3).reshape(N * out_h * out_w, -1)
+    return col
+
+
+def book_col2im(np, col, input_shape, filter_h, filter_w, stride=1, pad=0):
+    N, C, H, W = input_shape
+    out_h = (H + 2 * pad - filter_h) // stride + 1
+    out_w = (W + 2 * pad - filter_w) // stride + 1
+    col = col.reshape(N, out_h, out_w, C, filter_h, filter_w).transpose(0, 3, 4, 5, 1, 2)
+    img = np.zeros((N, C, H + 2 * pad + stride - 1, W + 2 * pad + stride - 1), dtype=col.dtype)
+    for y in range(filter_h):
+        y_max = y + stride * out_h
+        for x in range(filter_w):
+            x_max = x + stride * out_w
+            img[:, :, y:y_max:stride, x:x_max:stride] += col[:, :, y, x, :, :]
+    return img[:, :, pad:H + pad, pad:W + pad]
+
+
+class BookConvolution:
+    def __init__(self, np, W, b, stride=1, pad=0):
+        self.np, self.W, self.b, self.stride, self.pad = np, W, b, stride, pad
+
+    def forward(self, x):
+        np = self.np
+        FN, C, FH, FW = self.W.shape
+        N, C, H, W = x.shape
+        out_h = 1 + int((H + 2 * self.pad - FH) / self.stride)
+        out_w = 1 + int((W + 2 * self.pad - FW) / self.stride)
+        col = book_im2col(np, x, FH, FW, self.stride, self.pad)
+        col_W = self.W.reshape(FN, -1).T
+        out = np.dot(col, col_W) + self.b
+        out = out.reshape(N, out_h, out_w, -1).transpose(0, 3, 1, 2)
+        self.x, self.col, self.col_W = x, col, col_W
+        return out
+
+    def backward(self, dout):
+        np = self.np
+        FN, C, FH, FW = self.W.shape
+        dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)
+        self.db = np.sum(dout, axis=0)
+        self.dW = np.dot(self.col.T, dout)
+        self.dW = self.dW.transpose(1, 0).reshape(FN, C, FH, FW)
+        dcol = np.dot(dout, self.col_W.T)
+        # The book computes the first layer's input gradient too.
+        return book_col2im(np, dcol, self.x.shape, FH, FW, self.stride, self.pad)
+
+
+class BookPooling:
+    def __init__(self, np, pool_h, pool_w, stride=1, pad=0):
+        self.np, self.pool_h, self.pool_w, self.stride, self.pad = np, pool_h, pool_w, stride, pad
+
+    def forward(self, x):
+        np = self.np
+        N, C, H, W = x.shape
+        out_h = int(1 + (H - self.pool_h) / self.stride)
+        out_w = int(1 + (W - self.pool_w) / self.stride)
+        col = book_im2col(np, x, self.pool_h, self.pool_w, self.stride, self.pad)
+        col = col.reshape(-1, self.pool_h * self.pool_w)
+        arg_max = np.argmax(col, axis=1)
+        out = np.max(col, axis=1)
+        out = out.reshape(N, out_h, out_w, C).transpose(0, 3, 1, 2)
+        self.x, self.arg_max = x, arg_max
+        return out
+
+    def backward(self, dout):
+        np = self.np
+        dout = dout.transpose(0, 2, 3, 1)
+        pool_size = self.pool_h * self.pool_w
+        dmax = np.zeros((dout.size, pool_size), dtype=dout.dtype)
+        dmax[np.arange(self.arg_max.size), self.arg_max.flatten()] = dout.flatten()
+        dmax = dmax.reshape(dout.shape + (pool_size,))
+        dcol = dmax.reshape(dmax.shape[0] * dmax.shape[1] * dmax.shape[2], -1)
+        return book_col2im(np, dcol, self.x.shape, self.pool_h, self.pool_w, self.stride, self.pad)
+
+
+class BookRelu:
+    def forward(self, x):
+        self.mask = (x <= 0)
+        out = x.copy()
+        out[self.mask] = 0
+        return out
+
+    def backward(self, dout):
+        dout[self.mask] = 0
+        return dout
+
+
+class BookAffine:
+    def __init__(self, np, W, b):
+        self.np, self.W, self.b = np, W, b
+
+    def forward(self, x):
+        self.original_x_shape = x.shape
+        x = x.reshape(x.shape[0], -1)
+        self.x = x
+        return self.np.dot(self.x, self.W) + self.b
+
+    def backward(self, dout):
+        np = self.np
+        dx = np.dot(dout, self.W.T)
+        self.dW = np.dot(self.x.T, dout)
+        self.db = np.sum(dout, axis=0)
+        return dx.reshape(*self.original_x_shape)
+
+
+class BookSoftmaxWithLoss:
+    def __init__(self, np):
+        self.np = np
+
+    def forward(self, x, t):
+        np = self.np
+        self.t = t
+        xt = x.T
+        xt = xt - np.max(xt, axis=0)
+        self.y = (np.exp(xt) / np.sum(np.exp(xt), axis=0)).T
+        batch_size = self.y.shape[0]
+        self.loss = -np.sum(np.log(self.y[np.arange(batch_size), t] + 1e-7)) / batch_size
+        return self.loss
+
+    def backward(self, dout=1):
+        np = self.np
+        batch_size = self.t.shape[0]
+        dx = self.y.copy()
+        dx[np.arange(batch_size), self.t] -= 1
+        return dx / batch_size
+
+
+class BookAdaGrad:
+    def __init__(self, np, lr=0.01):
+        self.np, self.lr, self.h = np, lr, None
+
+    def update(self, params, grads):
+        np = self.np
+        if self.h is None:
+            self.h = {key: np.zeros_like(val) for key, val in params.items()}
+        for key in params.keys():
+            self.h[key] += grads[key] * grads[key]
+            params[key] -= self.lr * grads[key] / (np.sqrt(self.h[key]) + 1e-7)
+
+
+class BookSimpleConvNet:
+    """The book's SimpleConvNet with the given initial weights (host NumPy arrays)."""
+
+    def __init__(self, np, host_params: dict, dtype: str):
+        self.np = np
+        self.params = {k: np.asarray(v, dtype=dtype) for k, v in host_params.items()}
+        p = self.params
+        self.layers = [BookConvolution(np, p["W1"], p["b1"], 1, 0), BookRelu(),
+                       BookPooling(np, 2, 2, stride=2), BookAffine(np, p["W2"], p["b2"]),
+                       BookRelu(), BookAffine(np, p["W3"], p["b3"])]
+        self.last_layer = BookSoftmaxWithLoss(np)
+
+    def predict(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def loss(self, x, t):
+        return self.last_layer.forward(self.predict(x), t)
+
+    def gradient(self, x, t):
+        self.loss(x, t)
+        dout = self.last_layer.backward(1)
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        conv, a1, a2 = self.layers[0], self.layers[3], self.layers[5]
+        return {"W1": conv.dW, "b1": conv.db, "W2": a1.dW, "b2": a1.db, "W3": a2.dW, "b3": a2.db}
+
+
+# ======================================================================= contenders
+
+class Contender:
+    """A named training step (`step`), a batched evaluation (`evaluate`) and a clock sync."""
+
+    name = ""
+    note = ""
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def loss_value(self) -> float:
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        return float("nan")
+
+    def can_evaluate(self) -> bool:
+        return False
+
+    def sync(self) -> None:
+        pass
+
+
+class XpcnnContender(Contender):
+    name = "xpcnn"
+
+    def __init__(self, args, host_params, x, t, x_eval, t_eval):
+        self.backend = get_backend(args.backend)
+        self.note = f"xpcnn {self.backend.name} {args.dtype}"
+        self.net = SimpleConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
+        self.net.set_params(host_params)
+        self.opt = AdaGrad(lr=LR)
+        self.x = self.backend.asarray(x, dtype=args.dtype)
+        self.t = self.backend.asarray(t)
+        self.x_eval = self.backend.asarray(x_eval, dtype=args.dtype)
+        self.t_eval = self.backend.asarray(t_eval)
+        self.eval_batch = args.eval_batch_size
+
+    def step(self):
+        grads = self.net.gradient(self.x, self.t)
+        self.opt.update(self.net.params, grads)
+
+    def loss_value(self):
+        return self.backend.to_float(self.net.loss(self.x, self.t))
+
+    def can_evaluate(self):
+        return True
+
+    def evaluate(self):
+        return self.net.accuracy(self.x_eval, self.t_eval, batch_size=self.eval_batch)
+
+    def sync(self):
+        self.backend.synchronize()
+
+
+class BookContender(Contender):
+    def __init__(self, args, host_params, x, t, dtype):
+        if args.backend == "gpu":
+            import cupy as xp_module
+        else:
+            xp_module = np
+        self.np = xp_module
+        self.name = "book-f64" if dtype == "float64" else "book-f32"
+        self.note = f"book's algorithm, {'CuPy' if args.backend == 'gpu' else 'NumPy'} {dtype}"
+        self.net = BookSimpleConvNet(xp_module, host_params, dtype)
+        self.opt = BookAdaGrad(xp_module, lr=LR)
+        self.x = xp_module.asarray(x, dtype=dtype)
+        self.t = xp_module.asarray(t)
+
+    def step(self):
+        grads = self.net.gradient(self.x, self.t)
+        self.opt.update(self.net.params, grads)
+
+    def loss_value(self):
+        return float(self.net.loss(self.x, self.t))
+
+    def sync(self):
+        if self.np is not np:
+            self.np.cuda.get_current_stream().synchronize()
+
+
+class TorchContender(Contender):
+    name = "torch"
+
+    def __init__(self, args, host_params, x, t, x_eval, t_eval):
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        self.torch, self.F = torch, F
+        self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
+        dtype = getattr(torch, args.dtype)
+        self.note = f"torch {torch.__version__} eager, {self.device.type} {args.dtype}"
+        fn, c, fh, fw = host_params["W1"].shape
+        conv = nn.Conv2d(c, fn, (fh, fw), stride=1, padding=0)
+        fc1 = nn.Linear(*host_params["W2"].shape)
+        fc2 = nn.Linear(*host_params["W3"].shape)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(host_params["W1"]))
+            conv.bias.copy_(torch.from_numpy(host_params["b1"]))
+            fc1.weight.copy_(torch.from_numpy(host_params["W2"].T.copy()))
+            fc1.bias.copy_(torch.from_numpy(host_params["b2"]))
+            fc2.weight.copy_(torch.from_numpy(host_params["W3"].T.copy()))
+            fc2.bias.copy_(torch.from_numpy(host_params["b3"]))
+        self.model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
+                                   fc1, nn.ReLU(), fc2).to(self.device, dtype)
+        self.opt = torch.optim.Adagrad(self.model.parameters(), lr=LR,
+                                       initial_accumulator_value=0, eps=1e-7)
+        self.x = torch.from_numpy(x).to(self.device, dtype)
+        self.t = torch.from_numpy(t).to(self.device, torch.int64)
+        self.x_eval = torch.from_numpy(x_eval).to(self.device, dtype)
+        self.t_eval = torch.from_numpy(t_eval).to(self.device, torch.int64)
+        self.eval_batch = args.eval_batch_size
+
+    def step(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.F.cross_entropy(self.model(self.x), self.t)
+        loss.backward()
+        self.opt.step()
+
+    def loss_value(self):
+        with self.torch.no_grad():
+            return float(self.F.cross_entropy(self.model(self.x), self.t))
+
+    def can_evaluate(self):
+        return True
+
+    def evaluate(self):
+        torch = self.torch
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        n = self.x_eval.shape[0]
+        with torch.no_grad():
+            for start in range(0, n, self.eval_batch):
+                xb = self.x_eval[start:start + self.eval_batch]
+                tb = self.t_eval[start:start + self.eval_batch]
+                correct += (self.model(xb).argmax(dim=1) == tb).sum()
+        return float(correct) / n
+
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ============================================================================ setup
+
+def make_data(args) -> tuple:
+    """Fixed-seed random images in [0, 1) and labels: a training batch and an eval set."""
+    rng = np.random.default_rng(args.seed + 1)
+    x = rng.random((args.batch_size, 1, 28, 28), dtype=np.float64).astype(args.dtype)
+    t = rng.integers(0, 10, size=args.batch_size, dtype=np.int64)
+    x_eval = rng.random((args.eval_images, 1, 28, 28), dtype=np.float64).astype(args.dtype)
+    t_eval = rng.integers(0, 10, size=args.eval_images, dtype=np.int64)
+    return x, t, x_eval, t_eval
+
+
+def initial_params(args) -> dict:
+    """xpcnn's initial weights (host float64), which every contender starts from."""
+    net = SimpleConvNet(backend="cpu", dtype="float64", seed=args.seed)
+    return {k: np.array(v, dtype=np.float64) for k, v in net.params.items()}
+
+
+def build(args, which: str, host_params, data):
+    x, t, x_eval, t_eval = data
+    if which == "xpcnn":
+        return XpcnnContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "book-f64":
+        return BookContender(args, host_params, x, t, "float64")
+    if which == "book-f32":
+        return BookContender(args, host_params, x, t, "float32")
+    if which == "torch":
+        return TorchContender(args, host_params, x, t, x_eval, t_eval)
+    raise ValueError(f"unknown contender {which!r}")
+
+
+def contender_names(args) -> list[str]:
+    names = ["xpcnn"]
+    if not args.no_book:
+        names.append("book-f64")
+        if args.dtype == "float32":
+            names.append("book-f32")
+    if not args.no_torch and torch_available():
+        names.append("torch")
+    return names
+
+
+def set_torch_threads(threads: int) -> None:
+    if torch_available():
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def blas_threads() -> tuple[int | None, str]:
+    """Threads numpy's BLAS uses, and how that was found."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if env:
+            return int(env), "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS"
+        return os.cpu_count(), "assumed = cores (threadpoolctl not installed)"
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", "") + pool.get("prefix", ""):
+            return int(pool["num_threads"]), f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, {pool.get('architecture')} kernel)"
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return int(pool["num_threads"]), f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, {pool.get('architecture')} kernel)"
+    return None, "no BLAS found by threadpoolctl"
+
+
+def load_average() -> str:
+    """1/5/15-minute load averages: other work on the machine skews every timing."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def machine_info(args, threads_numpy, threads_how) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    blas = "unknown"
+    try:
+        cfg = np.show_config(mode="dicts")
+        b = cfg["Build Dependencies"]["blas"]
+        blas = f"{b.get('name')} {b.get('version')}"
+    except Exception:
+        pass
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": blas,
+        "numpy_blas_threads": threads_numpy,
+        "numpy_blas_threads_source": threads_how,
+        "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
+        "xpcnn_backend": args.backend,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+    }
+    if torch_available():
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if args.backend == "gpu" and torch.cuda.is_available():
+            info["torch_cuda"] = torch.version.cuda
+    if args.backend == "gpu":
+        try:
+            import cupy
+
+            info["cupy"] = cupy.__version__
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+            info["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        except Exception as exc:  # reported, not fatal: xpcnn's own backend check says more
+            info["cupy"] = f"unavailable ({exc})"
+    return info
+
+
+# ========================================================================== timing
+
+def steps_per_sample(c: Contender, target_s: float) -> int:
+    """How many steps one timing sample holds, so that a sample lasts about `target_s`."""
+    c.sync()
+    t0 = time.perf_counter()
+    c.step()
+    c.sync()
+    once = time.perf_counter() - t0
+    return max(1, min(100, int(target_s / max(once, 1e-6))))
+
+
+def time_samples(c: Contender, steps: int) -> float:
+    """Seconds per step over one sample of `steps` steps (device synchronised)."""
+    c.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        c.step()
+    c.sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def round_robin(contenders: list[Contender], repeats: int, run: Callable[[Contender], float]) -> dict:
+    """`repeats` rounds over all contenders, rotating who goes first each round."""
+    samples: dict[str, list[float]] = {c.name: [] for c in contenders}
+    k = len(contenders)
+    for r in range(repeats):
+        for i in range(k):
+            c = contenders[(r + i) % k]
+            samples[c.name].append(run(c))
+    return samples
+
+
+def summarize(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "iqr": q[2] - q[0],
+            "min": min(values), "n": len(values)}
+
+
+# ========================================================================== memory
+
+def memory_probe(args) -> None:
+    """Child process: build one contender, train and evaluate, print its peak memory as JSON."""
+    which = args.memory_probe
+    if args.threads is not None:
+        set_torch_threads(args.threads)
+    host_params = initial_params(args)
+    data = make_data(args)
+    if which == "torch":
+        import torch  # noqa: F401  (import cost is counted in the baseline, not the contender)
+    out: dict[str, Any] = {}
+    if args.backend == "cpu":
+        base = current_rss_bytes()
+        c = build(args, which, host_params, data)
+        for _ in range(max(args.warmup, 3)):
+            c.step()
+        if c.can_evaluate():
+            c.evaluate()
+        # ru_maxrss of a child started by fork+exec can carry the parent's peak (Linux keeps
+        # the larger of the two across exec), so prefer this process's own VmHWM.
+        peak = peak_rss_bytes()
+        out = {"peak_rss_bytes": peak, "rss_before_contender_bytes": base}
+    else:
+        if which == "torch":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import cupy
+
+            cupy.get_default_memory_pool().free_all_blocks()
+        c = build(args, which, host_params, data)
+        for _ in range(max(args.warmup, 3)):
+            c.step()
+        if c.can_evaluate():
+            c.evaluate()
+        c.sync()
+        if which == "torch":
+            import torch
+
+            out = {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                   "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+        else:
+            import cupy
+
+            # The pool keeps every block it ever allocated (we never free it), so what it
+            # holds now is its peak: comparable to torch's max_memory_reserved.
+            out = {"gpu_pool_total_bytes": cupy.get_default_memory_pool().total_bytes()}
+    print("MEMORY " + json.dumps(out))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process: /proc VmHWM, else getrusage's ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_memory(args, names: list[str]) -> dict:
+    results = {}
+    argv = [a for a in sys.argv[1:]]
+    skip_next = False
+    clean = []
+    for a in argv:  # drop --json PATH: children print, the parent writes
+        if skip_next:
+            skip_next = False
+            continue
+        if a == "--json":
+            skip_next = True
+            continue
+        if a.startswith("--json="):
+            continue
+        clean.append(a)
+    for name in names:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *clean, "--_memory-probe", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")), None)
+        if proc.returncode != 0 or line is None:
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        else:
+            results[name] = json.loads(line[len("MEMORY "):])
+    return results
+
+
+# ============================================================================ main
+
+def fmt_mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def main(args) -> int:
+    threads_numpy, threads_how = blas_threads()
+    if args.threads is not None:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=args.threads, user_api="blas")
+        except ImportError:
+            pass
+        threads_numpy, threads_how = blas_threads()
+    torch_threads = args.threads or threads_numpy or os.cpu_count()
+    set_torch_threads(torch_threads)
+    info = machine_info(args, threads_numpy, threads_how)
+    info["load_average_at_start"] = load_average()
+
+    host_params = initial_params(args)
+    data = make_data(args)
+    names = contender_names(args)
+    contenders = [build(args, n, host_params, data) for n in names]
+
+    # Same weights, same batch: the first losses must agree (a check on the comparison).
+    first_loss = {c.name: c.loss_value() for c in contenders}
+
+    for c in contenders:
+        for _ in range(args.warmup):
+            c.step()
+        c.sync()
+    per_sample = {c.name: steps_per_sample(c, 0.02 if args.backend == "gpu" else 0.0) for c in contenders}
+    samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name]))
+    step = {name: summarize(v) for name, v in samples.items()}
+
+    evaluators = [c for c in contenders if c.can_evaluate()]
+    for c in evaluators:
+        c.evaluate()  # warm-up
+        c.sync()
+
+    def run_eval(c):
+        c.sync()
+        t0 = time.perf_counter()
+        c.evaluate()
+        c.sync()
+        return time.perf_counter() - t0
+
+    eval_samples = round_robin(evaluators, args.eval_repeats, run_eval)
+    evaluation = {name: summarize(v) for name, v in eval_samples.items()}
+
+    info["load_average_after_timing"] = load_average()
+    memory = {} if args.no_memory else measure_memory(args, names)
+
+    # ------------------------------------------------------------------ report
+    print("# xpcnn training-step benchmark")
+    for key in ("date", "command", "cpu", "cores", "cores_usable", "python", "numpy", "blas",
+                "numpy_blas_threads", "numpy_blas_threads_source", "torch", "torch_threads",
+                "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_backend", "dtype", "batch_size",
+                "load_average_at_start", "load_average_after_timing"):
+        if key in info:
+            print(f"{key:26s} {info[key]}")
+    print(f"{'initial loss':26s} " + ", ".join(f"{k} {v:.6f}" for k, v in first_loss.items()))
+    print()
+    base = step["xpcnn"]["median"]
+    print(f"Training step, batch {args.batch_size}, {args.repeats} interleaved rounds "
+          f"(steps per sample: {', '.join(f'{k} {v}' for k, v in per_sample.items())})")
+    print(f"| contender | what | median ms/step | IQR ms | time / xpcnn | images/s |")
+    print(f"| --- | --- | ---: | ---: | ---: | ---: |")
+    for c in contenders:
+        s = step[c.name]
+        print(f"| {c.name} | {c.note} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} | "
+              f"{s['median'] / base:.2f}x | {args.batch_size / s['median']:,.0f} |")
+    print()
+    if evaluation:
+        ebase = evaluation["xpcnn"]["median"]
+        print(f"Evaluation, {args.eval_images:,} images in batches of {args.eval_batch_size}, "
+              f"{args.eval_repeats} interleaved rounds (xpcnn: net.accuracy; torch: no_grad forward + argmax)")
+        print("| contender | median s | IQR s | time / xpcnn | images/s |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, s in evaluation.items():
+            print(f"| {name} | {s['median']:.3f} | {s['iqr']:.3f} | {s['median'] / ebase:.2f}x | "
+                  f"{args.eval_images / s['median']:,.0f} |")
+        print()
+    if memory:
+        print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
+        if args.backend == "cpu":
+            print("| contender | peak RSS | RSS before building it (imports, data) | difference |")
+            print("| --- | ---: | ---: | ---: |")
+            for name, m in memory.items():
+                if "error" in m:
+                    print(f"| {name} | error: {m['error']} | | |")
+                    continue
+                print(f"| {name} | {fmt_mib(m['peak_rss_bytes'])} | {fmt_mib(m['rss_before_contender_bytes'])} | "
+                      f"{fmt_mib(m['peak_rss_bytes'] - m['rss_before_contender_bytes'])} |")
+        else:
+            print("| contender | GPU memory |")
+            print("| --- | --- |")
+            for name, m in memory.items():
+                if "error" in m:
+                    text = f"error: {m['error']}"
+                elif "gpu_pool_total_bytes" in m:
+                    text = f"CuPy pool held {fmt_mib(m['gpu_pool_total_bytes'])}"
+                else:
+                    text = (f"max allocated {fmt_mib(m['gpu_peak_allocated_bytes'])}, "
+                            f"max reserved {fmt_mib(m['gpu_peak_reserved_bytes'])}")
+                print(f"| {name} | {text} |")
+        print()
+    if "torch" in step:
+        print(f"xpcnn / torch step time: {base / step['torch']['median']:.2f}")
+        if "torch" in evaluation:
+            print(f"xpcnn / torch evaluation time: {evaluation['xpcnn']['median'] / evaluation['torch']['median']:.2f}")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": info, "initial_loss": first_loss, "steps_per_sample": per_sample,
+                   "step_seconds": step, "step_samples": samples, "eval_seconds": evaluation,
+                   "memory": memory,
+                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if ARGS.memory_probe:
+        memory_probe(ARGS)
+        sys.exit(0)
+    sys.exit(main(ARGS))
