@@ -1,9 +1,15 @@
 """Pure array functions on any array-API namespace: im2col/col2im, softmax, losses.
 
 Shapes follow the book: images are ``(N, C, H, W)``, filters ``(FN, C, FH, FW)``.
-Inside, windows are cut from a channels-last view ``(N, H, W, C)``: a strided slice per
-filter offset ``(i, j)``, stacked on the last axis, gives im2col's rows in the book's
-column order ``(c, i, j)`` with no transpose of the big column matrix.
+The public `im2col`/`col2im` give the book's ``(N*OH*OW, C*FH*FW)`` matrix: windows cut
+from a channels-last view ``(N, H, W, C)``, a strided slice per filter offset ``(i, j)``
+stacked on the last axis, so rows come in the book's column order ``(c, i, j)``.
+
+The layers use the per-image transposed form instead, `im2col_nchw`:
+``(N, C, H, W) -> (N, C*FH*FW, OH*OW)``. Each offset's slice is copied into a contiguous
+block (no scattered writes), and ``W.reshape(FN, -1) @ col`` (one matrix product per
+image) lands directly in ``(N, FN, OH*OW)``, the NCHW output, so no transpose is needed
+on the way out or back (see docs/performance.md for the measurements).
 """
 
 from __future__ import annotations
@@ -113,6 +119,53 @@ def col2im_nhwc(col: Any, input_shape_nhwc: tuple, filter_h: int, filter_w: int,
     for i, j in window_offsets(filter_h, filter_w):
         dx_pad[window_slice(i, j, stride, out_h, out_w)] += col6[:, :, :, :, i, j]
     return dx_pad[:, pad:pad + h, pad:pad + w, :]
+
+
+def spatial_slices(i: int, j: int, stride: int, out_h: int, out_w: int) -> tuple[slice, slice]:
+    """Row and column slices that cut the pixel at offset (i, j) of every window."""
+    return (slice(i, i + stride * (out_h - 1) + 1, stride),
+            slice(j, j + stride * (out_w - 1) + 1, stride))
+
+
+def pad_nchw(x: Any, pad: int, fill: float = 0.0) -> Any:
+    """Pad the two spatial axes of ``(N, C, H, W)`` by `pad` on each side with `fill`."""
+    if pad == 0:
+        return x
+    xp = namespace_of(x)
+    n, c, h, w = x.shape
+    out = xp.full((n, c, h + 2 * pad, w + 2 * pad), fill, dtype=x.dtype, device=array_api_compat.device(x))
+    out[:, :, pad:pad + h, pad:pad + w] = x
+    return out
+
+
+def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
+                out_h: int, out_w: int) -> Any:
+    """``(N, C, H, W) -> (N, C*FH*FW, OH*OW)``: per image, one row per ``(c, i, j)``.
+
+    ``col[n, (c, i, j), (oh, ow)] == x_pad[n, c, oh*stride + i, ow*stride + j]``; it is the
+    transpose of image n's block of the book's im2col matrix.
+    """
+    xp = namespace_of(x)
+    n, c = x.shape[0], x.shape[1]
+    x_pad = pad_nchw(x, pad)
+    patches = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
+               for i, j in window_offsets(filter_h, filter_w)]
+    col = xp.stack(patches, axis=2)  # (N, C, FH*FW, OH, OW), each slice a contiguous block
+    return xp.reshape(col, (n, c * filter_h * filter_w, out_h * out_w))
+
+
+def col2im_nchw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,
+                pad: int, out_h: int, out_w: int) -> Any:
+    """Adjoint of `im2col_nchw`: ``(N, C*FH*FW, OH*OW) -> (N, C, H, W)``, overlaps added."""
+    xp = namespace_of(col)
+    n, c, h, w = input_shape
+    col5 = xp.reshape(col, (n, c, filter_h * filter_w, out_h, out_w))
+    dx_pad = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=array_api_compat.device(col))
+    for k, (i, j) in enumerate(window_offsets(filter_h, filter_w)):
+        dx_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)] += col5[:, :, k, :, :]
+    if pad == 0:
+        return dx_pad
+    return dx_pad[:, :, pad:pad + h, pad:pad + w]
 
 
 # --------------------------------------------------------------------- public im2col
