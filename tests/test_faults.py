@@ -260,10 +260,6 @@ def test_cli_nan_loss_exits_6_naming_the_step_and_keeps_the_checkpoint(nan_cli_r
     assert checkpoint.read_bytes() == before, "the last good checkpoint was overwritten"
 
 
-@pytest.mark.xfail(strict=True, reason="xpcnn/cli.py run_train lets NumPy print 'RuntimeWarning: overflow/invalid "
-                   "value encountered in matmul' (4 lines with source) to stderr before the error line; training "
-                   "should run under np.errstate(over='ignore', invalid='ignore') (or the warnings be filtered), "
-                   "since on_nan handles the result")
 def test_cli_nan_loss_prints_only_one_line_on_stderr(nan_cli_run) -> None:
     result, _, _ = nan_cli_run
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -352,9 +348,6 @@ def test_cli_disk_full_is_one_clear_line_and_keeps_the_old_checkpoint(cli_disk_f
     assert load_checkpoint(path).epoch == 1
 
 
-@pytest.mark.xfail(strict=True, reason="xpcnn/cli.py maps every CheckpointError to 5 ('checkpoint missing, corrupted "
-                   "or not matching'), but the docstring table gives 7 for 'another I/O error while saving': a "
-                   "CheckpointError caused by an OSError on save should exit 7 (or the table should say 5)")
 def test_cli_disk_full_exits_with_the_documented_io_code_7(cli_disk_full_run) -> None:
     result, _, _ = cli_disk_full_run
     assert result.returncode == 7, result.stderr

@@ -151,18 +151,6 @@ def _check_raises(case: Case, tmp_path: Path) -> None:
 
 GAP_POOL_F16 = ("xpcnn/layers.py Pooling.forward accepts float16 (it only checks 'real floating'); "
                 "it should raise DTypeError unless the dtype is float32 or float64")
-GAP_DTYPE_NAME = ("xpcnn/backend.py dtype_name tests 'int8' before 'uint8', so a uint8 input is reported as "
-                  "'got int8' in every DTypeError message")
-GAP_TRAINER_DTYPE = ("xpcnn/train.py Trainer._to_device raises ShapeError for integer images; "
-                     "a wrong dtype should be DTypeError")
-GAP_LABEL_RANGE_LOSS = ("xpcnn/functional.py as_one_hot (used by SoftmaxWithLoss.forward / SimpleConvNet.loss) "
-                        "accepts class indices outside 0..K-1: the row becomes all zeros and the loss silently ignores it")
-GAP_LABEL_RANGE_ACC = ("xpcnn/models.py SimpleConvNet.accuracy accepts labels outside 0..K-1 and scores them as "
-                       "wrong instead of raising ShapeError")
-GAP_NAN_ACC = ("xpcnn/models.py SimpleConvNet.accuracy scores NaN/inf images silently (argmax of NaN scores) "
-               "instead of raising")
-GAP_OPTIM_MIX = ("xpcnn/optim.py Optimizer.update mixes a NumPy parameter with an array_api_strict gradient and "
-                 "fails with a RuntimeError from the namespace, not BackendMismatch")
 
 LIBRARY_CASES = [
     # --- geometry and channels
@@ -215,8 +203,7 @@ LIBRARY_CASES = [
     Case("conv-float16-input", "Convolution.forward",
          lambda tmp: conv_layer().forward(images(2, c=3).astype(np.float16)), DTypeError, ("float32", "float16")),
     Case("net-uint8-input", "SimpleConvNet.loss",
-         lambda tmp: small_net().loss(images().astype(np.uint8), labels()), DTypeError, ("float32", "uint8"),
-         gap=GAP_DTYPE_NAME),
+         lambda tmp: small_net().loss(images().astype(np.uint8), labels()), DTypeError, ("float32", "uint8")),
     Case("net-float64-into-float32", "SimpleConvNet.predict",
          lambda tmp: small_net().predict(images().astype(np.float64)), DTypeError, ("float32", "float64")),
     Case("pool-int-input", "Pooling.forward",
@@ -230,25 +217,23 @@ LIBRARY_CASES = [
     Case("net-dtype-float16", "SimpleConvNet()", lambda tmp: small_net(dtype="float16"),
          DTypeError, ("float32", "float16")),
     Case("trainer-uint8-images", "Trainer()", lambda tmp: trainer(x_train=(images() * 255).astype(np.uint8)),
-         DTypeError, ("float", "uint8"), gap=GAP_TRAINER_DTYPE),
+         DTypeError, ("float", "uint8")),
     # --- NaN / inf in the input
     Case("trainer-nan-in-train-images", "Trainer()", lambda tmp: trainer(x_train=with_nan(images())),
          ConfigError, ("training images", "NaN")),
     Case("trainer-inf-in-test-images", "Trainer()", lambda tmp: trainer(x_test=with_nan(images(3), np.inf)),
          ConfigError, ("test images", "infinite")),
     Case("accuracy-nan-images", "SimpleConvNet.accuracy",
-         lambda tmp: small_net().accuracy(with_nan(images()), labels()), XpcnnError, ("NaN",), gap=GAP_NAN_ACC),
+         lambda tmp: small_net().accuracy(with_nan(images()), labels()), XpcnnError, ("NaN",)),
     # --- labels
     Case("trainer-label-out-of-range", "Trainer()", lambda tmp: trainer(t_train=np.array([0, 1, 2, 3, 10])),
          ShapeError, ("0..9", "to 10")),
     Case("trainer-label-negative", "Trainer()", lambda tmp: trainer(t_test=np.array([-1, 1, 2])),
          ShapeError, ("0..9", "from -1")),
     Case("loss-label-out-of-range", "SimpleConvNet.loss",
-         lambda tmp: small_net().loss(images(), np.array([0, 1, 2, 3, 10])), ShapeError, ("10",),
-         gap=GAP_LABEL_RANGE_LOSS),
+         lambda tmp: small_net().loss(images(), np.array([0, 1, 2, 3, 10])), ShapeError, ("10",)),
     Case("accuracy-label-out-of-range", "SimpleConvNet.accuracy",
-         lambda tmp: small_net().accuracy(images(), np.array([0, 1, 2, 3, 10])), ShapeError, ("10",),
-         gap=GAP_LABEL_RANGE_ACC),
+         lambda tmp: small_net().accuracy(images(), np.array([0, 1, 2, 3, 10])), ShapeError, ("10",)),
     Case("loss-one-hot-wrong-width", "SimpleConvNet.loss",
          lambda tmp: small_net().loss(images(), np.eye(9, dtype=np.float32)[labels() % 9]),
          ShapeError, ("(5, 10)", "(5, 9)")),
@@ -284,7 +269,7 @@ LIBRARY_CASES = [
          ("different backends",)),
     Case("mixed-backends-optimizer", "AdaGrad.update",
          lambda tmp: AdaGrad(0.1).update({"W": f32(np.ones(3))}, {"W": strict_array(f32(np.ones(3)))}),
-         BackendMismatch, ("different backends",), gap=GAP_OPTIM_MIX),
+         BackendMismatch, ("different backends",)),
     Case("unknown-backend", "get_backend", lambda tmp: get_backend("tpu"), ConfigError, ("'tpu'", "'cpu', 'gpu'")),
     Case("gpu-backend-without-cupy", "get_backend", lambda tmp: get_backend("gpu"), BackendUnavailable,
          ("gpu", "CuPy"), needs_no_gpu=True),
@@ -486,8 +471,6 @@ class CliCase:
     needs_no_gpu: bool = False
 
 
-GAP_OUT_DIR = ("xpcnn/cli.py: OutputError (unwritable --out) is missing from _EXIT_CODES, so it exits 1 instead of "
-               "the documented 7")
 
 CLI_CASES = [
     CliCase("unknown-backend", ("train", "--backend", "tpu", "--out", "{tmp}/out"), 2, ("'tpu'", "'cpu', 'gpu'")),
@@ -498,8 +481,7 @@ CLI_CASES = [
     CliCase("corrupt-dataset-file", ("train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/out"),
             4, ("truncated", "train-images-idx3-ubyte")),
     CliCase("unknown-dataset", ("train", "--dataset", "cifar", "--out", "{tmp}/out"), 4, ("'cifar'", "fashion-mnist")),
-    CliCase("unwritable-out", ("train", "--out", "{tmp}/afile/out"), 7, ("--out", "{tmp}/afile/out", "Not a directory"),
-            gap=GAP_OUT_DIR),
+    CliCase("unwritable-out", ("train", "--out", "{tmp}/afile/out"), 7, ("--out", "{tmp}/afile/out", "Not a directory")),
     CliCase("epochs-0", ("train", "--epochs", "0", "--out", "{tmp}/out"), 2, ("--epochs", ">= 1", "'0'")),
     CliCase("batch-size-negative", ("train", "--batch-size", "-5", "--out", "{tmp}/out"), 2,
             ("--batch-size", ">= 1", "'-5'")),

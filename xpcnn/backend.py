@@ -12,6 +12,7 @@ holds the only library-specific code (the guarded CuPy import).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -190,10 +191,8 @@ def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
 def dtype_name(dtype: Any) -> str:
     """``"float32"`` for any namespace's float32 dtype object (and so on)."""
     text = str(dtype)
-    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"):
-        if name in text:
-            return name
-    return text
+    found = re.search(r"(u?int\d+|float\d+|complex\d+|bool)", text)
+    return found.group(1) if found else text
 
 
 def namespace_of(*arrays: Any) -> ModuleType:
@@ -206,6 +205,16 @@ def namespace_of(*arrays: Any) -> ModuleType:
             f"arrays from different backends were mixed in one call ({', '.join(kinds)}); "
             f"move them to one backend first, e.g. with get_backend(...).asarray(x)"
         ) from exc
+
+
+def values_are_free_to_read(array: Any) -> bool:
+    """Whether reading `array`'s values costs nothing extra: it is a NumPy array in host memory.
+
+    Validation that must look at values (label ranges, NaN checks) runs only where this is
+    true; on a device it would force a host synchronisation every step, so there the Trainer
+    checks the data once, on the host, before moving it.
+    """
+    return isinstance(array, np.ndarray)
 
 
 def check_same_device(x: Any, reference: Any, what: str = "input") -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, dtype_name
-from .errors import BackendUnavailable, CheckpointError, XpcnnError
+from .errors import BackendUnavailable, CheckpointError, CheckpointWriteError, XpcnnError
 
 #: Version of the on-disk layout; bump it when the layout changes incompatibly.
 FORMAT_VERSION = 1
@@ -315,7 +315,7 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
                       history=history, extra=extra)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise CheckpointError(f"cannot write checkpoint {path!r}: it is a directory")
+        raise CheckpointWriteError(f"cannot write checkpoint {path!r}: it is a directory")
     tmp_path = None
     try:
         tmp_path, fd = _open_temp(directory, os.path.basename(path))
@@ -327,7 +327,7 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
         tmp_path = None
         _fsync_directory(directory)
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path!r}: {_describe_os_error(exc)}") from exc
+        raise CheckpointWriteError(f"cannot write checkpoint {path!r}: {_describe_os_error(exc)}") from exc
     finally:
         if tmp_path is not None:
             try:

@@ -12,7 +12,7 @@ code  meaning
 4     dataset missing, corrupted or failing its checksum
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
-7     output directory not writable, or another I/O error while saving
+7     output directory not writable, or an I/O error while saving (e.g. disk full)
 130   interrupted by Ctrl-C (a checkpoint of the last finished step is saved)
 ====  =====================================================================
 """
@@ -31,23 +31,26 @@ import numpy as np
 
 from . import __version__
 from .errors import (
-    BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError, ShapeError,
-    TrainingError, XpcnnError,
+    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
+    ShapeError, TrainingError, XpcnnError,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
 EXIT_INTERRUPTED = 130
+
+
+class OutputError(XpcnnError):
+    """The output directory cannot be created or written."""
+
+
 _EXIT_CODES = [  # most specific first
+    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
 ]
 
 # The seed's recipe.
 DEFAULTS = {"epochs": 10, "batch_size": 100, "optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01}
-
-
-class OutputError(XpcnnError):
-    """The output directory cannot be created or written."""
 
 
 def _int_at_least(low: int):
@@ -208,7 +211,9 @@ def run_train(args: argparse.Namespace) -> int:
           f"batch {args.batch_size}, epochs {epochs}", flush=True)
     started = time.perf_counter()
     try:
-        history = trainer.train()
+        # A diverging run overflows before the NaN check stops it: one clear error, no warnings.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            history = trainer.train()
     finally:
         if trainer.history.epoch or trainer.history.step_loss:
             trainer.history.save(out)

@@ -26,7 +26,7 @@ class DTypeError(XpcnnError, ValueError):
 
 
 class ConfigError(XpcnnError, ValueError):
-    """A hyper-parameter or option has an invalid value (stride 0, lr <= 0, ...)."""
+    """A hyper-parameter, option or input value is invalid (stride 0, lr <= 0, NaN images, ...)."""
 
 
 class DatasetError(XpcnnError):
@@ -35,6 +35,10 @@ class DatasetError(XpcnnError):
 
 class CheckpointError(XpcnnError):
     """A checkpoint cannot be written, read, or does not fit the model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permission, ...); the old file is intact."""
 
 
 class TrainingError(XpcnnError):

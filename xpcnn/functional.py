@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import array_api_compat
 
-from .backend import namespace_of
+from .backend import namespace_of, values_are_free_to_read
 from .errors import ConfigError, ShapeError
 
 # ---------------------------------------------------------------------------- geometry
@@ -229,6 +229,16 @@ def one_hot(t: Any, num_classes: int, dtype: Any) -> Any:
     return xp.astype(xp.reshape(t, (-1, 1)) == classes, dtype)
 
 
+def check_label_range(t: Any, num_classes: int) -> None:
+    """Raise `ShapeError` if host labels fall outside ``0..num_classes-1``.
+
+    Only where reading values is free (host NumPy arrays): on a device this would cost a
+    synchronisation per step; the Trainer checks its labels once before moving them there.
+    """
+    if values_are_free_to_read(t) and t.size and (t.min() < 0 or t.max() >= num_classes):
+        raise ShapeError(f"labels: class indices must be in 0..{num_classes - 1}, got values from {t.min()} to {t.max()}")
+
+
 def as_one_hot(t: Any, like: Any) -> Any:
     """Labels `t` as one-hot rows matching scores `like` ``(N, K)``.
 
@@ -241,6 +251,7 @@ def as_one_hot(t: Any, like: Any) -> Any:
             raise ShapeError(f"labels: expected {n} labels for {n} samples, got {t.shape[0]}")
         if not xp.isdtype(t.dtype, "integral"):
             raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
+        check_label_range(t, k)
         return one_hot(t, k, like.dtype)
     if t.ndim == 2:
         if tuple(t.shape) != (n, k):

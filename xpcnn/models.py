@@ -146,16 +146,30 @@ class SimpleConvNet:
         if n == 0:
             raise ShapeError("accuracy: no images given (N = 0)")
         xp = self.xp
-        correct = None
+        num_classes = self.config["output_size"]
+        # [correct, non-finite pixels, labels out of range], summed on the device, read once.
+        counts = None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
             pred = xp.argmax(self.predict(xb), axis=1)
             if tb.ndim != 1:
                 tb = xp.argmax(tb, axis=1)
-            hits = xp.sum(xp.astype(pred == tb, xp.int64))
-            correct = hits if correct is None else correct + hits
-        return float(self.backend.to_numpy(correct)) / n
+            batch_counts = xp.stack([
+                xp.sum(xp.astype(pred == tb, xp.int64)),
+                xp.sum(xp.astype(xp.logical_not(xp.isfinite(xb)), xp.int64)),
+                xp.sum(xp.astype(xp.logical_or(tb < 0, tb >= num_classes), xp.int64)),
+            ])
+            counts = batch_counts if counts is None else counts + batch_counts
+        correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
+        if non_finite:
+            raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
+        if bad_labels:
+            labels = self.backend.to_numpy(t) if not isinstance(t, np.ndarray) else t
+            labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
+            raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
+                             f"(got values from {labels.min()} to {labels.max()})")
+        return correct / n
 
     def _on_backend(self, array: Any) -> Any:
         if isinstance(array, np.ndarray) and self.backend.name != "numpy":

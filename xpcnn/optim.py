@@ -13,7 +13,7 @@ from typing import Any
 
 import array_api_compat
 
-from .backend import namespace_of
+from .backend import check_same_device, namespace_of
 from .errors import ConfigError
 
 
@@ -47,7 +47,10 @@ class Optimizer:
             raise ConfigError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}; grads has {sorted(grads)}")
         self.iterations += 1
         for key, param in params.items():
-            self._update_one(key, param, grads[key])
+            grad = grads[key]
+            namespace_of(param, grad)                     # BackendMismatch on mixed backends
+            check_same_device(grad, param, f"gradient {key!r}")
+            self._update_one(key, param, grad)
 
     def _update_one(self, key: str, param: Any, grad: Any) -> None:
         raise NotImplementedError

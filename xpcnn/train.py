@@ -30,7 +30,7 @@ import numpy as np
 
 from .backend import dtype_name
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
-from .errors import ConfigError, ShapeError, TrainingError, XpcnnError
+from .errors import ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
 from .optim import Optimizer, make_optimizer
 
 ON_NAN_CHOICES = ("stop", "skip")
@@ -189,7 +189,7 @@ class Trainer:
                 raise ShapeError(f"Trainer: {what} images must be (N, {', '.join(map(str, input_dim))}), got {x.shape} "
                                  f"(load them with flatten=False)")
             if not np.issubdtype(x.dtype, np.floating):
-                raise ShapeError(f"Trainer: {what} images must be floats (normalize=True), got dtype {x.dtype}")
+                raise DTypeError(f"Trainer: {what} images must be float32 or float64 (load them with normalize=True), got {x.dtype}")
             if not np.all(np.isfinite(x)):
                 raise ConfigError(f"Trainer: {what} images contain NaN or infinite values")
             t = self._check_labels_host(np.asarray(t), what, output_size)
