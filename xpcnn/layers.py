@@ -153,9 +153,14 @@ class Pooling:
                 # The max is in the window, so if no earlier pixel held it the last one does.
                 grad = remaining
             else:
-                # A multiply by the 0/1 mask, not `where`: NumPy's where is ~10x slower here.
-                grad = remaining * xp.astype(self.windows[k] == self.out, dout.dtype)
-                remaining = remaining - grad
+                # A multiply by the 0/1 mask, not `where` (NumPy's where is ~10x slower here),
+                # done in place on temporaries this method owns: fewer large allocations.
+                grad = xp.astype(self.windows[k] == self.out, dout.dtype)
+                grad *= remaining
+                if remaining is dout:
+                    remaining = dout - grad  # never write into the caller's dout
+                else:
+                    remaining -= grad
             if tiles:
                 dx[:, :, :, i, :, j] = grad
             else:
@@ -228,7 +233,9 @@ class ReLU:
         # A new array: the book's version zeroed the caller's `dout` in place. A multiply by
         # the 0/1 mask rather than `where`, which NumPy runs ~10x slower on random masks.
         xp = namespace_of(dout)
-        return dout * xp.astype(self.out > 0, dout.dtype)
+        dx = xp.astype(self.out > 0, dout.dtype)
+        dx *= dout  # in place on our own temporary: one large allocation instead of two
+        return dx
 
 
 class SoftmaxWithLoss:
