@@ -159,3 +159,21 @@ def test_smoke_script_shellcheck() -> None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     proc = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerignore_keeps_what_is_copied(dockerfile: tuple[str, Path]) -> None:
+    """The per-Dockerfile allow-list must not drop a file that a COPY instruction needs."""
+    _, path = dockerfile
+    ignore = path.with_name(path.name + ".dockerignore")
+    assert ignore.exists(), f"{ignore.name} is missing (it keeps .git, venvs and data out of the context)"
+    allowed = {
+        line[1:].strip().rstrip("/")
+        for line in ignore.read_text().splitlines()
+        if line.startswith("!")
+    }
+    for keyword, args in instructions(path):
+        if keyword != "COPY" or args.startswith("--from"):
+            continue
+        *sources, _destination = args.split()
+        for source in sources:
+            assert source.rstrip("/") in allowed, f"{path.name}: COPY {source} is excluded by {ignore.name}"
