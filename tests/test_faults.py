@@ -160,7 +160,7 @@ def test_sigint_saves_exits_130_and_resume_matches_an_uninterrupted_run(tmp_path
         interrupted.kill()
     assert interrupted.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert "interrupted at epoch" in stderr and f"--resume {checkpoint}" in stderr, stderr
+    assert "interrupted by SIGINT at epoch" in stderr and f"--resume {checkpoint}" in stderr, stderr
     meta = metadata_of(checkpoint)
     assert (meta["epoch"], meta["step"]) < (3, 0), "the checkpoint says training had finished"
     assert meta["epoch"] >= 1
@@ -178,6 +178,26 @@ def test_sigint_saves_exits_130_and_resume_matches_an_uninterrupted_run(tmp_path
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)   # bit for bit
     assert metadata_of(checkpoint)["epoch"] == 3
+
+
+def test_sigterm_saves_and_exits_143(tmp_path: Path, digits_dir: Path) -> None:
+    """`docker stop` sends SIGTERM: the same clean stop as Ctrl-C, with exit code 128 + 15."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cli(*TRAIN_ARGS, "--data-dir", str(digits_dir), "--out", str(out)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(tmp_path))
+    try:
+        checkpoint = out / "checkpoint.npz"
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "the run never finished its first epoch"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert metadata_of(checkpoint)["epoch"] >= 1
 
 
 # ------------------------------------------------------------------------------ NaN / inf loss

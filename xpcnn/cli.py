@@ -13,7 +13,8 @@ code  meaning
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
-130   interrupted by Ctrl-C (a checkpoint of the last finished step is saved)
+130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
+143   stopped by SIGTERM (e.g. ``docker stop``; the checkpoint is saved the same way)
 ====  =====================================================================
 """
 
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"xpcnn: {exc}", file=sys.stderr)
             if getattr(exc, "checkpoint_path", None):
                 print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return 128 + getattr(exc, "signum", 2)
         print(f"xpcnn: error: {exc}", file=sys.stderr)
         return next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR)
     except KeyboardInterrupt:

@@ -34,14 +34,16 @@ from .errors import ConfigError, DTypeError, ShapeError, TrainingError, XpcnnErr
 from .optim import Optimizer, make_optimizer
 
 ON_NAN_CHOICES = ("stop", "skip")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(XpcnnError):
-    """Training stopped on SIGINT (Ctrl-C); `checkpoint_path` holds the last finished step."""
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM; `checkpoint_path` holds the last finished step."""
 
-    def __init__(self, message: str, checkpoint_path: str | None, epoch: int, step: int):
+    def __init__(self, message: str, checkpoint_path: str | None, epoch: int, step: int,
+                 signum: int = signal.SIGINT):
         super().__init__(message)
-        self.checkpoint_path, self.epoch, self.step = checkpoint_path, epoch, step
+        self.checkpoint_path, self.epoch, self.step, self.signum = checkpoint_path, epoch, step, int(signum)
 
 
 @dataclass
@@ -234,7 +236,7 @@ class Trainer:
 
     def train(self) -> History:
         """Train until `epochs` epochs are finished; returns the history."""
-        with self._sigint_requests_stop():
+        with self._signals_request_stop():
             while self.epoch < self.epochs:
                 self._train_epoch()
                 if self._stop_requested and self.epoch < self.epochs:
@@ -345,34 +347,38 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                   unit="step", leave=False, dynamic_ncols=True)
+                   unit="step", leave=False, dynamic_ncols=True, disable=None)  # None: off when not a terminal
         return bar
 
     # ------------------------------------------------------------------ Ctrl-C
 
     @contextlib.contextmanager
-    def _sigint_requests_stop(self):
-        """During training, Ctrl-C asks the loop to stop after the current step (never mid-update)."""
+    def _signals_request_stop(self):
+        """During training, Ctrl-C (SIGINT) or SIGTERM (``docker stop``) asks the loop to stop
+        after the current step, never in the middle of an in-place update."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum: int, frame: Any) -> None:
-            if self._stop_requested:          # a second Ctrl-C: stop right now
+            if self._stop_requested:          # a second signal: stop right now
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested = signum
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self._stop_requested = False
 
     def _interrupt(self, bar: Any) -> None:
         if bar is not None:
             bar.close()
         path = self.save_checkpoint() if self.checkpoint_path is not None else None
+        signum = self._stop_requested if self._stop_requested in STOP_SIGNALS else signal.SIGINT
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch} of {self._steps_per_epoch()}"
-        raise TrainingInterrupted(f"interrupted at {where}" + (f"; checkpoint saved to {path}" if path else ""),
-                                  path, self.epoch, self.step_in_epoch)
+        raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} at {where}"
+                                  + (f"; checkpoint saved to {path}" if path else ""),
+                                  path, self.epoch, self.step_in_epoch, signum)
