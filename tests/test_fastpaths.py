@@ -1,0 +1,85 @@
+"""The faster internal paths against the plain ones they replace, on random inputs.
+
+* `im2col_nchw`/`col2im_nchw` (per-image transposed layout used by `Convolution`) against
+  the public book-layout `im2col`/`col2im`;
+* `Pooling`'s reshape path for windows that tile the input (2x2 stride 2) against its
+  general strided-slice path, forward and backward, ties included;
+* `ReLU`'s mask derived from its output against ``x > 0``.
+
+Each runs on every available backend (NumPy, array_api_strict, CuPy).
+"""
+
+import numpy as np
+import pytest
+
+from xpcnn.functional import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
+from xpcnn.layers import Pooling, ReLU
+
+GEOMETRIES = [  # (N, C, H, W, FH, FW, stride, pad)
+    (2, 1, 7, 7, 3, 3, 1, 0),
+    (3, 2, 8, 6, 3, 2, 1, 1),
+    (2, 3, 9, 9, 3, 3, 2, 1),
+    (1, 2, 5, 5, 5, 5, 1, 2),
+]
+
+
+def _per_image_to_book(col_nchw: np.ndarray) -> np.ndarray:
+    """(N, C*FH*FW, OH*OW) -> the book's (N*OH*OW, C*FH*FW)."""
+    n, k, p = col_nchw.shape
+    return col_nchw.transpose(0, 2, 1).reshape(n * p, k)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_im2col_nchw_is_the_book_matrix_per_image(backend, rng, geometry):
+    n, c, h, w, fh, fw, stride, pad = geometry
+    oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
+    x = backend.asarray(rng.standard_normal((n, c, h, w)), "float64")
+    fast = backend.to_numpy(im2col_nchw(x, fh, fw, stride, pad, oh, ow))
+    assert fast.shape == (n, c * fh * fw, oh * ow)
+    np.testing.assert_array_equal(_per_image_to_book(fast), backend.to_numpy(im2col(x, fh, fw, stride, pad)))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_col2im_nchw_matches_book_col2im(backend, rng, geometry):
+    n, c, h, w, fh, fw, stride, pad = geometry
+    oh, ow = conv_output_size(h, fh, stride, pad), conv_output_size(w, fw, stride, pad)
+    col_host = rng.standard_normal((n, c * fh * fw, oh * ow))
+    fast = col2im_nchw(backend.asarray(col_host, "float64"), (n, c, h, w), fh, fw, stride, pad, oh, ow)
+    book = col2im(backend.asarray(_per_image_to_book(col_host), "float64"), (n, c, h, w), fh, fw, stride, pad)
+    np.testing.assert_allclose(backend.to_numpy(fast), backend.to_numpy(book), rtol=1e-12, atol=1e-12)
+
+
+class _GeneralPooling(Pooling):
+    """Pooling forced onto its general strided-slice path."""
+
+    def _tiles(self, h, w):
+        return False
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 8, 6), 2), ((3, 2, 9, 6), 3), ((1, 4, 4, 4), 4)])
+@pytest.mark.parametrize("with_ties", [False, True])
+def test_tiling_pooling_matches_general_path(backend, rng, shape, size, with_ties):
+    x_host = rng.standard_normal(shape)
+    if with_ties:
+        # As after a ReLU: many windows hold several equal maxima (zeros), some all zero.
+        x_host = np.maximum(x_host, 0.0)
+        x_host[..., ::2, :] = np.round(x_host[..., ::2, :])
+    fast, general = Pooling(size, size, size), _GeneralPooling(size, size, size)
+    assert fast._tiles(shape[2], shape[3])
+    x = backend.asarray(x_host, "float32")
+    np.testing.assert_array_equal(backend.to_numpy(fast.forward(x)), backend.to_numpy(general.forward(x)))
+    dout = backend.asarray(rng.standard_normal(tuple(fast.out.shape)), "float32")
+    dx_fast, dx_general = backend.to_numpy(fast.backward(dout)), backend.to_numpy(general.backward(dout))
+    np.testing.assert_array_equal(dx_fast, dx_general)
+    # Each window passes its whole gradient on, to exactly one pixel (the first max).
+    nonzero = (dx_fast != 0).reshape(shape[0], shape[1], shape[2] // size, size, shape[3] // size, size)
+    assert nonzero.sum(axis=(3, 5)).max() <= 1
+
+
+def test_relu_mask_is_derived_from_output(backend, rng):
+    x_host = rng.standard_normal((4, 5))
+    x_host[0, :2] = 0.0
+    layer = ReLU()
+    layer.forward(backend.asarray(x_host, "float32"))
+    np.testing.assert_array_equal(backend.to_numpy(layer.mask), x_host > 0)
+    assert ReLU().mask is None
