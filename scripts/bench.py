@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numpy's BLAS and for torch (default: what numpy's BLAS uses)")
     p.add_argument("--eval-images", type=int, default=10_000)
-    p.add_argument("--eval-batch-size", type=int, default=1000)
+    p.add_argument("--eval-batch-size", type=int, nargs="+", default=[100, 500],
+                   help="evaluation batch size(s) (default: 100, accuracy()'s default, and 500, the Trainer's)")
     p.add_argument("--eval-repeats", type=int, default=5)
     p.add_argument("--no-book", action="store_true", help="skip the book reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
@@ -62,9 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("batch_size", "repeats", "eval_images", "eval_batch_size", "eval_repeats"):
+    for name in ("batch_size", "repeats", "eval_images", "eval_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.eval_batch_size) < 1:
+        p.error(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
@@ -317,7 +320,7 @@ class XpcnnContender(Contender):
         self.t = self.backend.asarray(t)
         self.x_eval = self.backend.asarray(x_eval, dtype=args.dtype)
         self.t_eval = self.backend.asarray(t_eval)
-        self.eval_batch = args.eval_batch_size
+        self.eval_batch = args.eval_batch_size[0]
 
     def step(self):
         grads = self.net.gradient(self.x, self.t)
@@ -393,7 +396,7 @@ class TorchContender(Contender):
         self.t = torch.from_numpy(t).to(self.device, torch.int64)
         self.x_eval = torch.from_numpy(x_eval).to(self.device, dtype)
         self.t_eval = torch.from_numpy(t_eval).to(self.device, torch.int64)
-        self.eval_batch = args.eval_batch_size
+        self.eval_batch = args.eval_batch_size[0]
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
@@ -743,8 +746,12 @@ def main(args) -> int:
         c.sync()
         return time.perf_counter() - t0
 
-    eval_samples = round_robin(evaluators, args.eval_repeats, run_eval)
-    evaluation = {name: summarize(v) for name, v in eval_samples.items()}
+    evaluation: dict[int, dict] = {}
+    for batch in args.eval_batch_size:
+        for c in evaluators:
+            c.eval_batch = batch
+        eval_samples = round_robin(evaluators, args.eval_repeats, run_eval)
+        evaluation[batch] = {name: summarize(v) for name, v in eval_samples.items()}
 
     info["load_average_after_timing"] = load_average()
     memory = {} if args.no_memory else measure_memory(args, names)
@@ -762,22 +769,23 @@ def main(args) -> int:
     base = step["xpcnn"]["median"]
     print(f"Training step, batch {args.batch_size}, {args.repeats} interleaved rounds "
           f"(steps per sample: {', '.join(f'{k} {v}' for k, v in per_sample.items())})")
-    print(f"| contender | what | median ms/step | IQR ms | time / xpcnn | images/s |")
-    print(f"| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| contender | what | median ms/step | IQR ms | min ms | time / xpcnn | images/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for c in contenders:
         s = step[c.name]
-        print(f"| {c.name} | {c.note} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} | "
+        print(f"| {c.name} | {c.note} | {s['median'] * 1e3:.2f} | {s['iqr'] * 1e3:.2f} | {s['min'] * 1e3:.2f} | "
               f"{s['median'] / base:.2f}x | {args.batch_size / s['median']:,.0f} |")
     print()
-    if evaluation:
-        ebase = evaluation["xpcnn"]["median"]
-        print(f"Evaluation, {args.eval_images:,} images in batches of {args.eval_batch_size}, "
-              f"{args.eval_repeats} interleaved rounds (xpcnn: net.accuracy; torch: no_grad forward + argmax)")
-        print("| contender | median s | IQR s | time / xpcnn | images/s |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, s in evaluation.items():
-            print(f"| {name} | {s['median']:.3f} | {s['iqr']:.3f} | {s['median'] / ebase:.2f}x | "
-                  f"{args.eval_images / s['median']:,.0f} |")
+    if evaluators:
+        print(f"Evaluation of {args.eval_images:,} images, {args.eval_repeats} interleaved rounds "
+              f"(xpcnn: net.accuracy(x, t, batch_size); torch: no_grad forward + argmax, same batches)")
+        print("| batch | contender | median s | IQR s | min s | time / xpcnn | images/s |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        for batch, results in evaluation.items():
+            ebase = results["xpcnn"]["median"]
+            for name, s in results.items():
+                print(f"| {batch} | {name} | {s['median']:.3f} | {s['iqr']:.3f} | {s['min']:.3f} | "
+                      f"{s['median'] / ebase:.2f}x | {args.eval_images / s['median']:,.0f} |")
         print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
@@ -804,9 +812,12 @@ def main(args) -> int:
                 print(f"| {name} | {text} |")
         print()
     if "torch" in step:
-        print(f"xpcnn / torch step time: {base / step['torch']['median']:.2f}")
-        if "torch" in evaluation:
-            print(f"xpcnn / torch evaluation time: {evaluation['xpcnn']['median'] / evaluation['torch']['median']:.2f}")
+        print(f"xpcnn / torch step time: {base / step['torch']['median']:.2f} (medians), "
+              f"{step['xpcnn']['min'] / step['torch']['min']:.2f} (minima)")
+        for batch, results in evaluation.items():
+            if "torch" in results:
+                print(f"xpcnn / torch evaluation time, batch {batch}: "
+                      f"{results['xpcnn']['median'] / results['torch']['median']:.2f}")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
