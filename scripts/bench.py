@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-book", action="store_true", help="skip the book reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true",
+                   help="also time xpcnn's step layer by layer (forward/backward of each, the optimizer)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
@@ -600,6 +602,34 @@ def summarize(values: list[float]) -> dict:
             "min": min(values), "n": len(values)}
 
 
+def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
+    """Median seconds of each layer's forward and backward and of the optimizer update."""
+    net, opt = c.net, c.opt
+    parts: dict[str, list[float]] = {}
+
+    def timed(key, fn, *a):
+        c.sync()
+        t0 = time.perf_counter()
+        result = fn(*a)
+        c.sync()
+        parts.setdefault(key, []).append(time.perf_counter() - t0)
+        return result
+
+    for _ in range(repeats):
+        h = c.x
+        for name, layer in net.layers.items():
+            h = timed(f"{name} forward", layer.forward, h)
+        timed("SoftmaxWithLoss forward", net.last_layer.forward, h, c.t)
+        d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
+        for name, layer in reversed(list(net.layers.items())):
+            d = timed(f"{name} backward", layer.backward, d)
+        layers = net.layers
+        grads = {"W1": layers["Conv1"].dW, "b1": layers["Conv1"].db, "W2": layers["Affine1"].dW,
+                 "b2": layers["Affine1"].db, "W3": layers["Affine2"].dW, "b3": layers["Affine2"].db}
+        timed("AdaGrad update", opt.update, net.params, grads)
+    return {key: statistics.median(v) for key, v in parts.items()}
+
+
 # ========================================================================== memory
 
 def memory_probe(args) -> None:
@@ -753,6 +783,7 @@ def main(args) -> int:
         eval_samples = round_robin(evaluators, args.eval_repeats, run_eval)
         evaluation[batch] = {name: summarize(v) for name, v in eval_samples.items()}
 
+    profile = profile_layers(contenders[0], args.repeats) if args.profile else {}
     info["load_average_after_timing"] = load_average()
     memory = {} if args.no_memory else measure_memory(args, names)
 
@@ -786,6 +817,15 @@ def main(args) -> int:
             for name, s in results.items():
                 print(f"| {batch} | {name} | {s['median']:.3f} | {s['iqr']:.3f} | {s['min']:.3f} | "
                       f"{s['median'] / ebase:.2f}x | {args.eval_images / s['median']:,.0f} |")
+        print()
+    if profile:
+        total = sum(profile.values())
+        print(f"xpcnn step by layer: median ms over {args.repeats} steps (each part synchronised and timed alone)")
+        print("| part | median ms | share |")
+        print("| --- | ---: | ---: |")
+        for part, seconds in profile.items():
+            print(f"| {part} | {seconds * 1e3:.2f} | {seconds / total:.0%} |")
+        print(f"| sum of parts | {total * 1e3:.2f} | |")
         print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
@@ -823,7 +863,7 @@ def main(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": info, "initial_loss": first_loss, "steps_per_sample": per_sample,
                    "step_seconds": step, "step_samples": samples, "eval_seconds": evaluation,
-                   "memory": memory,
+                   "memory": memory, "profile_seconds": profile,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
