@@ -475,7 +475,12 @@ def contender_names(args) -> list[str]:
         if args.dtype == "float32":
             names.append("book-f32")
     if not args.no_torch and torch_available():
-        names.append("torch")
+        import torch
+
+        if args.backend == "gpu" and not torch.cuda.is_available():
+            print("note: torch is installed without CUDA support; skipping it on --backend gpu", file=sys.stderr)
+        else:
+            names.append("torch")
     return names
 
 
@@ -871,7 +876,13 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    if ARGS.memory_probe:
-        memory_probe(ARGS)
-        sys.exit(0)
-    sys.exit(main(ARGS))
+    from xpcnn.errors import XpcnnError
+
+    try:
+        if ARGS.memory_probe:
+            memory_probe(ARGS)
+            sys.exit(0)
+        sys.exit(main(ARGS))
+    except XpcnnError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        sys.exit(2)
