@@ -1,15 +1,13 @@
 """Pure array functions on any array-API namespace: im2col/col2im, softmax, losses.
 
 Shapes follow the book: images are ``(N, C, H, W)``, filters ``(FN, C, FH, FW)``.
-The public `im2col`/`col2im` give the book's ``(N*OH*OW, C*FH*FW)`` matrix: windows cut
-from a channels-last view ``(N, H, W, C)``, a strided slice per filter offset ``(i, j)``
-stacked on the last axis, so rows come in the book's column order ``(c, i, j)``.
-
-The layers use the per-image transposed form instead, `im2col_nchw`:
+The layers use a per-image transposed form of im2col, `im2col_nchw`:
 ``(N, C, H, W) -> (N, C*FH*FW, OH*OW)``. Each offset's slice is copied into a contiguous
 block (no scattered writes), and ``W.reshape(FN, -1) @ col`` (one matrix product per
 image) lands directly in ``(N, FN, OH*OW)``, the NCHW output, so no transpose is needed
-on the way out or back (see docs/performance.md for the measurements).
+on the way out or back (see docs/performance.md for the measurements). The public
+`im2col`/`col2im` give the book's ``(N*OH*OW, C*FH*FW)`` matrix, columns in its ``(c, i, j)``
+order, from the same code.
 """
 
 from __future__ import annotations
@@ -61,28 +59,7 @@ def check_rank(x: Any, rank: int, what: str, layout: str) -> None:
         raise ShapeError(f"{what}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")
 
 
-# ----------------------------------------------------------------- channels-last helpers
-
-
-def to_nhwc(x: Any) -> Any:
-    """``(N, C, H, W) -> (N, H, W, C)`` (a view where the namespace allows)."""
-    return namespace_of(x).permute_dims(x, (0, 2, 3, 1))
-
-
-def to_nchw(x: Any) -> Any:
-    """``(N, H, W, C) -> (N, C, H, W)`` (a view where the namespace allows)."""
-    return namespace_of(x).permute_dims(x, (0, 3, 1, 2))
-
-
-def pad_nhwc(x: Any, pad: int, fill: float = 0.0) -> Any:
-    """Pad the two spatial axes of ``(N, H, W, C)`` by `pad` on each side with `fill`."""
-    if pad == 0:
-        return x
-    xp = namespace_of(x)
-    n, h, w, c = x.shape
-    out = xp.full((n, h + 2 * pad, w + 2 * pad, c), fill, dtype=x.dtype, device=array_api_compat.device(x))
-    out[:, pad:pad + h, pad:pad + w, :] = x
-    return out
+# ------------------------------------------------------------------ window helpers
 
 
 def window_offsets(filter_h: int, filter_w: int) -> Iterator[tuple[int, int]]:
@@ -90,35 +67,6 @@ def window_offsets(filter_h: int, filter_w: int) -> Iterator[tuple[int, int]]:
     for i in range(filter_h):
         for j in range(filter_w):
             yield i, j
-
-
-def window_slice(i: int, j: int, stride: int, out_h: int, out_w: int) -> tuple:
-    """Index that cuts, from ``(N, H, W, C)``, the pixel at offset (i, j) of every window."""
-    return (slice(None), slice(i, i + stride * (out_h - 1) + 1, stride),
-            slice(j, j + stride * (out_w - 1) + 1, stride), slice(None))
-
-
-def im2col_nhwc(x_nhwc: Any, filter_h: int, filter_w: int, stride: int, pad: int,
-                out_h: int, out_w: int) -> Any:
-    """``(N, H, W, C) -> (N*OH*OW, C*FH*FW)``, columns in the book's ``(c, i, j)`` order."""
-    xp = namespace_of(x_nhwc)
-    n, _, _, c = x_nhwc.shape
-    x_pad = pad_nhwc(x_nhwc, pad)
-    patches = [x_pad[window_slice(i, j, stride, out_h, out_w)] for i, j in window_offsets(filter_h, filter_w)]
-    col = xp.stack(patches, axis=-1)  # (N, OH, OW, C, FH*FW)
-    return xp.reshape(col, (n * out_h * out_w, c * filter_h * filter_w))
-
-
-def col2im_nhwc(col: Any, input_shape_nhwc: tuple, filter_h: int, filter_w: int, stride: int,
-                pad: int, out_h: int, out_w: int) -> Any:
-    """Adjoint of `im2col_nhwc`: ``(N*OH*OW, C*FH*FW) -> (N, H, W, C)``, overlaps added."""
-    xp = namespace_of(col)
-    n, h, w, c = input_shape_nhwc
-    col6 = xp.reshape(col, (n, out_h, out_w, c, filter_h, filter_w))
-    dx_pad = xp.zeros((n, h + 2 * pad, w + 2 * pad, c), dtype=col.dtype, device=array_api_compat.device(col))
-    for i, j in window_offsets(filter_h, filter_w):
-        dx_pad[window_slice(i, j, stride, out_h, out_w)] += col6[:, :, :, :, i, j]
-    return dx_pad[:, pad:pad + h, pad:pad + w, :]
 
 
 def spatial_slices(i: int, j: int, stride: int, out_h: int, out_w: int) -> tuple[slice, slice]:
@@ -181,7 +129,9 @@ def im2col(x: Any, filter_h: int, filter_w: int, stride: int = 1, pad: int = 0) 
     check_rank(x, 4, "im2col", "(N, C, H, W)")
     out_h = conv_output_size(x.shape[2], filter_h, stride, pad, what="im2col (height)")
     out_w = conv_output_size(x.shape[3], filter_w, stride, pad, what="im2col (width)")
-    return im2col_nhwc(to_nhwc(x), filter_h, filter_w, stride, pad, out_h, out_w)
+    xp = namespace_of(x)
+    col = im2col_nchw(x, filter_h, filter_w, stride, pad, out_h, out_w)   # (N, C*FH*FW, OH*OW)
+    return xp.reshape(xp.matrix_transpose(col), (x.shape[0] * out_h * out_w, -1))
 
 
 def col2im(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int = 1,
@@ -198,7 +148,9 @@ def col2im(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: i
     expected = (n * out_h * out_w, c * filter_h * filter_w)
     if tuple(col.shape) != expected:
         raise ShapeError(f"col2im: expected col of shape {expected} for input {tuple(input_shape)}, got {tuple(col.shape)}")
-    return to_nchw(col2im_nhwc(col, (n, h, w, c), filter_h, filter_w, stride, pad, out_h, out_w))
+    xp = namespace_of(col)
+    col_per_image = xp.matrix_transpose(xp.reshape(col, (n, out_h * out_w, c * filter_h * filter_w)))
+    return col2im_nchw(col_per_image, (n, c, h, w), filter_h, filter_w, stride, pad, out_h, out_w)
 
 
 # ------------------------------------------------------------------ softmax and losses

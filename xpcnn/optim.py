@@ -119,9 +119,11 @@ class AdaGrad(Optimizer):
         xp = namespace_of(param)
         h = self._zeros_like("h", key, param)
         h += grad * grad
-        denom = xp.sqrt(h)
-        denom += self.eps
-        param -= (self.lr * grad) / denom
+        step = xp.sqrt(h)
+        step += self.eps
+        step = grad / step
+        step *= self.lr              # in place on our own temporaries: fewer large allocations
+        param -= step
 
 
 class Adam(Optimizer):
