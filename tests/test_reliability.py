@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys

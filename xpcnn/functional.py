@@ -22,6 +22,13 @@ from .errors import ConfigError, ShapeError
 # ---------------------------------------------------------------------------- geometry
 
 
+def positive_int(value: Any, name: str, what: str) -> int:
+    """`value` as an int, or `ConfigError` unless it is an integer >= 1 (bools refused)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
+        raise ConfigError(f"{what}: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def check_stride_pad(stride: Any, pad: Any, what: str) -> None:
     """Raise `ConfigError` unless stride is an int >= 1 and pad an int >= 0."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:

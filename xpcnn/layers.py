@@ -18,7 +18,7 @@ from .backend import check_same_device, dtype_name, namespace_of
 from .errors import ConfigError, DTypeError, ShapeError
 from .functional import (
     as_one_hot, check_rank, check_stride_pad, col2im_nchw, conv_output_size, im2col_nchw,
-    pad_nchw, softmax_cross_entropy, spatial_slices, window_offsets,
+    pad_nchw, positive_int, softmax_cross_entropy, spatial_slices, window_offsets,
 )
 
 
@@ -93,9 +93,7 @@ class Pooling:
     """
 
     def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0):
-        for name, size in (("pool_h", pool_h), ("pool_w", pool_w)):
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ConfigError(f"Pooling: {name} must be an integer >= 1, got {size!r}")
+        pool_h, pool_w = positive_int(pool_h, "pool_h", "Pooling"), positive_int(pool_w, "pool_w", "Pooling")
         check_stride_pad(stride, pad, "Pooling")
         if pad >= min(pool_h, pool_w):
             raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all padding, got pad {pad}")

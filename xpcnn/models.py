@@ -11,16 +11,14 @@ import numpy as np
 
 from .backend import Backend, get_backend, namespace_of
 from .errors import ConfigError, ShapeError
-from .functional import conv_output_size
+from .functional import conv_output_size, positive_int
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"SimpleConvNet: {name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return positive_int(value, name, "SimpleConvNet")
 
 
 class SimpleConvNet:

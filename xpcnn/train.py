@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backend import dtype_name
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .errors import ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
+from .functional import positive_int
 from .optim import Optimizer, make_optimizer
 
 ON_NAN_CHOICES = ("stop", "skip")
@@ -103,9 +103,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"Trainer: {name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return positive_int(value, name, "Trainer")
 
 
 class Trainer:
