@@ -52,7 +52,13 @@ def plot_loss(step_loss: Sequence[float], path: "str | os.PathLike[str]", steps_
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title("Training loss")
-    ax.set_ylim(bottom=0)
+    # AdaGrad's first steps can spike the loss far above the rest (the seed's recipe does):
+    # scale the axis to the bulk of the curve and say so, instead of flattening everything.
+    top = float(np.percentile(loss, 99.5)) * 1.15 if loss.size else 1.0
+    if loss.size and loss.max() > top:
+        ax.set_title(f"Training loss (axis clipped at {top:.2f}; peak {loss.max():.1f} at step {int(loss.argmax()) + 1})",
+                     fontsize=10)
+    ax.set_ylim(0, top)
     ax.legend()
     ax.grid(alpha=0.3)
     path = _save(fig, path)
