@@ -286,14 +286,14 @@ class Trainer:
     def _log_losses(self, pending: list[Any], bar: Any, start_time: float, steps_done: int) -> None:
         xp = self.backend.xp
         values = self.backend.to_numpy(xp.stack(pending)).astype(float)
-        first_step = self.epoch * self._steps_per_epoch() + self.step_in_epoch - len(values)
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size and self.on_nan == "stop":
-            global_step = first_step + int(bad[0]) + 1
+            steps_per_epoch = self._steps_per_epoch()
+            epoch_step = self.step_in_epoch - len(values) + int(bad[0]) + 1     # 1-based, in this epoch
             raise TrainingError(
-                f"loss became {values[bad[0]]} at step {global_step} (epoch {self.epoch + 1}, step "
-                f"{first_step - self.epoch * self._steps_per_epoch() + int(bad[0]) + 1} of {self._steps_per_epoch()}); "
-                f"training stopped, the last checkpoint written is kept. Try a smaller learning rate."
+                f"loss became {values[bad[0]]} at step {self.epoch * steps_per_epoch + epoch_step} "
+                f"(epoch {self.epoch + 1}, step {epoch_step} of {steps_per_epoch}); training stopped, "
+                f"the last checkpoint written is kept. Try a smaller learning rate."
             )
         self.history.step_loss.extend(values.tolist())
         if bar is not None:
