@@ -192,3 +192,61 @@ def test_real_mnist_digits_seed_recipe_median_of_three_seeds():
         accuracies.append(trainer.train().test_acc[-1])
     print(f"\nreal MNIST 8000/2000, 5 epochs, seeds 1-3: test acc {accuracies}, median {np.median(accuracies):.4f}")
     assert np.median(accuracies) >= 0.93, accuracies
+
+
+# ------------------------------------------------------- resume safety and odd runs
+
+
+def test_resume_refuses_another_batch_size_or_training_set(learnable, tmp_path):
+    from xpcnn.errors import CheckpointError
+
+    first = make_trainer(learnable, epochs=1, checkpoint_path=tmp_path / "ckpt.npz")
+    first.train()
+    saved = load_checkpoint(tmp_path / "ckpt.npz")
+    other_batch = Trainer(tiny_net(), *learnable, epochs=2, mini_batch_size=20, verbose=False)
+    with pytest.raises(CheckpointError, match="mini_batch_size 30 in the checkpoint, 20 here"):
+        other_batch.resume_from(saved)
+    x_train, t_train, x_test, t_test = learnable
+    fewer_images = Trainer(tiny_net(), x_train[:300], t_train[:300], x_test, t_test, epochs=2, mini_batch_size=30, verbose=False)
+    with pytest.raises(CheckpointError, match="train_size 600 in the checkpoint, 300 here"):
+        fewer_images.resume_from(saved)
+
+
+def test_cli_resume_keeps_the_run_settings(fashion_like_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--quiet", "--no-plots"]
+    assert main(["train", *common, "--epochs", "1", "--batch-size", "40", "--train-size", "400", "--out", str(out)]) == 0
+    capsys.readouterr()
+    resume = ["train", *common, "--resume", str(out / "checkpoint.npz"), "--out", str(out), "--epochs", "2"]
+    assert main([*resume, "--batch-size", "50"]) == 2
+    assert "--batch-size 50 (checkpoint: 40)" in capsys.readouterr().err
+    assert main(resume) == 0                                   # batch 40 and 400 images come from the checkpoint
+    printed = capsys.readouterr().out
+    assert "(400 train / 200 test images)" in printed and "batch 40" in printed
+
+
+def test_cli_on_nan_skip_finishes_with_plots_and_strict_json(fashion_like_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--optimizer", "sgd",
+            "--lr", "1e30", "--on-nan", "skip", "--epochs", "1", "--batch-size", "50", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    text = (out / "history.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    history = json.loads(text)
+    assert history["skipped_steps"] > 0 and None in history["step_loss"]
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_history_save_creates_the_folder(learnable, tmp_path):
+    trainer = make_trainer(learnable, epochs=1)
+    trainer.train()
+    json_path, _ = trainer.history.save(tmp_path / "new" / "folder")
+    assert json.loads(json_path.read_text())["epoch"] == [1]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_bad_seeds_are_refused(seed):
+    from xpcnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seed must be None or an integer >= 0"):
+        SimpleConvNet(seed=seed)

@@ -65,9 +65,6 @@ class Backend:
     def asarray(self, host_array: Any, dtype: Any = None) -> Any:
         """Copy a host (NumPy) array, or anything array-like, onto this backend's device."""
         dtype = None if dtype is None else self.dtype(dtype)
-        if self.name == "array_api_strict" and isinstance(host_array, np.ndarray):
-            # array_api_strict only accepts NumPy arrays on its default device.
-            host_array = np.ascontiguousarray(host_array)
         return self.xp.asarray(host_array, dtype=dtype, device=self.device)
 
     def to_numpy(self, array: Any) -> np.ndarray:
@@ -91,7 +88,8 @@ class Backend:
         if self.name == "cupy":
             import cupy
 
-            cupy.cuda.get_current_stream().synchronize()
+            with self.device:
+                cupy.cuda.get_current_stream().synchronize()
 
     def owns(self, array: Any) -> bool:
         """Whether `array` lives in this backend's namespace and on its device."""
@@ -117,7 +115,8 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
 
     Args:
         name: a backend name, or an existing `Backend` (returned unchanged).
-        device: for ``gpu``, the CUDA device number (default: the current device);
+        device: for ``gpu``, the CUDA device number (default: the current device), which
+            also becomes the current CUDA device;
             for ``array_api_strict``, an ``array_api_strict.Device`` (default ``"device1"``,
             a non-default device, so that a NumPy-only call on its arrays fails loudly).
 
@@ -173,7 +172,11 @@ def _cupy_backend(device: Any) -> Backend:
         raise BackendUnavailable(f"backend 'gpu': device {index} requested, but only {count} CUDA device(s) found (0..{count - 1})")
     import array_api_compat.cupy as xp_cupy
 
-    return Backend("cupy", xp_cupy, cupy.cuda.Device(index))
+    # array_api_compat honours device= only in asarray; zeros/full/arange use the current
+    # device. Making the chosen device current keeps every array of a run on it.
+    cuda_device = cupy.cuda.Device(index)
+    cuda_device.use()
+    return Backend("cupy", xp_cupy, cuda_device)
 
 
 def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:

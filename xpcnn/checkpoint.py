@@ -325,7 +325,6 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         tmp_path = None
-        _fsync_directory(directory)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path!r}: {_describe_os_error(exc)}") from exc
     finally:
@@ -334,6 +333,11 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
                 os.unlink(tmp_path)
             except OSError:
                 pass
+    try:
+        _fsync_directory(directory)   # durability of the rename; the new file is already in place
+    except OSError as exc:
+        raise CheckpointWriteError(f"checkpoint {path!r} was written, but syncing its folder failed: "
+                                   f"{_describe_os_error(exc)}") from exc
     return path
 
 

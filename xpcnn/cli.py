@@ -9,7 +9,7 @@ code  meaning
 1     any other xpcnn error
 2     bad arguments or options (also argparse's own usage errors)
 3     backend unavailable (e.g. ``--backend gpu`` without CuPy or a GPU)
-4     dataset missing, corrupted or failing its checksum
+4     dataset unknown, missing, corrupted or failing its checksum
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
@@ -32,15 +32,11 @@ import numpy as np
 from . import __version__
 from .errors import (
     BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
-    ShapeError, TrainingError, XpcnnError,
+    OutputError, ShapeError, TrainingError, XpcnnError,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
 EXIT_INTERRUPTED = 130
-
-
-class OutputError(XpcnnError):
-    """The output directory cannot be created or written."""
 
 
 _EXIT_CODES = [  # most specific first
@@ -49,8 +45,10 @@ _EXIT_CODES = [  # most specific first
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
 ]
 
-# The seed's recipe.
-DEFAULTS = {"epochs": 10, "batch_size": 100, "optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01}
+# The seed's recipe: the settings that define a run (kept by a checkpoint, fixed on --resume).
+RUN_DEFAULTS = {"dataset": "fashion-mnist", "batch_size": 100, "train_size": None, "test_size": None,
+                "dtype": "float32", "optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01, "seed": 0}
+DEFAULT_EPOCHS = 10
 
 
 def _int_at_least(low: int):
@@ -83,14 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train SimpleConvNet (the seed's recipe by default)",
                            description="Train SimpleConvNet; defaults are the seed's: AdaGrad lr 0.06, batch 100, 10 epochs.")
     _add_backend_args(train)
-    _add_data_args(train)
+    _add_data_args(train, dataset_default=None)
     train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10; on --resume, the checkpoint's)")
-    train.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULTS["batch_size"], help="images per step (default 100)")
-    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=DEFAULTS["optimizer"])
-    train.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"], help="learning rate (default 0.06)")
-    train.add_argument("--weight-init-std", type=_positive_float, default=DEFAULTS["weight_init_std"])
-    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    train.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the shuffling (default 0)")
+    # default=None: the seed's values apply (RUN_DEFAULTS), or the checkpoint's on --resume.
+    train.add_argument("--batch-size", type=_int_at_least(1), default=None, help="images per step (default 100)")
+    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=None, help="default adagrad")
+    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.06)")
+    train.add_argument("--weight-init-std", type=_positive_float, default=None, help="default 0.01")
+    train.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
+    train.add_argument("--seed", type=_int_at_least(0), default=None, help="seed for the initial weights and the shuffling (default 0)")
     train.add_argument("--train-size", type=_int_at_least(1), default=None, help="use only the first N training images")
     train.add_argument("--test-size", type=_int_at_least(1), default=None, help="use only the first N test images")
     train.add_argument("--eval-batch-size", type=_int_at_least(1), default=500, help="images per batch when scoring (default 500)")
@@ -117,7 +116,7 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
     parser.add_argument("--dataset", default=dataset_default,
-                        help="mnist or fashion-mnist" + (f" (default {dataset_default})" if dataset_default else " (default: the one the checkpoint was trained on)"))
+                        help="fashion-mnist (default) or mnist; on --resume or evaluate, the checkpoint's")
     parser.add_argument("--data-dir", default=None, help="folder holding the IDX files (searched first)")
     parser.add_argument("--download", action="store_true", help="download missing files into the user cache (checksums verified)")
 
@@ -130,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         return run_evaluate(args)
     except XpcnnError as exc:
-        if type(exc).__name__ == "TrainingInterrupted":
+        from .train import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
             print(f"xpcnn: {exc}", file=sys.stderr)
             if getattr(exc, "checkpoint_path", None):
                 print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}", file=sys.stderr)
@@ -162,6 +163,34 @@ def _load_split_pair(args: argparse.Namespace, dataset: str, dtype: str) -> tupl
     return load_dataset(dataset, normalize=True, flatten=False, data_dir=args.data_dir, download=args.download, dtype=dtype)
 
 
+def _run_settings(args: argparse.Namespace, checkpoint: Any) -> dict[str, Any]:
+    """The settings that define a run: the options given (else the seed's defaults), or, on
+    --resume, the checkpoint's; an option that contradicts the checkpoint is refused."""
+    given = {key: getattr(args, key) for key in RUN_DEFAULTS if getattr(args, key) is not None}
+    if checkpoint is None:
+        return {**RUN_DEFAULTS, **given}
+    saved = checkpoint.extra.get("run")
+    saved = dict(saved) if isinstance(saved, dict) else {}     # a checkpoint written from Python has none
+    if "dataset" not in saved and checkpoint.extra.get("dataset"):
+        saved["dataset"] = str(checkpoint.extra["dataset"])
+    conflicts = [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
+                 for key, value in given.items() if key in saved and value != saved[key]]
+    if conflicts:
+        raise ConfigError(f"a resumed run keeps the settings it started with, but {', '.join(conflicts)} "
+                          f"differ; drop these options (only --epochs, --backend, --out and display options may change)")
+    return {**RUN_DEFAULTS, **given, **saved}
+
+
+def _save_history_on_failure(trainer: Any, out: Path) -> None:
+    """Keep what a failed or interrupted run measured, without hiding why it stopped."""
+    if not (trainer.history.epoch or trainer.history.step_loss):
+        return
+    try:
+        trainer.history.save(out)
+    except XpcnnError as exc:
+        print(f"xpcnn: warning: could not save the history: {exc}", file=sys.stderr)
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .backend import get_backend
     from .checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
@@ -171,56 +200,51 @@ def run_train(args: argparse.Namespace) -> int:
     out = _prepare_out_dir(args.out)
     backend = get_backend(args.backend, device=args.device)      # fail fast, before loading data
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    dataset = args.dataset
-    if checkpoint is not None and checkpoint.extra.get("dataset") and args.dataset != checkpoint.extra["dataset"]:
-        dataset = str(checkpoint.extra["dataset"])
-        print(f"resuming on the checkpoint's dataset {dataset!r}", file=sys.stderr)
-    dtype = checkpoint.dtype if checkpoint is not None else args.dtype
+    run = _run_settings(args, checkpoint)
 
-    (x_train, t_train), (x_test, t_test) = _load_split_pair(args, dataset, dtype)
-    if args.train_size:
-        x_train, t_train = x_train[:args.train_size], t_train[:args.train_size]
-    if args.test_size:
-        x_test, t_test = x_test[:args.test_size], t_test[:args.test_size]
+    (x_train, t_train), (x_test, t_test) = _load_split_pair(args, run["dataset"], run["dtype"])
+    if run["train_size"]:
+        x_train, t_train = x_train[:run["train_size"]], t_train[:run["train_size"]]
+    if run["test_size"]:
+        x_test, t_test = x_test[:run["test_size"]], t_test[:run["test_size"]]
 
     if checkpoint is not None:
         network = build_from_checkpoint(checkpoint, backend)
         optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
-        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULTS["epochs"]))
+        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULT_EPOCHS))
         initial_w1 = checkpoint.extra.get("W1_initial")
     else:
-        network = SimpleConvNet(input_dim=tuple(x_train.shape[1:]), weight_init_std=args.weight_init_std,
-                                backend=backend, dtype=dtype, seed=args.seed)
-        optimizer = args.optimizer
-        epochs = args.epochs or DEFAULTS["epochs"]
-        initial_w1 = None
-    if initial_w1 is None:
+        network = SimpleConvNet(input_dim=tuple(x_train.shape[1:]), weight_init_std=run["weight_init_std"],
+                                backend=backend, dtype=run["dtype"], seed=run["seed"])
+        optimizer = run["optimizer"]
+        epochs = args.epochs or DEFAULT_EPOCHS
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
-    trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=args.batch_size,
-                      optimizer=optimizer, optimizer_param={"lr": args.lr}, seed=args.seed, log_every=args.log_every,
+    trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
+                      optimizer=optimizer, optimizer_param={"lr": run["lr"]}, seed=run["seed"], log_every=args.log_every,
                       eval_batch_size=args.eval_batch_size, progress=not args.quiet,
                       checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
-    trainer.extra_state.update(dataset=dataset, W1_initial=initial_w1)
+    trainer.extra_state.update(dataset=run["dataset"], run=run, W1_initial=initial_w1)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
         print(f"resumed from {args.resume}: epoch {checkpoint.epoch}, step {checkpoint.step}", flush=True)
 
-    print(f"xpcnn {__version__}: SimpleConvNet on {dataset} ({trainer.train_size} train / {x_test.shape[0]} test images), "
-          f"backend {backend}, {dtype}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
-          f"batch {args.batch_size}, epochs {epochs}", flush=True)
+    print(f"xpcnn {__version__}: SimpleConvNet on {run['dataset']} ({trainer.train_size} train / {x_test.shape[0]} test images), "
+          f"backend {backend}, {run['dtype']}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
+          f"batch {run['batch_size']}, epochs {epochs}", flush=True)
     started = time.perf_counter()
     try:
         # A diverging run overflows before the NaN check stops it: one clear error, no warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = trainer.train()
-    finally:
-        if trainer.history.epoch or trainer.history.step_loss:
-            trainer.history.save(out)
+    except BaseException:
+        _save_history_on_failure(trainer, out)
+        raise
+    history.save(out)
     if not args.no_plots:
         from .plots import plot_accuracy, plot_filters, plot_loss
 
-        plot_loss(history.step_loss, out / "loss.png", steps_per_epoch=trainer._steps_per_epoch())
+        plot_loss(history.step_loss, out / "loss.png", steps_per_epoch=trainer.steps_per_epoch)
         plot_accuracy(history.epoch, history.train_acc, history.test_acc, out / "accuracy.png")
         plot_filters(initial_w1, backend.to_numpy(network.params["W1"]), out / "filters.png")
     print(f"done in {time.perf_counter() - started:.1f} s: final test acc {history.test_acc[-1]:.4f}; "

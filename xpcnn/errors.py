@@ -41,5 +41,9 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, permission, ...); the old file is intact."""
 
 
+class OutputError(XpcnnError):
+    """An output (run folder, history, figure) cannot be written."""
+
+
 class TrainingError(XpcnnError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""

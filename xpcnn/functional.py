@@ -31,9 +31,8 @@ def positive_int(value: Any, name: str, what: str) -> int:
 
 def check_stride_pad(stride: Any, pad: Any, what: str) -> None:
     """Raise `ConfigError` unless stride is an int >= 1 and pad an int >= 0."""
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"{what}: stride must be an integer >= 1, got {stride!r}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+    positive_int(stride, "stride", what)
+    if isinstance(pad, bool) or not hasattr(pad, "__index__") or int(pad) < 0:
         raise ConfigError(f"{what}: pad must be an integer >= 0, got {pad!r}")
 
 

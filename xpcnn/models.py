@@ -68,6 +68,8 @@ class SimpleConvNet:
             "output_size": output_size, "weight_init_std": float(weight_init_std),
         }
 
+        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
+            raise ConfigError(f"SimpleConvNet: seed must be None or an integer >= 0, got {seed!r}")
         rng = np.random.default_rng(seed)
         host = {
             "W1": weight_init_std * rng.standard_normal((filter_num, channels, filter_size, filter_size)),
@@ -171,7 +173,8 @@ class SimpleConvNet:
 
     def _on_backend(self, array: Any) -> Any:
         if isinstance(array, np.ndarray) and self.backend.name != "numpy":
-            dtype = self.dtype if np.issubdtype(array.dtype, np.floating) else None
-            return self.backend.asarray(array, dtype=dtype)
+            # The array's own dtype travels (no silent cast), so every backend gives the same
+            # verdict: a float64 batch into a float32 network is a DTypeError everywhere.
+            return self.backend.asarray(array, dtype=array.dtype.name if array.dtype.kind == "f" and array.dtype.name in ("float32", "float64") else None)
         namespace_of(array, self.params["W1"])  # BackendMismatch on a foreign array
         return array

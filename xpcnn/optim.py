@@ -45,12 +45,12 @@ class Optimizer:
         missing = [key for key in params if key not in grads]
         if missing:
             raise ConfigError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}; grads has {sorted(grads)}")
+        for key, param in params.items():               # check all before changing any
+            namespace_of(param, grads[key])               # BackendMismatch on mixed backends
+            check_same_device(grads[key], param, f"gradient {key!r}")
         self.iterations += 1
         for key, param in params.items():
-            grad = grads[key]
-            namespace_of(param, grad)                     # BackendMismatch on mixed backends
-            check_same_device(grad, param, f"gradient {key!r}")
-            self._update_one(key, param, grad)
+            self._update_one(key, param, grads[key])
 
     def _update_one(self, key: str, param: Any, grad: Any) -> None:
         raise NotImplementedError

@@ -42,9 +42,13 @@ def plot_loss(step_loss: Sequence[float], path: "str | os.PathLike[str]", steps_
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.arange(1, loss.size + 1)
     ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss per step")
+    finite = np.isfinite(loss)            # a step skipped with on_nan="skip" has a NaN loss
     window = max(1, min(100, loss.size // 20))
     if loss.size >= window > 1:
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        kernel = np.ones(window)
+        counts = np.convolve(finite.astype(float), kernel, mode="valid")
+        sums = np.convolve(np.where(finite, loss, 0.0), kernel, mode="valid")
+        smooth = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
         ax.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.8, label=f"moving average ({window} steps)")
     if steps_per_epoch:
         for boundary in range(steps_per_epoch, loss.size + 1, steps_per_epoch):
@@ -54,10 +58,12 @@ def plot_loss(step_loss: Sequence[float], path: "str | os.PathLike[str]", steps_
     ax.set_title("Training loss")
     # AdaGrad's first steps can spike the loss far above the rest (the seed's recipe does):
     # scale the axis to the bulk of the curve and say so, instead of flattening everything.
-    top = float(np.percentile(loss, 99.5)) * 1.15 if loss.size else 1.0
-    if loss.size and loss.max() > top:
-        ax.set_title(f"Training loss (axis clipped at {top:.2f}; peak {loss.max():.1f} at step {int(loss.argmax()) + 1})",
-                     fontsize=10)
+    good = loss[finite]
+    top = float(np.percentile(good, 99.5)) * 1.15 if good.size else 1.0
+    top = top if top > 0 else 1.0
+    if good.size and good.max() > top:
+        peak_step = int(np.argmax(np.where(finite, loss, -np.inf))) + 1
+        ax.set_title(f"Training loss (axis clipped at {top:.2f}; peak {good.max():.1f} at step {peak_step})", fontsize=10)
     ax.set_ylim(0, top)
     ax.legend()
     ax.grid(alpha=0.3)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
-from .errors import ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
+from .errors import CheckpointError, ConfigError, DTypeError, OutputError, ShapeError, TrainingError, XpcnnError
 from .functional import positive_int
 from .optim import Optimizer, make_optimizer
 
@@ -68,6 +68,14 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*self.EPOCH_COLUMNS, "step_loss", "skipped_steps")}
 
+    def to_json(self) -> str:
+        """Strict JSON: a NaN/inf (the loss of a skipped step) is written as null."""
+        def clean(value: Any) -> Any:
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+        return json.dumps({key: clean(value) for key, value in self.to_dict().items()}, indent=1, allow_nan=False)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "History":
         history = cls()
@@ -77,15 +85,20 @@ class History:
         return history
 
     def save(self, out_dir: "str | os.PathLike[str]") -> tuple[Path, Path]:
-        """Write ``history.json`` (everything) and ``history.csv`` (one row per epoch)."""
+        """Write ``history.json`` (everything) and ``history.csv`` (one row per epoch) into `out_dir`
+        (created if needed); `OutputError` if they cannot be written."""
         out = Path(out_dir)
         json_path, csv_path = out / "history.json", out / "history.csv"
-        _atomic_text(json_path, json.dumps(self.to_dict(), indent=1))
         table = io.StringIO()
         writer = csv.writer(table, lineterminator="\n")
         writer.writerow(self.EPOCH_COLUMNS)
         writer.writerows(zip(*(getattr(self, c) for c in self.EPOCH_COLUMNS)))
-        _atomic_text(csv_path, table.getvalue())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_text(json_path, self.to_json())
+            _atomic_text(csv_path, table.getvalue())
+        except OSError as exc:
+            raise OutputError(f"cannot write the history to {out}: {exc.strerror or exc}") from exc
         return json_path, csv_path
 
 
@@ -165,6 +178,8 @@ class Trainer:
         if self.batch_size > self.train_size:
             raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set ({self.train_size} images)")
 
+        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
+            raise ConfigError(f"Trainer: seed must be None or an integer >= 0, got {seed!r}")
         self.rng = np.random.default_rng(seed)
         self.epoch = 0                      # finished epochs
         self.step_in_epoch = 0              # finished steps of the epoch in progress
@@ -213,7 +228,20 @@ class Trainer:
     # -------------------------------------------------------------------- resume
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
-        """Continue from a checkpoint: weights, optimizer state, epoch, step, RNG and history."""
+        """Continue from a checkpoint: weights, optimizer state, epoch, step, RNG and history.
+
+        The batch size and training-set size must be the checkpoint's: the saved step and the
+        replayed permutation only mean the same batches with the same data.
+        """
+        saved = {"mini_batch_size": checkpoint.extra.get("mini_batch_size"), "train_size": checkpoint.extra.get("train_size")}
+        current = {"mini_batch_size": self.batch_size, "train_size": self.train_size}
+        differ = [f"{key} {saved[key]} in the checkpoint, {current[key]} here" for key in saved
+                  if saved[key] is not None and saved[key] != current[key]]
+        if differ:
+            raise CheckpointError(f"cannot resume: {'; '.join(differ)}; resume with the same batch size and training images")
+        if checkpoint.step >= self.steps_per_epoch:
+            raise CheckpointError(f"cannot resume: the checkpoint is at step {checkpoint.step} of an epoch that has only "
+                                  f"{self.steps_per_epoch} steps here")
         restore(checkpoint, self.network, self.optimizer)
         self.epoch, self.step_in_epoch = checkpoint.epoch, checkpoint.step
         if checkpoint.rng_state is not None:
@@ -228,7 +256,8 @@ class Trainer:
             raise ConfigError("Trainer.save_checkpoint: no path given and no checkpoint_path set")
         return save_checkpoint(target, self.network, self.optimizer, epoch=self.epoch, step=self.step_in_epoch,
                                rng_state=self._epoch_rng_state, history=self.history.to_dict(),
-                               extra={**self.extra_state, "epochs": self.epochs, "mini_batch_size": self.batch_size})
+                               extra={**self.extra_state, "epochs": self.epochs, "mini_batch_size": self.batch_size,
+                                      "train_size": self.train_size})
 
     # ---------------------------------------------------------------------- loop
 
@@ -288,7 +317,7 @@ class Trainer:
         values = self.backend.to_numpy(xp.stack(pending)).astype(float)
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size and self.on_nan == "stop":
-            steps_per_epoch = self._steps_per_epoch()
+            steps_per_epoch = self.steps_per_epoch
             epoch_step = self.step_in_epoch - len(values) + int(bad[0]) + 1     # 1-based, in this epoch
             raise TrainingError(
                 f"loss became {values[bad[0]]} at step {self.epoch * steps_per_epoch + epoch_step} "
@@ -302,7 +331,9 @@ class Trainer:
             bar.set_postfix(loss=f"{finite.mean():.4f}" if finite.size else "nan",
                             img_s=f"{steps_done * self.batch_size / elapsed:.0f}", refresh=False)
 
-    def _steps_per_epoch(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch (the last batch may be smaller)."""
         return -(-self.train_size // self.batch_size)
 
     def _end_epoch(self, seconds: float, epoch_loss_start: int, steps_run: int, next_epoch_rng_state: dict) -> None:
@@ -316,7 +347,8 @@ class Trainer:
         self._epoch_rng_state = next_epoch_rng_state
         h = self.history
         h.epoch.append(self.epoch)
-        h.train_loss.append(float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+        finite_losses = [v for v in epoch_losses if math.isfinite(v)]   # skipped steps (on_nan="skip") are NaN
+        h.train_loss.append(float(np.mean(finite_losses)) if finite_losses else float("nan"))
         h.train_acc.append(train_acc)
         h.test_acc.append(test_acc)
         h.seconds.append(seconds)
@@ -376,7 +408,7 @@ class Trainer:
             bar.close()
         path = self.save_checkpoint() if self.checkpoint_path is not None else None
         signum = self._stop_requested if self._stop_requested in STOP_SIGNALS else signal.SIGINT
-        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch} of {self._steps_per_epoch()}"
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch} of {self.steps_per_epoch}"
         raise TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} at {where}"
                                   + (f"; checkpoint saved to {path}" if path else ""),
                                   path, self.epoch, self.step_in_epoch, signum)
