@@ -297,7 +297,8 @@ def test_each_level_wins_over_the_later_ones(tmp_path, monkeypatch, winner):
     first = LEVELS.index(winner)
     for index, level in enumerate(LEVELS[first:], start=first):
         # Each level's labels are all equal to its index, so the loaded labels say who won.
-        arrays = toy_arrays(seed=index)
+        # (Sizes differ from the spec's: same-size files would have to match its checksums.)
+        arrays = toy_arrays(seed=index, n_train=7 + index, n_test=5 + index)
         arrays["train_labels"][:] = index
         write_toy(dirs[level], arrays, gz=index % 2 == 0)
     monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
@@ -310,10 +311,10 @@ def test_each_level_wins_over_the_later_ones(tmp_path, monkeypatch, winner):
 
 def test_folder_with_three_of_four_files_is_skipped(tmp_path):
     dirs = _level_dirs(tmp_path)
-    partial = toy_arrays(seed=0)
+    partial = toy_arrays(seed=0, n_train=7, n_test=5)
     partial["train_labels"][:] = 0
     write_toy(dirs["explicit-direct"], partial, roles=data.ROLES[:3])
-    complete = toy_arrays(seed=4)
+    complete = toy_arrays(seed=4, n_train=11, n_test=9)
     complete["train_labels"][:] = 4
     write_toy(dirs["system"], complete)
     (_, t_train), _ = data.load_dataset(toy_spec(partial), data_dir=dirs["explicit-direct"], system_dirs=[tmp_path / "system"])
@@ -527,3 +528,26 @@ def test_real_fashion_mnist_loads_and_matches_registry():
     assert t_train.shape == (60000,) and t_test.shape == (10000,)
     assert x_train.dtype == np.float32 and 0.0 <= x_train.min() and x_train.max() <= 1.0
     data.verify_files(data.find_dataset_files("fashion-mnist", data_dir=REAL_FASHION_DIR), "fashion-mnist")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
+def test_official_size_files_must_have_the_official_checksum(tmp_path):
+    """MNIST and Fashion-MNIST files have identical sizes: loading one as the other is refused."""
+    from xpcnn.data import load_dataset
+
+    with pytest.raises(DatasetError, match="has the size of mnist's train-images-idx3-ubyte but the MD5"):
+        load_dataset("mnist", data_dir="/usr/share/datasets/fashion-mnist", system_dirs=[tmp_path])
+
+
+def test_files_of_other_sizes_are_taken_as_own_data(tmp_path):
+    """A subset under the official names (another size) is the user's data: not checksummed."""
+    from xpcnn.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    arrays = (rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20).astype(np.uint8),
+              rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), rng.integers(0, 10, 5).astype(np.uint8))
+    for name, array in zip(names, arrays):
+        data.write_idx(tmp_path / f"{name}.gz", array)
+    (x_train, _), (x_test, _) = load_dataset("mnist", data_dir=tmp_path, system_dirs=[])
+    assert x_train.shape == (20, 784) and x_test.shape == (5, 784)

@@ -14,7 +14,7 @@ code  meaning
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
-143   stopped by SIGTERM (e.g. ``docker stop``; the checkpoint is saved the same way)
+143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
 """
 

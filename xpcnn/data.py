@@ -551,6 +551,41 @@ def _md5_or_none(path: Path) -> str | None:
         return None
 
 
+def _decompressed_size(path: Path) -> int:
+    """Size of the decompressed file without decompressing (gzip's trailer holds it mod 2**32)."""
+    if path.suffix != ".gz":
+        return path.stat().st_size
+    with open(path, "rb") as file:
+        file.seek(-4, os.SEEK_END)
+        return int.from_bytes(file.read(4), "little")
+
+
+def check_official_copies(paths: dict[str, Path], dataset: str | DatasetSpec) -> None:
+    """A file with the exact size of the registry's file must also have its MD5.
+
+    Files of other sizes are taken as the user's own data (a subset, a generated set) and are
+    not checked; a same-size file with another checksum is a different dataset (MNIST and
+    Fashion-MNIST files have identical sizes) or a damaged copy, and is refused.
+
+    Raises:
+        DatasetError: naming the file, the dataset and both checksums.
+    """
+    spec = get_spec(dataset)
+    for role, path in paths.items():
+        file_spec = spec.files[role]
+        try:
+            if _decompressed_size(Path(path)) != file_spec.size:
+                continue
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+        raw = read_idx_bytes(path)
+        if len(raw) == file_spec.size and md5_hex(raw) != file_spec.md5:
+            raise DatasetError(
+                f"{path}: has the size of {spec.name}'s {file_spec.filename} but the MD5 of its decompressed bytes is "
+                f"{md5_hex(raw)}, expected {file_spec.md5}: a different dataset or a damaged copy"
+            )
+
+
 def verify_files(paths: dict[str, Path], dataset: str | DatasetSpec) -> None:
     """Check each role's file against the registry's decompressed size and MD5.
 
@@ -661,6 +696,7 @@ def _locate(
 ) -> dict[str, Path]:
     found, tried = _search(spec, roles, candidate_dirs(spec.name, data_dir, system_dirs))
     if found is not None:
+        check_official_copies(found, spec)
         return found
     if not download:
         raise DatasetError(_not_found_message(spec, roles, tried))
