@@ -150,3 +150,20 @@ def test_zz_report_largest_gradient_error():
     """Runs last in this file: prints the worst gradient-check error of the session (-s shows it)."""
     print(f"\nlargest gradient-check relative error: {MAX_GRAD_ERROR['value']:.3e} ({MAX_GRAD_ERROR['where']})")
     assert MAX_GRAD_ERROR["value"] < 1e-6
+
+
+def test_pooling_before_relu_equals_the_books_order(rng):
+    """SimpleConvNet pools before its first ReLU (they commute): same loss, bit-identical gradients."""
+    from xpcnn.layers import Pooling, ReLU
+
+    net = SimpleConvNet(seed=4, dtype="float64")
+    books = SimpleConvNet(seed=4, dtype="float64")
+    layers = books.layers
+    books.layers = {"Conv1": layers["Conv1"], "Relu1": ReLU(), "Pool1": Pooling(2, 2, 2),
+                    **{k: v for k, v in layers.items() if k not in ("Conv1", "Relu1", "Pool1")}}
+    assert list(net.layers)[:3] == ["Conv1", "Pool1", "Relu1"]
+    x, t = rng.standard_normal((6, 1, 28, 28)), rng.integers(0, 10, 6)
+    grads, book_grads = net.gradient(x, t), books.gradient(x, t)
+    assert float(net.last_layer.loss) == float(books.last_layer.loss)
+    for key in grads:
+        np.testing.assert_array_equal(grads[key], book_grads[key])
