@@ -14,7 +14,16 @@ from xpcnn.cli import main
 from xpcnn.data import write_idx
 from test_models import make_learnable_set
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+def _find_mnist_dir() -> Path:
+    """The real MNIST test set in the ``shared/`` folder beside the checkout (or above it)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        candidate = parent / "shared" / "data" / "mnist"
+        if (candidate / "t10k-images-idx3-ubyte.gz").exists():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+MNIST_DIR = _find_mnist_dir()
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
