@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 
 from .backend import Backend, dtype_name
 from .errors import BackendUnavailable, CheckpointError, CheckpointWriteError, XpcnnError
+from .fileio import atomic_write
 
 #: Version of the on-disk layout; bump it when the layout changes incompatibly.
 FORMAT_VERSION = 1
@@ -264,20 +264,6 @@ def _write_npz(fh: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(fh, **arrays)
 
 
-def _fsync_directory(directory: str) -> None:
-    if os.name == "nt":  # no directory handles to fsync on Windows; os.replace is durable enough
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems cannot fsync a directory; the rename itself has still happened.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _describe_os_error(exc: OSError) -> str:
     if exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
@@ -313,44 +299,14 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
     path = os.fspath(path)
     arrays = _collect(network, optimizer, epoch=epoch, step=step, rng_state=rng_state,
                       history=history, extra=extra)
-    directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CheckpointWriteError(f"cannot write checkpoint {path!r}: it is a directory")
-    tmp_path = None
     try:
-        tmp_path, fd = _open_temp(directory, os.path.basename(path))
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_write(path) as fh:
             _write_npz(fh, arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-        tmp_path = None
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path!r}: {_describe_os_error(exc)}") from exc
-    finally:
-        if tmp_path is not None:
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
-    try:
-        _fsync_directory(directory)   # durability of the rename; the new file is already in place
-    except OSError as exc:
-        raise CheckpointWriteError(f"checkpoint {path!r} was written, but syncing its folder failed: "
-                                   f"{_describe_os_error(exc)}") from exc
     return path
-
-
-def _open_temp(directory: str, basename: str) -> tuple[str, int]:
-    """Create ``<directory>/.<basename>.<random>.tmp`` exclusively (mode 0o666 minus umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        candidate = os.path.join(directory, f".{basename}.{secrets.token_hex(6)}.tmp")
-        try:
-            return candidate, os.open(candidate, flags, 0o666)
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "could not create a unique temporary file", directory)
 
 
 # --------------------------------------------------------------------------- loading

@@ -21,12 +21,10 @@ the MD5 of their decompressed bytes matches the registry.
 
 from __future__ import annotations
 
-import contextlib
 import gzip as gzip_lib
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -37,6 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import ConfigError, DatasetError, DTypeError, ShapeError
+from .fileio import atomic_write
 
 # --------------------------------------------------------------------------------------
 # IDX format: magic = 0x00 0x00 <dtype code> <ndim>, then ndim big-endian uint32 sizes,
@@ -197,23 +196,12 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         DatasetError: the folder or file cannot be written.
     """
     path = Path(path)
-    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as file:
+        with atomic_write(path) as file:
             file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-        tmp_name = None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot write file: {exc.strerror or exc}") from exc
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
 
 
 def md5_hex(payload: bytes) -> str:

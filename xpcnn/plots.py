@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .fileio import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -25,13 +27,8 @@ def _pyplot():
 
 def _save(fig: Any, path: "str | os.PathLike[str]") -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     return path
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .errors import CheckpointError, ConfigError, DTypeError, OutputError, ShapeError, TrainingError, XpcnnError
+from .fileio import atomic_write
 from .functional import positive_int
 from .optim import Optimizer, make_optimizer
 
@@ -103,16 +104,8 @@ class History:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_write(path) as fh:
+        fh.write(text.encode("utf-8"))
 
 
 def _positive_int(name: str, value: Any) -> int:
