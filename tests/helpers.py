@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for an xpcnn subprocess: one BLAS thread (bit-reproducible, no
+    oversubscription), a fresh HOME and cache, no XPCNN_* settings, the checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XPCNN_")}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    return env
 
 #: The largest gradient-check relative error seen in this test run (reported by a final test).
 MAX_GRAD_ERROR = {"value": 0.0, "where": ""}

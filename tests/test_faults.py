@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import isolated_env
+
 import xpcnn.checkpoint as checkpoint_module
 from xpcnn import data
 from xpcnn.checkpoint import load_checkpoint, save_checkpoint
@@ -36,13 +38,7 @@ POSIX_SIGNALS = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs
 
 
 def child_env(tmp_path: Path) -> dict[str, str]:
-    """One BLAS thread (bit-reproducible and no oversubscription), no user cache, no XPCNN_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XPCNN_")}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+    return isolated_env(tmp_path, PYTHONUNBUFFERED="1")
 
 
 def cli(*argv: str) -> list[str]:

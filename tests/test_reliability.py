@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from xpcnn.models import SimpleConvNet
 from xpcnn.optim import AdaGrad, SGD, make_optimizer
 from xpcnn.train import Trainer
 
-from helpers import naive_conv, naive_maxpool, tie_free
+from helpers import isolated_env, naive_conv, naive_maxpool, tie_free
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(xpcnn.__file__).resolve().parent
@@ -124,7 +123,7 @@ class Case:
     needs_no_gpu: bool = False
 
 
-def _params(cases: list[Case]) -> list:
+def _params(cases: list) -> list:
     out = []
     for case in cases:
         marks = []
@@ -508,13 +507,7 @@ def cli_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for a CLI subprocess with no user cache, no XPCNN_DATA_DIR, no CuPy surprises."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XPCNN_")}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+    return isolated_env(tmp_path, PYTHONWARNINGS="ignore")
 
 
 def run_cli(argv: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -532,19 +525,9 @@ def error_line(stderr: str, exit_code: int) -> str:
     return lines[0]
 
 
-def _cli_params() -> list:
-    out = []
-    for case in CLI_CASES:
-        marks = []
-        if case.gap:
-            marks.append(pytest.mark.xfail(strict=True, reason=case.gap))
-        if case.needs_no_gpu and HAVE_GPU:
-            marks.append(pytest.mark.skip(reason="CuPy and a CUDA device are present here"))
-        out.append(pytest.param(case, id=case.id, marks=marks))
-    return out
 
 
-@pytest.mark.parametrize("case", _cli_params())
+@pytest.mark.parametrize("case", _params(CLI_CASES))
 def test_cli_bad_input(case: CliCase, tmp_path: Path, cli_dataset: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "afile").write_text("not a checkpoint\n")
