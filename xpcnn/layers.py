@@ -14,7 +14,7 @@ from typing import Any
 
 import array_api_compat
 
-from .backend import check_same_device, dtype_name, namespace_of
+from .backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
 from .errors import ConfigError, DTypeError, ShapeError
 from .functional import (
     as_one_hot, check_rank, check_stride_pad, col2im_nchw, conv_output_size, im2col_nchw,
@@ -262,3 +262,169 @@ class SoftmaxWithLoss:
     def backward(self, dout: Any = 1) -> Any:
         """``(N, K)`` gradient of the loss with respect to the scores."""
         return (self.y - self.t) * (dout / self.y.shape[0])
+
+
+# ------------------------------------------------------------- chapter 6 layers
+
+
+def check_train_flg(train_flg: Any, what: str) -> bool:
+    """`train_flg` as a bool; `ConfigError` for anything else (a string "False" is truthy)."""
+    if not isinstance(train_flg, bool) and type(train_flg).__name__ != "bool_":
+        raise ConfigError(f"{what}: train_flg must be True or False, got {train_flg!r} ({type(train_flg).__name__})")
+    return bool(train_flg)
+
+
+def check_dropout_ratio(ratio: Any, what: str) -> float:
+    """A dropout ratio as a float in [0, 1); `ConfigError` otherwise."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(f"{what}: dropout ratio must be a number in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+class Sigmoid:
+    """``1 / (1 + exp(-x))`` elementwise; backward is ``dout * out * (1 - out)``."""
+
+    def __init__(self):
+        self.out: Any = None
+
+    def forward(self, x: Any) -> Any:
+        xp = namespace_of(x)
+        self.out = 1.0 / (1.0 + xp.exp(-x))
+        return self.out
+
+    def backward(self, dout: Any) -> Any:
+        return dout * (1.0 - self.out) * self.out
+
+
+class Dropout:
+    """The book's dropout: in training each unit is kept with probability ``1 - dropout_ratio``
+    (``x * mask``, no rescaling); at inference every unit is scaled by ``1 - dropout_ratio``.
+
+    Shapes: any ``(N, ...) -> (N, ...)``. The mask is drawn on the input's device from `rng`
+    (a `RandomSource`, seeded by the network); without one, an unseeded source is made for
+    the input's backend. ``dropout_ratio=0`` is the identity and draws nothing.
+    """
+
+    def __init__(self, dropout_ratio: float = 0.5, *, rng: RandomSource | None = None):
+        self.dropout_ratio = check_dropout_ratio(dropout_ratio, "Dropout")
+        self.rng = rng
+        self.mask: Any = None       # 0/1 mask of the last training forward, in the input's dtype
+
+    def forward(self, x: Any, train_flg: bool = True) -> Any:
+        xp = namespace_of(x)
+        if not xp.isdtype(x.dtype, "real floating"):
+            raise DTypeError(f"Dropout: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
+        if not check_train_flg(train_flg, "Dropout"):
+            return x * (1.0 - self.dropout_ratio) if self.dropout_ratio else x
+        if self.dropout_ratio == 0.0:
+            self.mask = None
+            return x
+        if self.rng is None:
+            self.rng = RandomSource(backend_of(x))
+        # u >= ratio keeps a unit with probability exactly 1 - ratio for u uniform in [0, 1).
+        self.mask = xp.astype(self.rng.uniform(tuple(x.shape), x.dtype) >= self.dropout_ratio, x.dtype)
+        return x * self.mask
+
+    def backward(self, dout: Any) -> Any:
+        return dout if self.mask is None else dout * self.mask
+
+
+class BatchNormalization:
+    """Batch normalisation (Ioffe & Szegedy), the book's layer with its signature.
+
+    Shapes: ``(N, D) -> (N, D)`` normalised per feature (the book), and ``(N, C, H, W) ->
+    (N, C, H, W)`` normalised per channel over ``N*H*W`` values (what CNNs use, like
+    PyTorch's BatchNorm2d; `gamma` is then ``(C,)``). ``per_activation=True`` gives the book's
+    4-D form instead: every one of the ``C*H*W`` activations is its own feature.
+
+    Args:
+        gamma, beta: scale and shift ``(D,)`` or ``(C,)`` (trained; updated in place).
+        momentum: running statistics follow ``r = momentum * r + (1 - momentum) * batch``
+            (PyTorch's ``momentum`` is ``1 -`` this).
+        running_mean, running_var: initial running statistics (default 0 and 1); the
+            running variance is the batch's biased variance, as in the book (PyTorch keeps
+            the unbiased one).
+        eps: added to the variance (the book's ``10e-7``).
+    """
+
+    def __init__(self, gamma: Any, beta: Any, momentum: float = 0.9, running_mean: Any = None,
+                 running_var: Any = None, *, per_activation: bool = False, eps: float = 10e-7):
+        if gamma.ndim != 1:
+            raise ShapeError(f"BatchNormalization: gamma must be 1-D (D,) or (C,), got shape {tuple(gamma.shape)}")
+        xp = namespace_of(gamma, beta)
+        check_same_device(beta, gamma, "BatchNormalization beta")
+        for name, value in (("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+            if value is not None and tuple(value.shape) != tuple(gamma.shape):
+                raise ShapeError(f"BatchNormalization: {name} must have gamma's shape {tuple(gamma.shape)}, got {tuple(value.shape)}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"BatchNormalization: momentum must be a number in [0, 1], got {momentum!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ConfigError(f"BatchNormalization: eps must be a number > 0, got {eps!r}")
+        device = array_api_compat.device(gamma)
+        self.gamma, self.beta, self.momentum, self.eps = gamma, beta, float(momentum), float(eps)
+        self.per_activation = bool(per_activation)
+        self.running_mean = xp.zeros(gamma.shape, dtype=gamma.dtype, device=device) if running_mean is None else running_mean
+        self.running_var = xp.ones(gamma.shape, dtype=gamma.dtype, device=device) if running_var is None else running_var
+        self.input_shape: tuple | None = None
+        self.axes: tuple = (0,)
+        self.xn: Any = None         # normalised input of the last training forward
+        self.std: Any = None        # sqrt(batch variance + eps), broadcastable to the input
+        self.dgamma: Any = None
+        self.dbeta: Any = None
+
+    def _layout(self, x: Any) -> tuple[Any, tuple, tuple]:
+        """The input as the 2-D or 4-D array to normalise, its reduction axes, the parameters' broadcast shape."""
+        xp = _check_input(x, self.gamma, "BatchNormalization")
+        features = self.gamma.shape[0]
+        if x.ndim == 4 and not self.per_activation:
+            if x.shape[1] != features:
+                raise ShapeError(f"BatchNormalization: input has {x.shape[1]} channels, gamma has {features} (input shape {tuple(x.shape)})")
+            return x, (0, 2, 3), (1, features, 1, 1)
+        if x.ndim not in (2, 4):
+            raise ShapeError(f"BatchNormalization: expected a 2-D (N, D) or 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        x2 = xp.reshape(x, (x.shape[0], -1))
+        if x2.shape[1] != features:
+            raise ShapeError(f"BatchNormalization: input has {x2.shape[1]} features per sample (shape {tuple(x.shape)}), gamma has {features}")
+        return x2, (0,), (1, features)
+
+    def forward(self, x: Any, train_flg: bool = True) -> Any:
+        xp = namespace_of(x)
+        train_flg = check_train_flg(train_flg, "BatchNormalization")
+        self.input_shape = tuple(x.shape)
+        x_in, axes, shape = self._layout(x)
+        gamma, beta = xp.reshape(self.gamma, shape), xp.reshape(self.beta, shape)
+        if train_flg:
+            count = math.prod(x_in.shape[a] for a in axes)
+            if count < 2:
+                raise ShapeError(f"BatchNormalization: training needs at least 2 values per feature, got input shape {tuple(x.shape)}")
+            mu = xp.mean(x_in, axis=axes, keepdims=True)
+            xc = x_in - mu
+            var = xp.mean(xc * xc, axis=axes, keepdims=True)
+            self.std = xp.sqrt(var + self.eps)
+            self.xn = xc / self.std
+            self.axes = axes
+            keep = self.momentum
+            # In place: the network's view of the running statistics stays the same array.
+            self.running_mean *= keep
+            self.running_mean += (1.0 - keep) * xp.reshape(mu, self.gamma.shape)
+            self.running_var *= keep
+            self.running_var += (1.0 - keep) * xp.reshape(var, self.gamma.shape)
+            out = gamma * self.xn + beta
+        else:
+            mean, var = xp.reshape(self.running_mean, shape), xp.reshape(self.running_var, shape)
+            out = gamma * ((x_in - mean) / xp.sqrt(var + self.eps)) + beta
+        return xp.reshape(out, self.input_shape)
+
+    def backward(self, dout: Any) -> Any:
+        """``dout -> dx`` of the input's shape; sets `dgamma` and `dbeta`."""
+        xp = namespace_of(dout)
+        dout_in = xp.reshape(dout, tuple(self.xn.shape))
+        axes = self.axes
+        self.dbeta = xp.reshape(xp.sum(dout_in, axis=axes), self.gamma.shape)
+        self.dgamma = xp.reshape(xp.sum(self.xn * dout_in, axis=axes), self.gamma.shape)
+        shape = (1, self.gamma.shape[0], 1, 1) if len(axes) == 3 else (1, self.gamma.shape[0])
+        dxn = xp.reshape(self.gamma, shape) * dout_in
+        # The book's chain through xc, std, var and mu, collapsed into one expression.
+        dx = (dxn - xp.mean(dxn, axis=axes, keepdims=True)
+              - self.xn * xp.mean(dxn * self.xn, axis=axes, keepdims=True)) / self.std
+        return xp.reshape(dx, self.input_shape)

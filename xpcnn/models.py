@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, get_backend, namespace_of
+from .backend import Backend
 from .errors import ConfigError, ShapeError
 from .functional import conv_output_size, positive_int
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from .network import Network
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 
@@ -24,7 +25,7 @@ def _positive_int(name: str, value: Any) -> int:
     return positive_int(value, name, "SimpleConvNet")
 
 
-class SimpleConvNet:
+class SimpleConvNet(Network):
     """The book's SimpleConvNet, on any backend.
 
     Args:
@@ -64,25 +65,20 @@ class SimpleConvNet:
         pool_w = conv_output_size(conv_w, 2, 2, 0, what="SimpleConvNet 2x2 pooling (width)")
         pool_output_size = filter_num * pool_h * pool_w
 
-        self.backend = get_backend(backend)
-        self.dtype = self.backend.dtype(dtype)
+        rng = self._init_backend(backend, dtype, seed)
         self.config = {
             "input_dim": [channels, height, width], "conv_param": conv, "hidden_size": hidden_size,
             "output_size": output_size, "weight_init_std": float(weight_init_std),
         }
 
-        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
-            raise ConfigError(f"SimpleConvNet: seed must be None or an integer >= 0, got {seed!r}")
-        rng = np.random.default_rng(seed)
-        host = {
+        self._init_params({
             "W1": weight_init_std * rng.standard_normal((filter_num, channels, filter_size, filter_size)),
             "b1": np.zeros(filter_num),
             "W2": weight_init_std * rng.standard_normal((pool_output_size, hidden_size)),
             "b2": np.zeros(hidden_size),
             "W3": weight_init_std * rng.standard_normal((hidden_size, output_size)),
             "b3": np.zeros(output_size),
-        }
-        self.params = {key: self.backend.asarray(value, dtype=self.dtype) for key, value in host.items()}
+        })
         self._build_layers(conv)
 
     def _build_layers(self, conv: dict) -> None:
@@ -102,86 +98,5 @@ class SimpleConvNet:
         # Nobody needs d(loss)/d(images) in training: skip the col2im of the first layer.
         self.layers["Conv1"].need_input_grad = False
         self.last_layer = SoftmaxWithLoss()
-
-    @property
-    def xp(self):
-        return self.backend.xp
-
-    def set_params(self, params: dict[str, Any]) -> None:
-        """Copy `params` (host or backend arrays of the same shapes) into the network, in place."""
-        for key, current in self.params.items():
-            if key not in params:
-                raise ConfigError(f"set_params: missing parameter {key!r}")
-            value = params[key]
-            if tuple(value.shape) != tuple(current.shape):
-                raise ShapeError(f"set_params: {key} must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
-            current[...] = self.backend.asarray(self.backend.to_numpy(value), dtype=self.dtype)
-
-    def predict(self, x: Any) -> Any:
-        """Class scores ``(N, output_size)`` for images ``(N, C, H, W)``."""
-        for layer in self.layers.values():
-            x = layer.forward(x)
-        return x
-
-    def loss(self, x: Any, t: Any) -> Any:
-        """Mean cross-entropy on a batch, as a 0-d array on the backend."""
-        return self.last_layer.forward(self.predict(x), t)
-
-    def gradient(self, x: Any, t: Any) -> dict[str, Any]:
-        """Forward and backward on a batch: the gradients, keyed like `params`.
-
-        The batch loss stays available as ``self.last_layer.loss`` (on the device).
-        """
-        self.loss(x, t)
-        dout = self.last_layer.backward(1)
-        for layer in reversed(list(self.layers.values())):
-            dout = layer.backward(dout)
-        conv, hidden, output = self.layers["Conv1"], self.layers["Affine1"], self.layers["Affine2"]
-        return {"W1": conv.dW, "b1": conv.db, "W2": hidden.dW, "b2": hidden.db, "W3": output.dW, "b3": output.db}
-
-    def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
-        """Fraction of correct predictions, evaluated `batch_size` images at a time.
-
-        `x` and `t` may be backend arrays or host NumPy arrays (host batches are moved one at
-        a time, so a large host set never sits on the device at once). Correct counts are
-        summed on the device; one number comes back at the end.
-        """
-        batch_size = _positive_int("batch_size", batch_size)
-        n = x.shape[0]
-        if t.shape[0] != n:
-            raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
-        if n == 0:
-            raise ShapeError("accuracy: no images given (N = 0)")
-        xp = self.xp
-        num_classes = self.config["output_size"]
-        # [correct, non-finite pixels, labels out of range], summed on the device, read once.
-        counts = None
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
-            pred = xp.argmax(self.predict(xb), axis=1)
-            if tb.ndim != 1:
-                tb = xp.argmax(tb, axis=1)
-            batch_counts = xp.stack([
-                xp.sum(xp.astype(pred == tb, xp.int64)),
-                xp.sum(xp.astype(xp.logical_not(xp.isfinite(xb)), xp.int64)),
-                xp.sum(xp.astype(xp.logical_or(tb < 0, tb >= num_classes), xp.int64)),
-            ])
-            counts = batch_counts if counts is None else counts + batch_counts
-        correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
-        if non_finite:
-            raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
-        if bad_labels:
-            labels = self.backend.to_numpy(t) if not isinstance(t, np.ndarray) else t
-            labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-            raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
-                             f"(got values from {labels.min()} to {labels.max()})")
-        return correct / n
-
-    def _on_backend(self, array: Any) -> Any:
-        if isinstance(array, np.ndarray) and self.backend.name != "numpy":
-            # The array's own dtype travels (no silent cast), so every backend gives the same
-            # verdict: a float64 batch into a float32 network is a DTypeError everywhere.
-            return self.backend.asarray(array, dtype=array.dtype.name if array.dtype.kind == "f" and array.dtype.name in ("float32", "float64") else None)
-        namespace_of(array, self.params["W1"])  # BackendMismatch on a foreign array
-        return array
+        self.grad_sources = {"W1": ("Conv1", "dW"), "b1": ("Conv1", "db"), "W2": ("Affine1", "dW"),
+                             "b2": ("Affine1", "db"), "W3": ("Affine2", "dW"), "b3": ("Affine2", "db")}

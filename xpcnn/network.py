@@ -1,0 +1,182 @@
+"""What every network shares: parameters made on the host then moved, the book's
+`predict`/`loss`/`gradient` over an ordered dict of layers, batched `accuracy` counted on the
+device, `set_params`, and the state a checkpoint needs besides the parameters (BatchNorm
+running statistics, the Dropout random source).
+
+A network subclass builds ``self.layers`` (name -> layer, in order), ``self.last_layer``
+(a `SoftmaxWithLoss`) and ``self.grad_sources`` (parameter name -> ``(layer name,
+gradient attribute)``, e.g. ``"W1": ("Conv1", "dW")``), and calls `_init_params` once with
+all its host arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, RandomSource, get_backend, namespace_of
+from .errors import ConfigError, ShapeError
+from .functional import positive_int
+from .layers import BatchNormalization, Dropout, check_train_flg
+
+
+def check_seed(seed: Any, what: str) -> int | None:
+    """`seed` if it is None or an integer >= 0; `ConfigError` otherwise."""
+    if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
+        raise ConfigError(f"{what}: seed must be None or an integer >= 0, got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def derived_seed(seed: int | None, stream: int) -> int | None:
+    """An independent 32-bit seed for another random stream of the same model (e.g. Dropout)."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+#: Stream number of the Dropout masks (the weights use the model's seed itself).
+DROPOUT_STREAM = 1
+
+
+class Network:
+    """Base class: see the module docstring. Attributes: ``backend``, ``dtype``, ``params``,
+    ``config``, ``layers``, ``last_layer``, ``grad_sources``, ``rng`` (or None)."""
+
+    layers: dict[str, Any]
+    last_layer: Any
+    grad_sources: dict[str, tuple[str, str]]
+    config: dict[str, Any]
+
+    def _init_backend(self, backend: "str | Backend", dtype: str, seed: Any) -> np.random.Generator:
+        """Set ``backend``, ``dtype`` and ``seed``; returns the host generator for the weights."""
+        self.backend = get_backend(backend)
+        self.dtype = self.backend.dtype(dtype)
+        self.seed = check_seed(seed, type(self).__name__)
+        self.rng: RandomSource | None = None
+        return np.random.default_rng(self.seed)
+
+    def _init_params(self, host: dict[str, np.ndarray]) -> None:
+        """The one place parameters are made: host arrays -> the backend, in the model's dtype."""
+        self.params = {key: self.backend.asarray(value, dtype=self.dtype) for key, value in host.items()}
+
+    def _random_source(self) -> RandomSource:
+        """The model's seeded source of Dropout masks, on its backend (made once)."""
+        if self.rng is None:
+            self.rng = RandomSource(self.backend, derived_seed(self.seed, DROPOUT_STREAM))
+        return self.rng
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    # ------------------------------------------------------------ the book's protocol
+
+    def predict(self, x: Any, train_flg: bool = False) -> Any:
+        """Class scores ``(N, output_size)``; `train_flg` switches Dropout/BatchNorm to training."""
+        train_flg = check_train_flg(train_flg, f"{type(self).__name__}.predict")
+        for layer in self.layers.values():
+            if isinstance(layer, (Dropout, BatchNormalization)):
+                x = layer.forward(x, train_flg)
+            else:
+                x = layer.forward(x)
+        return x
+
+    def loss(self, x: Any, t: Any) -> Any:
+        """Mean cross-entropy of a batch in training mode, as a 0-d array on the backend."""
+        return self.last_layer.forward(self.predict(x, train_flg=True), t)
+
+    def _backward(self) -> None:
+        dout = self.last_layer.backward(1)
+        for layer in reversed(list(self.layers.values())):
+            dout = layer.backward(dout)
+
+    def gradient(self, x: Any, t: Any) -> dict[str, Any]:
+        """Forward (training mode) and backward on a batch: the gradients, keyed like `params`.
+
+        The batch loss stays available as ``self.last_layer.loss`` (on the device).
+        """
+        self.loss(x, t)
+        self._backward()
+        return {key: getattr(self.layers[name], attr) for key, (name, attr) in self.grad_sources.items()}
+
+    # ------------------------------------------------------------ scoring
+
+    def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
+        """Fraction of correct predictions (inference mode), `batch_size` images at a time.
+
+        `x` and `t` may be backend arrays or host NumPy arrays (host batches are moved one at
+        a time, so a large host set never sits on the device at once). Correct counts are
+        summed on the device; one number comes back at the end.
+        """
+        batch_size = positive_int(batch_size, "batch_size", type(self).__name__)
+        n = x.shape[0]
+        if t.shape[0] != n:
+            raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
+        if n == 0:
+            raise ShapeError("accuracy: no images given (N = 0)")
+        xp = self.xp
+        num_classes = self.config["output_size"]
+        # [correct, non-finite pixels, labels out of range], summed on the device, read once.
+        counts = None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
+            pred = xp.argmax(self.predict(xb), axis=1)
+            if tb.ndim != 1:
+                tb = xp.argmax(tb, axis=1)
+            batch_counts = xp.stack([
+                xp.sum(xp.astype(pred == tb, xp.int64)),
+                xp.sum(xp.astype(xp.logical_not(xp.isfinite(xb)), xp.int64)),
+                xp.sum(xp.astype(xp.logical_or(tb < 0, tb >= num_classes), xp.int64)),
+            ])
+            counts = batch_counts if counts is None else counts + batch_counts
+        correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
+        if non_finite:
+            raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
+        if bad_labels:
+            labels = self.backend.to_numpy(t) if not isinstance(t, np.ndarray) else t
+            labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
+            raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
+                             f"(got values from {labels.min()} to {labels.max()})")
+        return correct / n
+
+    def _on_backend(self, array: Any) -> Any:
+        if isinstance(array, np.ndarray) and self.backend.name != "numpy":
+            # The array's own dtype travels (no silent cast), so every backend gives the same
+            # verdict: a float64 batch into a float32 network is a DTypeError everywhere.
+            return self.backend.asarray(array, dtype=array.dtype.name if array.dtype.kind == "f" and array.dtype.name in ("float32", "float64") else None)
+        namespace_of(array, self.params["W1"])  # BackendMismatch on a foreign array
+        return array
+
+    # ------------------------------------------------------------ state
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Copy `params` (host or backend arrays of the same shapes) into the network, in place."""
+        for key, current in self.params.items():
+            if key not in params:
+                raise ConfigError(f"set_params: missing parameter {key!r}")
+            value = params[key]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ShapeError(f"set_params: {key} must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
+            current[...] = self.backend.asarray(self.backend.to_numpy(value), dtype=self.dtype)
+
+    def buffers(self) -> dict[str, Any]:
+        """State that is not trained by the optimizer: ``"<layer>/running_mean"`` and
+        ``"<layer>/running_var"`` of every BatchNormalization (the arrays themselves)."""
+        out = {}
+        for name, layer in self.layers.items():
+            if isinstance(layer, BatchNormalization):
+                out[f"{name}/running_mean"] = layer.running_mean
+                out[f"{name}/running_var"] = layer.running_var
+        return out
+
+    def set_buffers(self, buffers: dict[str, Any]) -> None:
+        """Copy saved `buffers()` into the layers, in place (same names and shapes)."""
+        current = self.buffers()
+        if set(buffers) != set(current):
+            raise ConfigError(f"set_buffers: expected {sorted(current)}, got {sorted(buffers)}")
+        for key, target in current.items():
+            if tuple(buffers[key].shape) != tuple(target.shape):
+                raise ShapeError(f"set_buffers: {key} must have shape {tuple(target.shape)}, got {tuple(buffers[key].shape)}")
+            target[...] = self.backend.asarray(self.backend.to_numpy(buffers[key]), dtype=self.dtype)
