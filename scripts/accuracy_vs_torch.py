@@ -3,6 +3,14 @@
 batches, and compare the accuracies after every epoch.
 
     python scripts/accuracy_vs_torch.py --dataset fashion-mnist --epochs 10 --seeds 0 1 2
+    python scripts/accuracy_vs_torch.py --model deep --epochs 20 --seeds 0 [--only xpcnn|torch]
+
+``--model deep``: the book's DeepConvNet recipe (Adam lr 0.001, batch 100, He init, dropout
+0.5): both start from `DeepConvNet(seed=s)`'s weights, take the same batches, and use the
+SAME Dropout masks (the torch twin draws them from a `RandomSource` seeded like the xpcnn
+network's, in the same order; see scripts/torch_models.py). ``--only`` runs one side (two
+processes can then share the machine, one thread each); each epoch's line is printed as it
+finishes.
 
 Both start from `SimpleConvNet(seed=s)`'s weights (PyTorch copies them) and draw each epoch's
 permutation from ``numpy.random.default_rng(s)`` exactly as `xpcnn.Trainer` does, so any
@@ -24,6 +32,58 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xpcnn import SimpleConvNet, Trainer, load_dataset  # noqa: E402
+from xpcnn.backend import RandomSource, get_backend  # noqa: E402
+from xpcnn.nets import DeepConvNet  # noqa: E402
+from xpcnn.network import DROPOUT_STREAM, derived_seed  # noqa: E402
+from xpcnn.optim import Adam  # noqa: E402
+
+
+def deep_xpcnn_run(seed: int, data, epochs: int, batch_size: int, lr: float, label: str) -> list[float]:
+    """The Trainer's loop, written out: one permutation per epoch from default_rng(seed)."""
+    (x_train, t_train), (x_test, t_test) = data
+    net, opt, rng = DeepConvNet(seed=seed), Adam(lr=lr), np.random.default_rng(seed)
+    accuracies = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        order = rng.permutation(len(x_train))
+        for first in range(0, len(x_train), batch_size):
+            idx = order[first:first + batch_size]
+            opt.update(net.params, net.gradient(x_train[idx], t_train[idx]))
+        accuracies.append(net.accuracy(x_test, t_test, batch_size=500))
+        print(f"{label} seed {seed} epoch {epoch:2d}: test acc xpcnn {accuracies[-1]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return accuracies
+
+
+def deep_torch_run(seed: int, data, epochs: int, batch_size: int, lr: float, threads: int, label: str) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+    from torch_models import TorchDeepConvNet
+
+    torch.set_num_threads(threads)
+    (x_train, t_train), (x_test, t_test) = data
+    init = DeepConvNet(seed=seed)
+    host = {k: np.asarray(v) for k, v in init.params.items()}
+    pads = [init.config[f"conv_param_{i}"]["pad"] for i in range(1, 7)]
+    masks = RandomSource(get_backend("cpu"), derived_seed(seed, DROPOUT_STREAM))
+    net = TorchDeepConvNet(host, pads, init.config["dropout_ratio"], masks)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    xt, tt = torch.from_numpy(x_train), torch.from_numpy(t_train.astype(np.int64))
+    xs, ts = torch.from_numpy(x_test), torch.from_numpy(t_test.astype(np.int64))
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(x_train)))
+        for first in range(0, len(x_train), batch_size):
+            idx = order[first:first + batch_size]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net.forward(xt[idx], train=True), tt[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            correct = sum(int((net.forward(xs[i:i + 500]).argmax(1) == ts[i:i + 500]).sum()) for i in range(0, len(xs), 500))
+        accuracies.append(correct / len(xs))
+        print(f"{label} seed {seed} epoch {epoch:2d}: test acc torch {accuracies[-1]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return accuracies
 
 
 def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: float, seed: int, threads: int) -> list[float]:
@@ -66,11 +126,13 @@ def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["simple", "deep"], default="simple")
+    parser.add_argument("--only", choices=["both", "xpcnn", "torch"], default="both", help="run one side only (deep)")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.06)
+    parser.add_argument("--lr", type=float, default=None, help="default 0.06 (simple, AdaGrad) or 0.001 (deep, Adam)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (numpy's BLAS uses its own default)")
     parser.add_argument("--json", default=None)
@@ -83,6 +145,9 @@ def main() -> int:
 
     data = load_dataset(args.dataset, flatten=False, data_dir=args.data_dir)
     (x_train, t_train), (x_test, t_test) = data
+    if args.model == "deep":
+        return deep_main(args, data)
+    args.lr = 0.06 if args.lr is None else args.lr
     results = []
     for seed in args.seeds:
         start = time.perf_counter()
@@ -104,6 +169,30 @@ def main() -> int:
           f"torch {final_t} (median {np.median(final_t):.4f})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    return 0
+
+
+def deep_main(args, data) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    lr = 0.001 if args.lr is None else args.lr
+    results = []
+    for seed in args.seeds:
+        entry: dict = {"seed": seed}
+        if args.only in ("both", "xpcnn"):
+            start = time.perf_counter()
+            entry["xpcnn_test_acc"] = deep_xpcnn_run(seed, data, args.epochs, args.batch_size, lr, "deep")
+            entry["xpcnn_seconds"] = time.perf_counter() - start
+        if args.only in ("both", "torch"):
+            start = time.perf_counter()
+            entry["torch_test_acc"] = deep_torch_run(seed, data, args.epochs, args.batch_size, lr, args.threads, "deep")
+            entry["torch_seconds"] = time.perf_counter() - start
+        results.append(entry)
+        if args.json:   # after every seed, so a long run keeps what finished
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    for side in ("xpcnn", "torch"):
+        finals = [r[f"{side}_test_acc"][-1] for r in results if f"{side}_test_acc" in r]
+        if finals:
+            print(f"final test acc over seeds {args.seeds}: {side} {finals} (median {np.median(finals):.4f})")
     return 0
 
 

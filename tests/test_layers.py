@@ -17,6 +17,8 @@ CONV_GEOMETRIES = [
     (2, 3, 7, 7, 2, 3, 3, 2, 1),      # stride 2, pad 1, several channels
     (1, 2, 5, 7, 3, 3, 2, 1, 2),      # pad 2, non-square input and filter
     (2, 2, 9, 6, 2, 2, 3, 1, 1),
+    (2, 3, 6, 6, 4, 3, 3, 1, 1),      # several channels, stride 1: dx as a transposed convolution
+    (2, 2, 5, 5, 3, 3, 3, 1, 2),      # the same with pad 2 (DeepConvNet's conv4)
 ]
 
 POOL_GEOMETRIES = [

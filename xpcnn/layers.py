@@ -17,7 +17,7 @@ import array_api_compat
 from .backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
 from .errors import ConfigError, DTypeError, ShapeError
 from .functional import (
-    as_one_hot, check_rank, check_stride_pad, col2im_nchw, conv_output_size, im2col_nchw,
+    as_one_hot, check_rank, check_stride_pad, conv2d_backward, conv2d_forward, conv_output_size,
     pad_nchw, positive_int, softmax_cross_entropy, spatial_slices, window_offsets,
 )
 
@@ -49,7 +49,8 @@ class Convolution:
         self.W, self.b, self.stride, self.pad = W, b, stride, pad
         self.need_input_grad = True
         self.x_shape: tuple | None = None
-        self.col: Any = None        # (N, C*FH*FW, OH*OW) windows of the last input, per image
+        self.col: Any = None        # windows of the last input (see functional.conv2d_forward)
+        self.cache: Any = None
         self.dW: Any = None
         self.db: Any = None
 
@@ -64,24 +65,14 @@ class Convolution:
         out_w = conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)")
 
         self.x_shape = (n, c, h, w)
-        self.col = im2col_nchw(x, filter_h, filter_w, self.stride, self.pad, out_h, out_w)
-        # One (FN, C*FH*FW) @ (C*FH*FW, OH*OW) product per image lands in NCHW order.
-        out = xp.reshape(self.W, (filter_num, -1)) @ self.col
-        out += xp.reshape(self.b, (filter_num, 1))
-        return xp.reshape(out, (n, filter_num, out_h, out_w))
+        out, self.cache = conv2d_forward(x, self.W, self.b, self.stride, self.pad)
+        self.col = self.cache[0]
+        return out
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, FN, OH, OW) -> dx (N, C, H, W)``; sets `dW` and `db`."""
-        xp = namespace_of(dout)
-        filter_num, _, filter_h, filter_w = self.W.shape
-        n, _, out_h, out_w = dout.shape
-        dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
-        self.db = xp.sum(dout_mat, axis=(0, 2))
-        self.dW = xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(self.col), axis=0), self.W.shape)
-        if not self.need_input_grad:
-            return None
-        dcol = xp.matrix_transpose(xp.reshape(self.W, (filter_num, -1))) @ dout_mat
-        return col2im_nchw(dcol, self.x_shape, filter_h, filter_w, self.stride, self.pad, out_h, out_w)
+        dx, self.dW, self.db = conv2d_backward(dout, self.cache, self.W, self.need_input_grad)
+        return dx
 
 
 class Pooling:
