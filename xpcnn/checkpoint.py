@@ -3,11 +3,13 @@
 A checkpoint holds everything needed to stop and resume training bit for bit:
 
     param/<name>             the network's parameters (``param/W1`` ...), host arrays
+    buffer/<layer>/<name>    state that is not a parameter: BatchNorm running statistics
     optim/<state>/<param>    the optimizer's state arrays (``optim/h/W1`` for AdaGrad)
     extra/<name>             any extra arrays the caller passed in `extra`
     metadata                 UTF-8 JSON as a uint8 array: format version, architecture
                              (class and config), dtype, epoch, step, RNG state, history,
                              optimizer name / hyper-parameters / iteration count, backend,
+                             the network's Dropout random-source state (``network_rng``),
                              xpcnn version, the non-array part of `extra`
 
 Nothing in the file is a Python object array, so loading never unpickles anything:
@@ -46,6 +48,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
 OPTIM_PREFIX = "optim/"
 EXTRA_PREFIX = "extra/"
 METADATA_KEY = "metadata"
@@ -84,6 +87,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     metadata: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def epoch(self) -> int:
@@ -219,6 +223,9 @@ def _collect(network: Any, optimizer: Any, *, epoch: int, step: int, rng_state: 
     arrays: dict[str, np.ndarray] = {}
     for key, value in network.params.items():
         arrays[PARAM_PREFIX + key] = _host(backend, value, f"parameter {key!r}")
+    for key, value in (network.buffers() if hasattr(network, "buffers") else {}).items():
+        arrays[BUFFER_PREFIX + key] = _host(backend, value, f"buffer {key!r}")
+    network_rng = getattr(network, "rng", None)
 
     metadata: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -227,6 +234,7 @@ def _collect(network: Any, optimizer: Any, *, epoch: int, step: int, rng_state: 
         "epoch": int(epoch),
         "step": int(step),
         "rng_state": _rng_state_of(rng_state),
+        "network_rng": None if network_rng is None else network_rng.state(),
         "history": history,
         "backend": backend.name,
         "xpcnn_version": __version__,
@@ -401,10 +409,12 @@ def _decode_metadata(path: str, raw: np.ndarray | None) -> dict[str, Any]:
 
 
 def _assemble(path: str, entries: dict[str, np.ndarray], metadata: dict[str, Any]) -> Checkpoint:
-    params, optim_state, extra_arrays = {}, {}, {}
+    params, optim_state, extra_arrays, buffers = {}, {}, {}, {}
     for key, value in entries.items():
         if key.startswith(PARAM_PREFIX):
             params[key[len(PARAM_PREFIX):]] = value
+        elif key.startswith(BUFFER_PREFIX):
+            buffers[key[len(BUFFER_PREFIX):]] = value
         elif key.startswith(OPTIM_PREFIX):
             optim_state[key[len(OPTIM_PREFIX):]] = value
         elif key.startswith(EXTRA_PREFIX):
@@ -428,7 +438,7 @@ def _assemble(path: str, entries: dict[str, np.ndarray], metadata: dict[str, Any
     extra = dict(metadata.get("extra") or {})
     extra.update(extra_arrays)
     return Checkpoint(params=params, optimizer_name=name, optimizer_hparams=hparams,
-                      optimizer_state=optim_state, metadata=metadata, extra=extra)
+                      optimizer_state=optim_state, metadata=metadata, extra=extra, buffers=buffers)
 
 
 # --------------------------------------------------------------------------- restoring
@@ -485,6 +495,12 @@ def check_compatible(checkpoint: Checkpoint, network: Any) -> None:
                 f"checkpoint parameter {key} has shape {tuple(checkpoint.params[key].shape)}, "
                 f"the network's has {tuple(current.shape)}"
             )
+    buffers = network.buffers() if hasattr(network, "buffers") else {}
+    if sorted(buffers) != sorted(checkpoint.buffers):
+        raise CheckpointError(f"checkpoint buffers {sorted(checkpoint.buffers)} do not match the network's {sorted(buffers)}")
+    for key, current in buffers.items():
+        if tuple(checkpoint.buffers[key].shape) != tuple(current.shape):
+            raise CheckpointError(f"checkpoint buffer {key} has shape {tuple(checkpoint.buffers[key].shape)}, the network's has {tuple(current.shape)}")
 
 
 def _optimizer_state_on(checkpoint: Checkpoint, network: Any, optimizer: Any) -> dict[str, Any]:
@@ -523,6 +539,11 @@ def restore(checkpoint: Checkpoint, network: Any, optimizer: Any = None) -> None
     try:
         # set_params copies into the existing arrays, which the layers share by reference.
         network.set_params(checkpoint.params)
+        if checkpoint.buffers:
+            network.set_buffers(checkpoint.buffers)
+        saved_rng = checkpoint.metadata.get("network_rng")
+        if saved_rng is not None and getattr(network, "rng", None) is not None:
+            network.rng.set_state(saved_rng)
         if state is not None:
             for slot in optimizer.state.values():
                 slot.clear()  # state saved before a parameter was ever updated must not linger
@@ -536,8 +557,9 @@ def restore(checkpoint: Checkpoint, network: Any, optimizer: Any = None) -> None
 def build_from_checkpoint(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> Any:
     """A new network with the checkpoint's class, config, dtype and weights, on `backend`."""
     from .models import SimpleConvNet
+    from .nets import DeepConvNet, MultiLayerNetExtend
 
-    known = {"SimpleConvNet": SimpleConvNet}
+    known = {"SimpleConvNet": SimpleConvNet, "DeepConvNet": DeepConvNet, "MultiLayerNetExtend": MultiLayerNetExtend}
     class_name = checkpoint.metadata["architecture"].get("class", "SimpleConvNet")
     cls = known.get(class_name)
     if cls is None:

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
+from .recipes import DEFAULT_EPOCHS, MODEL_CLASSES, RUN_KEYS, check_options, model_of_class, run_defaults
 from .errors import (
     BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
     OutputError, ShapeError, TrainingError, XpcnnError,
@@ -45,10 +46,9 @@ _EXIT_CODES = [  # most specific first
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
 ]
 
-# The seed's recipe: the settings that define a run (kept by a checkpoint, fixed on --resume).
-RUN_DEFAULTS = {"dataset": "fashion-mnist", "batch_size": 100, "train_size": None, "test_size": None,
-                "dtype": "float32", "optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01, "seed": 0}
-DEFAULT_EPOCHS = 10
+# The settings that define a run (kept by a checkpoint, fixed on --resume): each model's
+# book recipe (xpcnn/recipes.py) unless given. The seed's recipe is --model simple's.
+RUN_DEFAULTS = run_defaults("simple")
 
 
 def _int_at_least(low: int):
@@ -73,21 +73,60 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _init_std(text: str) -> "float | str":
+    if text.lower() in ("he", "relu", "xavier", "sigmoid"):
+        return text.lower()
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or he/relu/xavier/sigmoid, got {text!r}") from None
+
+
+def _dropout_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
 
-    train = sub.add_parser("train", help="train SimpleConvNet (the seed's recipe by default)",
-                           description="Train SimpleConvNet; defaults are the seed's: AdaGrad lr 0.06, batch 100, 10 epochs.")
+    train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
+                           description="Train a model with its book recipe as defaults: simple (SimpleConvNet: AdaGrad lr 0.06, "
+                                       "10 epochs), deep (DeepConvNet: Adam lr 0.001, dropout 0.5, He init, 20 epochs), "
+                                       "mlp (MultiLayerNetExtend: 4x100 ReLU, He init, SGD lr 0.01, 20 epochs); batch 100.")
+    train.add_argument("--model", choices=sorted(MODEL_CLASSES), default=None,
+                       help="simple (default), deep or mlp; on --resume, the checkpoint's")
     _add_backend_args(train)
     _add_data_args(train, dataset_default=None)
-    train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10; on --resume, the checkpoint's)")
+    train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10, deep/mlp 20; on --resume, the checkpoint's)")
     # default=None: the seed's values apply (RUN_DEFAULTS), or the checkpoint's on --resume.
     train.add_argument("--batch-size", type=_int_at_least(1), default=None, help="images per step (default 100)")
-    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=None, help="default adagrad")
-    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.06)")
-    train.add_argument("--weight-init-std", type=_positive_float, default=None, help="default 0.01")
+    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=None, help="default adagrad (deep: adam, mlp: sgd)")
+    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.06; deep 0.001, mlp 0.01)")
+    train.add_argument("--weight-init-std", type=_init_std, default=None,
+                       help="simple: a number (default 0.01); mlp: he/relu (default), xavier/sigmoid or a number")
+    train.add_argument("--dropout", type=_dropout_ratio, default=None, help="dropout ratio (deep: default 0.5; mlp: default 0 = off)")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=None, help="mlp: L2 weight decay lambda (default 0)")
+    train.add_argument("--batchnorm", action="store_true", default=None, help="mlp: batch normalization after each hidden Affine")
+    train.add_argument("--hidden-sizes", type=_int_at_least(1), nargs="+", default=None, help="mlp: hidden layer sizes (default 100 100 100 100)")
+    train.add_argument("--activation", choices=["relu", "sigmoid"], default=None, help="mlp: activation (default relu)")
     train.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
     train.add_argument("--seed", type=_int_at_least(0), default=None, help="seed for the initial weights and the shuffling (default 0)")
     train.add_argument("--train-size", type=_int_at_least(1), default=None, help="use only the first N training images")
@@ -166,19 +205,27 @@ def _load_split_pair(args: argparse.Namespace, dataset: str, dtype: str) -> tupl
 def _run_settings(args: argparse.Namespace, checkpoint: Any) -> dict[str, Any]:
     """The settings that define a run: the options given (else the seed's defaults), or, on
     --resume, the checkpoint's; an option that contradicts the checkpoint is refused."""
-    given = {key: getattr(args, key) for key in RUN_DEFAULTS if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in RUN_KEYS if getattr(args, key, None) is not None}
     if checkpoint is None:
-        return {**RUN_DEFAULTS, **given}
+        model = given.get("model", "simple")
+        check_options(model, given)
+        return {**run_defaults(model), **given}
     saved = checkpoint.extra.get("run")
     saved = dict(saved) if isinstance(saved, dict) else {}     # a checkpoint written from Python has none
     if "dataset" not in saved and checkpoint.extra.get("dataset"):
         saved["dataset"] = str(checkpoint.extra["dataset"])
+    saved_class = checkpoint.metadata["architecture"].get("class", "SimpleConvNet")
+    saved.setdefault("model", model_of_class(saved_class) or "simple")
+    if "model" in given and given["model"] != saved["model"]:
+        raise CheckpointError(f"cannot resume: the checkpoint is a {saved_class} (--model {saved['model']}), "
+                              f"not --model {given['model']}; drop --model or start a new run")
+    check_options(saved["model"], given)
     conflicts = [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})"
                  for key, value in given.items() if key in saved and value != saved[key]]
     if conflicts:
         raise ConfigError(f"a resumed run keeps the settings it started with, but {', '.join(conflicts)} "
                           f"differ; drop these options (only --epochs, --backend, --out and display options may change)")
-    return {**RUN_DEFAULTS, **given, **saved}
+    return {**run_defaults(saved["model"]), **given, **saved}
 
 
 def _save_history_on_failure(trainer: Any, out: Path) -> None:
@@ -194,7 +241,7 @@ def _save_history_on_failure(trainer: Any, out: Path) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .backend import get_backend
     from .checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
-    from .models import SimpleConvNet
+    from .recipes import build_network
     from .train import Trainer
 
     out = _prepare_out_dir(args.out)
@@ -211,13 +258,12 @@ def run_train(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         network = build_from_checkpoint(checkpoint, backend)
         optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
-        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULT_EPOCHS))
+        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULT_EPOCHS[run["model"]]))
         initial_w1 = checkpoint.extra.get("W1_initial")
     else:
-        network = SimpleConvNet(input_dim=tuple(x_train.shape[1:]), weight_init_std=run["weight_init_std"],
-                                backend=backend, dtype=run["dtype"], seed=run["seed"])
+        network = build_network(run, tuple(x_train.shape[1:]), 10, backend)
         optimizer = run["optimizer"]
-        epochs = args.epochs or DEFAULT_EPOCHS
+        epochs = args.epochs or DEFAULT_EPOCHS[run["model"]]
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
@@ -229,7 +275,7 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.resume_from(checkpoint)
         print(f"resumed from {args.resume}: epoch {checkpoint.epoch}, step {checkpoint.step}", flush=True)
 
-    print(f"xpcnn {__version__}: SimpleConvNet on {run['dataset']} ({trainer.train_size} train / {x_test.shape[0]} test images), "
+    print(f"xpcnn {__version__}: {type(network).__name__} on {run['dataset']} ({trainer.train_size} train / {x_test.shape[0]} test images), "
           f"backend {backend}, {run['dtype']}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
           f"batch {run['batch_size']}, epochs {epochs}", flush=True)
     started = time.perf_counter()
@@ -246,10 +292,12 @@ def run_train(args: argparse.Namespace) -> int:
 
         plot_loss(history.step_loss, out / "loss.png", steps_per_epoch=trainer.steps_per_epoch)
         plot_accuracy(history.epoch, history.train_acc, history.test_acc, out / "accuracy.png")
-        plot_filters(initial_w1, backend.to_numpy(network.params["W1"]), out / "filters.png")
+        has_filters = initial_w1 is not None and np.ndim(initial_w1) == 4    # a first convolution
+        if has_filters:
+            plot_filters(initial_w1, backend.to_numpy(network.params["W1"]), out / "filters.png")
+    figures = "" if args.no_plots else ", loss.png, accuracy.png" + (", filters.png" if has_filters else "")
     print(f"done in {time.perf_counter() - started:.1f} s: final test acc {history.test_acc[-1]:.4f}; "
-          f"outputs in {out}/ (checkpoint.npz, history.json, history.csv"
-          + ("" if args.no_plots else ", loss.png, accuracy.png, filters.png") + ")", flush=True)
+          f"outputs in {out}/ (checkpoint.npz, history.json, history.csv{figures})", flush=True)
     return EXIT_OK
 
 
