@@ -4,6 +4,7 @@
     python scripts/bench.py                      # CPU, float32, batch 100
     python scripts/bench.py --backend gpu        # CuPy vs book-on-CuPy vs torch CUDA
     python scripts/bench.py --dtype float64 --repeats 50 --json out/bench.json
+    python scripts/bench.py --model deep --no-memory  # DeepConvNet + Adam vs torch (no book code)
 
 What is timed, in one process, interleaved round-robin (the order rotates every round,
 warm-up steps excluded):
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--model", choices=["simple", "deep"], default="simple",
+                   help="simple: SimpleConvNet + AdaGrad (default); deep: the book's DeepConvNet + Adam lr 0.001, "
+                        "dropout 0.5 with identical masks on both sides")
     p.add_argument("--batch-size", type=int, default=100, help="training batch (default 100)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds per contender (default 30)")
@@ -315,9 +319,16 @@ class XpcnnContender(Contender):
     def __init__(self, args, host_params, x, t, x_eval, t_eval):
         self.backend = get_backend(args.backend)
         self.note = f"xpcnn {self.backend.name} {args.dtype}"
-        self.net = SimpleConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
+        if args.model == "deep":
+            from xpcnn.nets import DeepConvNet
+            from xpcnn.optim import Adam
+
+            self.net = DeepConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
+            self.opt = Adam(lr=0.001)
+        else:
+            self.net = SimpleConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
+            self.opt = AdaGrad(lr=LR)
         self.net.set_params(host_params)
-        self.opt = AdaGrad(lr=LR)
         self.x = self.backend.asarray(x, dtype=args.dtype)
         self.t = self.backend.asarray(t)
         self.x_eval = self.backend.asarray(x_eval, dtype=args.dtype)
@@ -329,7 +340,8 @@ class XpcnnContender(Contender):
         self.opt.update(self.net.params, grads)
 
     def loss_value(self):
-        return self.backend.to_float(self.net.loss(self.x, self.t))
+        # Inference mode (no Dropout), as torch's loss_value, so the first losses compare.
+        return self.backend.to_float(self.net.last_layer.forward(self.net.predict(self.x), self.t))
 
     def can_evaluate(self):
         return True
@@ -379,6 +391,31 @@ class TorchContender(Contender):
         self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
         dtype = getattr(torch, args.dtype)
         self.note = f"torch {torch.__version__} eager, {self.device.type} {args.dtype}"
+        if args.model == "deep":
+            self._init_deep(args, host_params, dtype)
+        else:
+            self._init_simple(args, host_params, dtype)
+        self.x = torch.from_numpy(x).to(self.device, dtype)
+        self.t = torch.from_numpy(t).to(self.device, torch.int64)
+        self.x_eval = torch.from_numpy(x_eval).to(self.device, dtype)
+        self.t_eval = torch.from_numpy(t_eval).to(self.device, torch.int64)
+        self.eval_batch = args.eval_batch_size[0]
+
+    def _init_deep(self, args, host_params, dtype):
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from torch_models import TorchDeepConvNet
+        from xpcnn.backend import RandomSource, get_backend
+        from xpcnn.network import DROPOUT_STREAM, derived_seed
+
+        masks = RandomSource(get_backend("cpu"), derived_seed(args.seed, DROPOUT_STREAM))
+        twin = TorchDeepConvNet({k: v.astype(args.dtype) for k, v in host_params.items()}, dropout_ratio=0.5,
+                                mask_source=masks, dtype=args.dtype, device=self.device.type)
+        self.model = lambda x: twin.forward(x, train=True)
+        self.eval_model = twin.forward
+        self.opt = self.torch.optim.Adam(twin.parameters(), lr=0.001)
+
+    def _init_simple(self, args, host_params, dtype):
+        torch, nn = self.torch, self.torch.nn
         fn, c, fh, fw = host_params["W1"].shape
         conv = nn.Conv2d(c, fn, (fh, fw), stride=1, padding=0)
         fc1 = nn.Linear(*host_params["W2"].shape)
@@ -392,13 +429,9 @@ class TorchContender(Contender):
             fc2.bias.copy_(torch.from_numpy(host_params["b3"]))
         self.model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(),
                                    fc1, nn.ReLU(), fc2).to(self.device, dtype)
+        self.eval_model = self.model
         self.opt = torch.optim.Adagrad(self.model.parameters(), lr=LR,
                                        initial_accumulator_value=0, eps=1e-7)
-        self.x = torch.from_numpy(x).to(self.device, dtype)
-        self.t = torch.from_numpy(t).to(self.device, torch.int64)
-        self.x_eval = torch.from_numpy(x_eval).to(self.device, dtype)
-        self.t_eval = torch.from_numpy(t_eval).to(self.device, torch.int64)
-        self.eval_batch = args.eval_batch_size[0]
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
@@ -408,7 +441,7 @@ class TorchContender(Contender):
 
     def loss_value(self):
         with self.torch.no_grad():
-            return float(self.F.cross_entropy(self.model(self.x), self.t))
+            return float(self.F.cross_entropy(self.eval_model(self.x), self.t))
 
     def can_evaluate(self):
         return True
@@ -421,7 +454,7 @@ class TorchContender(Contender):
             for start in range(0, n, self.eval_batch):
                 xb = self.x_eval[start:start + self.eval_batch]
                 tb = self.t_eval[start:start + self.eval_batch]
-                correct += (self.model(xb).argmax(dim=1) == tb).sum()
+                correct += (self.eval_model(xb).argmax(dim=1) == tb).sum()
         return float(correct) / n
 
     def sync(self):
@@ -451,7 +484,12 @@ def make_data(args) -> tuple:
 
 def initial_params(args) -> dict:
     """xpcnn's initial weights (host float64), which every contender starts from."""
-    net = SimpleConvNet(backend="cpu", dtype="float64", seed=args.seed)
+    if args.model == "deep":
+        from xpcnn.nets import DeepConvNet
+
+        net = DeepConvNet(backend="cpu", dtype="float64", seed=args.seed)
+    else:
+        net = SimpleConvNet(backend="cpu", dtype="float64", seed=args.seed)
     return {k: np.array(v, dtype=np.float64) for k, v in net.params.items()}
 
 
@@ -470,7 +508,7 @@ def build(args, which: str, host_params, data):
 
 def contender_names(args) -> list[str]:
     names = ["xpcnn"]
-    if not args.no_book:
+    if not args.no_book and args.model == "simple":   # the book's code here is SimpleConvNet's
         names.append("book-f64")
         if args.dtype == "float32":
             names.append("book-f32")
@@ -628,10 +666,8 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
         for name, layer in reversed(list(net.layers.items())):
             d = timed(f"{name} backward", layer.backward, d)
-        layers = net.layers
-        grads = {"W1": layers["Conv1"].dW, "b1": layers["Conv1"].db, "W2": layers["Affine1"].dW,
-                 "b2": layers["Affine1"].db, "W3": layers["Affine2"].dW, "b3": layers["Affine2"].db}
-        timed("AdaGrad update", opt.update, net.params, grads)
+        grads = {key: getattr(net.layers[name], attr) for key, (name, attr) in net.grad_sources.items()}
+        timed(f"{type(opt).__name__} update", opt.update, net.params, grads)
     return {key: statistics.median(v) for key, v in parts.items()}
 
 
