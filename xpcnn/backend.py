@@ -13,7 +13,7 @@ holds the only library-specific code (the guarded CuPy import).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -52,11 +52,21 @@ class Backend:
             or ``array_api_strict``).
         device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, or an
             ``array_api_strict.Device``).
+        reference: True forces the array-API reference code for every hot operation (no
+            fast paths); used by the tests and the benchmark to check the fast paths.
     """
 
     name: str
     xp: ModuleType
     device: Any
+    reference: bool = False
+
+    @property
+    def ops(self) -> Any:
+        """The table of hot operations (`xpcnn.ops.Ops`): fast where this library has them."""
+        from .ops import ops_for   # ops sits above this module (it imports functional)
+
+        return ops_for(self.xp, self.reference)
 
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
@@ -110,7 +120,7 @@ def _same_device(a: Any, b: Any) -> bool:
     return getattr(a, "id", a) == getattr(b, "id", b)
 
 
-def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
+def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
     """Return the backend called `name` (``cpu``/``numpy``, ``gpu``/``cupy``, ``array_api_strict``).
 
     Args:
@@ -119,13 +129,14 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
             also becomes the current CUDA device;
             for ``array_api_strict``, an ``array_api_strict.Device`` (default ``"device1"``,
             a non-default device, so that a NumPy-only call on its arrays fails loudly).
+        reference: use the array-API reference code for every hot operation (no fast paths).
 
     Raises:
         ConfigError: unknown backend name.
         BackendUnavailable: CuPy is not installed or no CUDA device can be used.
     """
     if isinstance(name, Backend):
-        return name
+        return replace(name, reference=True) if reference and not name.reference else name
     key = BACKEND_ALIASES.get(str(name).lower())
     if key is None:
         raise ConfigError(
@@ -135,7 +146,7 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
     if key == "numpy":
         import array_api_compat.numpy as xp_numpy
 
-        return Backend("numpy", xp_numpy, "cpu")
+        return Backend("numpy", xp_numpy, "cpu", reference)
     if key == "array_api_strict":
         try:
             import array_api_strict
@@ -145,8 +156,8 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
                 "pip install 'xpcnn[dev]'"
             ) from exc
         strict_device = array_api_strict.Device("device1") if device is None else device
-        return Backend("array_api_strict", array_api_strict, strict_device)
-    return _cupy_backend(device)
+        return Backend("array_api_strict", array_api_strict, strict_device, reference)
+    return replace(_cupy_backend(device), reference=reference)
 
 
 def _cupy_backend(device: Any) -> Backend:
