@@ -79,6 +79,7 @@ class Backend:
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
+        array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
         if isinstance(array, np.ndarray):
             return array
         if self.name == "cupy":
