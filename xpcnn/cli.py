@@ -13,6 +13,7 @@ code  meaning
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
+8     out of (GPU) memory: a batch did not fit; the message names the option to lower
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
@@ -31,16 +32,17 @@ import numpy as np
 
 from . import __version__
 from .errors import (
-    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
+    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DeviceMemoryError, DTypeError,
     OutputError, ShapeError, TrainingError, XpcnnError,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
 
 
 _EXIT_CODES = [  # most specific first
-    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO),
+    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
 ]
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
     parser.add_argument("--device", type=_int_at_least(0), default=None, help="CUDA device number for --backend gpu")
+    parser.add_argument("--reference", action="store_true",
+                        help="run the array-API reference code for every operation, never a backend's fast path (slower; for checking)")
 
 
 def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
@@ -198,7 +202,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     out = _prepare_out_dir(args.out)
-    backend = get_backend(args.backend, device=args.device)      # fail fast, before loading data
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)      # fail fast, before loading data
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = _run_settings(args, checkpoint)
 
@@ -254,11 +258,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .backend import get_backend
+    from .backend import get_backend, is_out_of_memory, out_of_memory_message
     from .checkpoint import build_from_checkpoint, load_checkpoint
     from .data import load_split
 
-    backend = get_backend(args.backend, device=args.device)
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.extra.get("dataset")
     if not dataset:
@@ -267,7 +271,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
                       download=args.download, dtype=checkpoint.dtype)
     started = time.perf_counter()
-    accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    try:
+        accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or isinstance(exc, XpcnnError):
+            raise
+        raise DeviceMemoryError(f"out of memory on {backend} while scoring a batch of {args.batch_size} images "
+                                f"({out_of_memory_message(exc)}); lower --batch-size") from exc
     seconds = time.perf_counter() - started
     print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
           f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")

@@ -47,3 +47,7 @@ class OutputError(XpcnnError):
 
 class TrainingError(XpcnnError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class DeviceMemoryError(XpcnnError, MemoryError):
+    """A batch did not fit in the device's (or the host's) memory; lower the batch size."""
