@@ -13,7 +13,7 @@ holds the only library-specific code (the guarded CuPy and PyTorch imports).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -63,13 +63,23 @@ class Backend:
             ``array_api_compat.torch`` or ``array_api_strict``).
         device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, a
             ``torch.device`` such as ``cuda:0``, or an ``array_api_strict.Device``).
+        reference: True forces the array-API reference code for every hot operation (no
+            fast paths); used by the tests and the benchmark to check the fast paths.
         float_dtypes: the floating dtypes this device computes in (Apple's MPS has no float64).
     """
 
     name: str
     xp: ModuleType
     device: Any
+    reference: bool = False
     float_dtypes: tuple[str, ...] = FLOAT_DTYPES
+
+    @property
+    def ops(self) -> Any:
+        """The table of hot operations (`xpcnn.ops.Ops`): fast where this library has them."""
+        from .ops import ops_for   # ops sits above this module (it imports functional)
+
+        return ops_for(self.xp, self.reference)
 
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
@@ -96,6 +106,7 @@ class Backend:
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
+        array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
         if isinstance(array, np.ndarray):
             return array
         if self.name == "cupy":
@@ -157,7 +168,7 @@ def _same_device(a: Any, b: Any) -> bool:
     return getattr(a, "id", a) == getattr(b, "id", b)
 
 
-def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
+def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
     """Return the backend called `name`: ``cpu``/``numpy``, ``gpu``/``cupy``,
     ``torch[:DEVICE]`` (``torch``, ``torch:cuda``, ``torch:cuda:1``, ``torch:mps``) or
     ``array_api_strict``.
@@ -170,13 +181,14 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
             ``torch:cuda``, the CUDA device number;
             for ``array_api_strict``, an ``array_api_strict.Device`` (default ``"device1"``,
             a non-default device, so that a NumPy-only call on its arrays fails loudly).
+        reference: use the array-API reference code for every hot operation (no fast paths).
 
     Raises:
         ConfigError: unknown backend or device name.
         BackendUnavailable: CuPy or PyTorch is not installed, or the device cannot be used.
     """
     if isinstance(name, Backend):
-        return name
+        return replace(name, reference=True) if reference and not name.reference else name
     base, _, device_part = str(name).lower().partition(":")
     key = BACKEND_ALIASES.get(base)
     if key is None or (device_part and key != "torch"):
@@ -185,11 +197,11 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
             f"'torch', 'torch:cuda', 'torch:mps', 'array_api_strict'"
         )
     if key == "torch":
-        return _torch_backend(device_part, device)
+        return _torch_backend(device_part, device, reference)
     if key == "numpy":
         import array_api_compat.numpy as xp_numpy
 
-        return Backend("numpy", xp_numpy, "cpu")
+        return Backend("numpy", xp_numpy, "cpu", reference)
     if key == "array_api_strict":
         try:
             import array_api_strict
@@ -199,8 +211,8 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
                 "pip install 'xpcnn[dev]'"
             ) from exc
         strict_device = array_api_strict.Device("device1") if device is None else device
-        return Backend("array_api_strict", array_api_strict, strict_device)
-    return _cupy_backend(device)
+        return Backend("array_api_strict", array_api_strict, strict_device, reference)
+    return replace(_cupy_backend(device), reference=reference)
 
 
 def _cupy_backend(device: Any) -> Backend:
@@ -254,7 +266,7 @@ def _torch_device_name(device_part: str, device: Any) -> str:
     return text
 
 
-def _torch_backend(device_part: str, device: Any) -> Backend:
+def _torch_backend(device_part: str, device: Any, reference: bool = False) -> Backend:
     text = _torch_device_name(device_part, device)
     what = f"backend 'torch:{text}'" if text != "cpu" else "backend 'torch'"
     try:
@@ -290,7 +302,7 @@ def _torch_backend(device_part: str, device: Any) -> Backend:
     float_dtypes = ("float32",) if kind == "mps" else FLOAT_DTYPES
     # Tensors made here never have requires_grad, so autograd records nothing: no global
     # torch.set_grad_enabled(False), which would change the caller's own torch code.
-    return Backend("torch", xp_torch, torch_device, float_dtypes)
+    return Backend("torch", xp_torch, torch_device, reference, float_dtypes)
 
 
 def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:

@@ -93,13 +93,13 @@ def pad_nchw(x: Any, pad: int, fill: float = 0.0) -> Any:
 
 
 def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
-                out_h: int, out_w: int) -> Any:
+                out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """``(N, C, H, W) -> (N, C*FH*FW, OH*OW)``: per image, one row per ``(c, i, j)``.
 
     ``col[n, (c, i, j), (oh, ow)] == x_pad[n, c, oh*stride + i, ow*stride + j]``; it is the
-    transpose of image n's block of the book's im2col matrix.
+    transpose of image n's block of the book's im2col matrix. Pass `xp` when it is known.
     """
-    xp = namespace_of(x)
+    xp = xp or namespace_of(x)
     n, c = x.shape[0], x.shape[1]
     x_pad = pad_nchw(x, pad)
     patches = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
@@ -109,9 +109,9 @@ def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
 
 
 def col2im_nchw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,
-                pad: int, out_h: int, out_w: int) -> Any:
+                pad: int, out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """Adjoint of `im2col_nchw`: ``(N, C*FH*FW, OH*OW) -> (N, C, H, W)``, overlaps added."""
-    xp = namespace_of(col)
+    xp = xp or namespace_of(col)
     n, c, h, w = input_shape
     col5 = xp.reshape(col, (n, c, filter_h * filter_w, out_h, out_w))
     dx_pad = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=array_api_compat.device(col))
