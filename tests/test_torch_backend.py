@@ -11,6 +11,7 @@ is not installed (except the test of that very message).
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -215,6 +216,23 @@ def test_numpy_and_torch_arrays_mixed_in_a_layer_are_reported():
         net.layers["Conv1"].forward(np.zeros((1, 1, 8, 8), dtype=np.float32))
     with pytest.raises(BackendMismatch, match="different backends"):
         namespace_of(np.ones(2), torch_backend.asarray(np.ones(2), "float32"))
+
+
+def test_parameter_views_share_the_flat_buffer(torch_backend):
+    """`params["W1"]` is a view of `params.flat` on torch too: writes through either reach the
+    other (`x[...] = y`, `p -= step` on reshaped slices), as the whole-buffer optimizers need."""
+    net = SimpleConvNet((1, 8, 8), {"filter_num": 2, "filter_size": 3, "pad": 0, "stride": 1}, hidden_size=4,
+                        output_size=3, backend=torch_backend, seed=0)
+    params, xp = net.params, torch_backend.xp
+    w1 = params["W1"]
+    params.flat[...] = 0.0
+    assert torch_backend.to_float(xp.sum(xp.abs(w1))) == 0.0
+    w1 -= 1.5
+    params["b1"] = torch_backend.asarray(np.full(2, 2.0), "float32")
+    size = math.prod(w1.shape)
+    host_flat = torch_backend.to_numpy(params.flat)
+    assert (host_flat[:size] == -1.5).all() and (host_flat[size:size + 2] == 2.0).all()
+    assert torch_backend.to_float(xp.sum(net.layers["Conv1"].W)) == -1.5 * size     # the layer sees it
 
 
 def test_autograd_stays_off(torch_backend):
