@@ -292,6 +292,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     network = build_from_checkpoint(checkpoint, backend)
     x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
                       download=args.download, dtype=checkpoint.dtype)
+    takes = tuple(int(v) for v in network.config["input_dim"])
+    if tuple(x.shape[1:]) != takes:
+        raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
+                              f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()
     accuracy = network.accuracy(x, t, batch_size=args.batch_size)
     seconds = time.perf_counter() - started

@@ -181,7 +181,9 @@ def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, ma
                     raise ImageFileError(f"{path}: the picture is {width} x {height} pixels (width x height): nothing to classify")
                 if width * height > max_pixels:
                     raise _too_big(path, width, height, max_pixels)
-                pixels, full_scale = _grayscale(ImageOps.exif_transpose(picture))
+                upright = ImageOps.exif_transpose(picture)       # as a phone shows its photo
+                pixels, full_scale = _grayscale(upright)
+                width, height = upright.size
     except ImageFileError:
         raise
     except Image.DecompressionBombError as exc:

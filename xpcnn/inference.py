@@ -36,7 +36,7 @@ def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int,
     if n == 0:
         raise ShapeError("predict: no images given (N = 0)")
     for start in range(0, n, batch_size):
-        yield start, _on_backend(network, x[start:start + batch_size, ...])
+        yield start, _on_backend(network, x[start:min(start + batch_size, n), ...])   # the standard has no out-of-range stops
 
 
 def predict_proba(network: Any, x: Any, batch_size: int = 100) -> Any:
