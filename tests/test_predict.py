@@ -268,7 +268,7 @@ def test_a_bad_file_among_good_ones_is_one_line_and_the_others_are_classified(
     good1, good2 = good_pictures
     code = main(["predict", str(untrained_checkpoints[checkpoint]), str(good1), str(bad), str(good2)])
     out, err = capsys.readouterr()
-    assert code == 8
+    assert code == 9
     assert [line.split(":")[0] for line in out.splitlines()] == [str(good1), str(good2)]
     lines = err.splitlines()
     assert len(lines) == 2 and "Traceback" not in err, err

@@ -13,7 +13,7 @@ holds the only library-specific code (the guarded CuPy import).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -52,11 +52,21 @@ class Backend:
             or ``array_api_strict``).
         device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, or an
             ``array_api_strict.Device``).
+        reference: True forces the array-API reference code for every hot operation (no
+            fast paths); used by the tests and the benchmark to check the fast paths.
     """
 
     name: str
     xp: ModuleType
     device: Any
+    reference: bool = False
+
+    @property
+    def ops(self) -> Any:
+        """The table of hot operations (`xpcnn.ops.Ops`): fast where this library has them."""
+        from .ops import ops_for   # ops sits above this module (it imports functional)
+
+        return ops_for(self.xp, self.reference)
 
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
@@ -69,6 +79,7 @@ class Backend:
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
+        array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
         if isinstance(array, np.ndarray):
             return array
         if self.name == "cupy":
@@ -110,7 +121,7 @@ def _same_device(a: Any, b: Any) -> bool:
     return getattr(a, "id", a) == getattr(b, "id", b)
 
 
-def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
+def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
     """Return the backend called `name` (``cpu``/``numpy``, ``gpu``/``cupy``, ``array_api_strict``).
 
     Args:
@@ -119,13 +130,14 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
             also becomes the current CUDA device;
             for ``array_api_strict``, an ``array_api_strict.Device`` (default ``"device1"``,
             a non-default device, so that a NumPy-only call on its arrays fails loudly).
+        reference: use the array-API reference code for every hot operation (no fast paths).
 
     Raises:
         ConfigError: unknown backend name.
         BackendUnavailable: CuPy is not installed or no CUDA device can be used.
     """
     if isinstance(name, Backend):
-        return name
+        return replace(name, reference=True) if reference and not name.reference else name
     key = BACKEND_ALIASES.get(str(name).lower())
     if key is None:
         raise ConfigError(
@@ -135,7 +147,7 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
     if key == "numpy":
         import array_api_compat.numpy as xp_numpy
 
-        return Backend("numpy", xp_numpy, "cpu")
+        return Backend("numpy", xp_numpy, "cpu", reference)
     if key == "array_api_strict":
         try:
             import array_api_strict
@@ -145,8 +157,8 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None) -> Backend:
                 "pip install 'xpcnn[dev]'"
             ) from exc
         strict_device = array_api_strict.Device("device1") if device is None else device
-        return Backend("array_api_strict", array_api_strict, strict_device)
-    return _cupy_backend(device)
+        return Backend("array_api_strict", array_api_strict, strict_device, reference)
+    return replace(_cupy_backend(device), reference=reference)
 
 
 def _cupy_backend(device: Any) -> Backend:
@@ -237,3 +249,15 @@ def backend_of(array: Any) -> Backend:
     if array_api_compat.is_array_api_strict_namespace(xp):
         return Backend("array_api_strict", xp, array_api_compat.device(array))
     return Backend(getattr(xp, "__name__", "unknown"), xp, array_api_compat.device(array))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: NumPy's MemoryError, CuPy's OutOfMemoryError
+    (a MemoryError), or an accelerator library's ``OutOfMemoryError`` of another base."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def out_of_memory_message(exc: BaseException) -> str:
+    """The library's own one-line account of an allocation failure (without its traceback)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__module__.split('.')[0]}: {text[0] if text else type(exc).__name__}"

@@ -13,7 +13,8 @@ code  meaning
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
-8     predict: a file could not be read or used (the other files were still classified)
+8     out of (GPU) memory: a batch did not fit; the message names the option to lower
+9     predict: a file could not be read or used (the other files were still classified)
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
@@ -32,17 +33,18 @@ import numpy as np
 
 from . import __version__
 from .errors import (
-    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
+    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DeviceMemoryError, DTypeError,
     ImageFileError, OutputError, ShapeError, TrainingError, XpcnnError,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
-EXIT_INPUT_FILE = 8
+EXIT_INPUT_FILE = 9
 
 
 _EXIT_CODES = [  # most specific first
-    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO),
+    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
     (ImageFileError, EXIT_INPUT_FILE),
@@ -135,6 +137,8 @@ def _add_predict_parser(sub: Any) -> None:
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
     parser.add_argument("--device", type=_int_at_least(0), default=None, help="CUDA device number for --backend gpu")
+    parser.add_argument("--reference", action="store_true",
+                        help="run the array-API reference code for every operation, never a backend's fast path (slower; for checking)")
 
 
 def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
@@ -223,7 +227,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     out = _prepare_out_dir(args.out)
-    backend = get_backend(args.backend, device=args.device)      # fail fast, before loading data
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)      # fail fast, before loading data
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = _run_settings(args, checkpoint)
 
@@ -279,11 +283,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .backend import get_backend
+    from .backend import get_backend, is_out_of_memory, out_of_memory_message
     from .checkpoint import build_from_checkpoint, load_checkpoint
     from .data import load_split
 
-    backend = get_backend(args.backend, device=args.device)
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
     report_dir = _prepare_out_dir(args.report, "--report") if args.report else None     # fail fast
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.extra.get("dataset")
@@ -297,7 +301,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
                               f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()
-    accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    try:
+        accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or isinstance(exc, XpcnnError):
+            raise
+        raise DeviceMemoryError(f"out of memory on {backend} while scoring a batch of {args.batch_size} images "
+                                f"({out_of_memory_message(exc)}); lower --batch-size") from exc
     seconds = time.perf_counter() - started
     print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
           f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")
@@ -328,7 +338,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .data import class_names, get_spec
     from .predict import FileFailure, classify_files, input_size
 
-    backend = get_backend(args.backend, device=args.device)
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
     if args.dataset:
         get_spec(args.dataset)                           # an unknown name is refused, not ignored
     checkpoint = load_checkpoint(args.checkpoint)

@@ -16,6 +16,7 @@ from .backend import Backend, get_backend, namespace_of
 from .errors import ConfigError, ShapeError
 from .functional import conv_output_size, positive_int
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from .params import make_params
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 
@@ -37,14 +38,18 @@ class SimpleConvNet:
         dtype: ``"float32"`` (default) or ``"float64"``.
         seed: seed of the host generator that draws the weights, so every backend starts
             from identical weights.
+        reference: run the array-API reference code for every hot operation, never a
+            backend's fast path (the fast paths are tested against it).
 
     ``params`` holds ``W1 b1`` (convolution), ``W2 b2`` (hidden affine), ``W3 b3`` (output
-    affine), shared by reference with the layers so optimizers update them in place.
+    affine), shared by reference with the layers so optimizers update them in place; all six
+    are views of one buffer, ``params.flat`` (see `xpcnn.params`).
     """
 
     def __init__(self, input_dim: tuple = (1, 28, 28), conv_param: dict | None = None,
                  hidden_size: int = 100, output_size: int = 10, weight_init_std: float = 0.01,
-                 *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None):
+                 *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
+                 reference: bool = False):
         conv = dict(DEFAULT_CONV_PARAM)
         if conv_param:
             unknown = set(conv_param) - set(conv)
@@ -64,7 +69,7 @@ class SimpleConvNet:
         pool_w = conv_output_size(conv_w, 2, 2, 0, what="SimpleConvNet 2x2 pooling (width)")
         pool_output_size = filter_num * pool_h * pool_w
 
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, reference=reference)
         self.dtype = self.backend.dtype(dtype)
         self.config = {
             "input_dim": [channels, height, width], "conv_param": conv, "hidden_size": hidden_size,
@@ -82,26 +87,26 @@ class SimpleConvNet:
             "W3": weight_init_std * rng.standard_normal((hidden_size, output_size)),
             "b3": np.zeros(output_size),
         }
-        self.params = {key: self.backend.asarray(value, dtype=self.dtype) for key, value in host.items()}
+        self.params = make_params(host, self.backend, self.dtype)   # views of one flat buffer
         self._build_layers(conv)
 
     def _build_layers(self, conv: dict) -> None:
-        p = self.params
+        p, ops = self.params, self.backend.ops
         # The book applies ReLU before the pooling. Max pooling and ReLU commute (max is
         # monotonic: relu(max(w)) == max(relu(w)), and both send a window's gradient to its
         # first maximum, or nowhere when it is <= 0), so pooling first gives identical outputs
         # and gradients while ReLU touches 4x fewer values: about 20% off a training step.
         self.layers = {
-            "Conv1": Convolution(p["W1"], p["b1"], conv["stride"], conv["pad"]),
-            "Pool1": Pooling(pool_h=2, pool_w=2, stride=2),
-            "Relu1": ReLU(),
-            "Affine1": Affine(p["W2"], p["b2"]),
-            "Relu2": ReLU(),
-            "Affine2": Affine(p["W3"], p["b3"]),
+            "Conv1": Convolution(p["W1"], p["b1"], conv["stride"], conv["pad"], ops=ops),
+            "Pool1": Pooling(pool_h=2, pool_w=2, stride=2, ops=ops),
+            "Relu1": ReLU(ops=ops),
+            "Affine1": Affine(p["W2"], p["b2"], ops=ops),
+            "Relu2": ReLU(ops=ops),
+            "Affine2": Affine(p["W3"], p["b3"], ops=ops),
         }
         # Nobody needs d(loss)/d(images) in training: skip the col2im of the first layer.
         self.layers["Conv1"].need_input_grad = False
-        self.last_layer = SoftmaxWithLoss()
+        self.last_layer = SoftmaxWithLoss(ops=ops)
 
     @property
     def xp(self):
@@ -159,22 +164,19 @@ class SimpleConvNet:
             raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
         if n == 0:
             raise ShapeError("accuracy: no images given (N = 0)")
-        xp = self.xp
+        xp, ops = self.xp, self.backend.ops
         num_classes = self.config["output_size"]
-        # [correct, non-finite pixels, labels out of range], summed on the device, read once.
-        counts = None
+        # Per batch only the correct count, summed on the device (fused on CuPy); pixels and
+        # labels are checked once for the whole set; one transfer at the end.
+        correct = None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
-            pred = xp.argmax(self.predict(xb), axis=1)
             if tb.ndim != 1:
                 tb = xp.argmax(tb, axis=1)
-            batch_counts = xp.stack([
-                xp.sum(xp.astype(pred == tb, xp.int64)),
-                xp.sum(xp.astype(xp.logical_not(xp.isfinite(xb)), xp.int64)),
-                xp.sum(xp.astype(xp.logical_or(tb < 0, tb >= num_classes), xp.int64)),
-            ])
-            counts = batch_counts if counts is None else counts + batch_counts
+            hits = ops.count_correct(self.predict(xb), tb)
+            correct = hits if correct is None else correct + hits
+        counts = xp.stack([correct, *self._bad_input_counts(x, t, num_classes)])
         correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
         if non_finite:
             raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
@@ -184,6 +186,18 @@ class SimpleConvNet:
             raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
                              f"(got values from {labels.min()} to {labels.max()})")
         return correct / n
+
+    def _bad_input_counts(self, x: Any, t: Any, num_classes: int) -> list[Any]:
+        """[non-finite pixels, labels outside 0..K-1] of a whole set, as 0-d arrays on the backend."""
+        xp = self.xp
+        if isinstance(x, np.ndarray) and isinstance(t, np.ndarray):      # host data: free to read here
+            labels = t.argmax(axis=1) if t.ndim == 2 else t
+            counts = [np.count_nonzero(~np.isfinite(x)), np.count_nonzero((labels < 0) | (labels >= num_classes))]
+            return [self.backend.asarray(np.asarray(c, dtype=np.int64)) for c in counts]
+        x, t = self._on_backend(x), self._on_backend(t)
+        labels = xp.argmax(t, axis=1) if t.ndim == 2 else t
+        return [xp.sum(xp.astype(xp.logical_not(xp.isfinite(x)), xp.int64)),
+                xp.sum(xp.astype(xp.logical_or(labels < 0, labels >= num_classes), xp.int64))]
 
     def _on_backend(self, array: Any) -> Any:
         if isinstance(array, np.ndarray) and self.backend.name != "numpy":
