@@ -155,32 +155,28 @@ def _header_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _too_big(path: str, width: int, height: int, max_pixels: int) -> ImageFileError:
-    return ImageFileError(
-        f"{path}: the picture is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), over the "
-        f"limit of {max_pixels / 1e6:.0f} megapixels; refusing to decode it (a decompression-bomb guard): "
-        f"shrink it first")
+def _check_declared(path: str, width: int, height: int, max_pixels: int) -> None:
+    """Refuse a picture by the size its header declares, before any pixel is decoded."""
+    if width == 0 or height == 0:
+        raise ImageFileError(f"{path}: the picture is {width} x {height} pixels (width x height): nothing to classify")
+    if width * height > max_pixels:
+        raise ImageFileError(
+            f"{path}: the picture is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), over the "
+            f"limit of {max_pixels / 1e6:.0f} megapixels; refusing to decode it (a decompression-bomb guard): "
+            f"shrink it first")
 
 
 def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, max_pixels: int) -> InputFile:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    declared = _header_size(head)
+    declared = _header_size(head)          # PNG, GIF, BMP: before Pillow parses anything
     if declared is not None:
-        width, height = declared
-        if width == 0 or height == 0:
-            raise ImageFileError(f"{path}: the picture is {width} x {height} pixels (width x height): nothing to classify")
-        if width * height > max_pixels:
-            raise _too_big(path, width, height, max_pixels)
+        _check_declared(path, *declared, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit is lower
             with Image.open(path) as picture:            # reads the header only
-                width, height = picture.size
-                if width == 0 or height == 0:
-                    raise ImageFileError(f"{path}: the picture is {width} x {height} pixels (width x height): nothing to classify")
-                if width * height > max_pixels:
-                    raise _too_big(path, width, height, max_pixels)
+                _check_declared(path, *picture.size, max_pixels)          # JPEG and the rest
                 upright = ImageOps.exif_transpose(picture)       # as a phone shows its photo
                 pixels, full_scale = _grayscale(upright)
                 width, height = upright.size
