@@ -51,3 +51,8 @@ class TrainingError(XpcnnError):
 
 class DeviceMemoryError(XpcnnError, MemoryError):
     """A batch did not fit in the device's (or the host's) memory; lower the batch size."""
+
+
+class ImageFileError(XpcnnError, ValueError):
+    """An input file to classify cannot be used: missing, unreadable, not an image, too large,
+    or an array of the wrong shape or dtype (``xpcnn predict`` reports it and goes on)."""

@@ -128,6 +128,13 @@ class SimpleConvNet:
             x = layer.forward(x)
         return x
 
+    def predict_proba(self, x: Any, batch_size: int = 100) -> Any:
+        """Class probabilities ``(N, output_size)`` (softmax of `predict`), `batch_size` images
+        at a time; `x` may be on the host. See `xpcnn.inference.predict_proba`."""
+        from .inference import predict_proba
+
+        return predict_proba(self, x, batch_size)
+
     def loss(self, x: Any, t: Any) -> Any:
         """Mean cross-entropy on a batch, as a 0-d array on the backend."""
         return self.last_layer.forward(self.predict(x), t)
