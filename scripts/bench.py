@@ -3,6 +3,8 @@
 
     python scripts/bench.py                      # CPU, float32, batch 100
     python scripts/bench.py --backend gpu        # CuPy vs book-on-CuPy vs torch CUDA
+    python scripts/bench.py --backend torch      # xpcnn on torch tensors vs torch eager (CPU)
+    python scripts/bench.py --backend torch:cuda # the same on a CUDA GPU (torch:mps on Apple)
     python scripts/bench.py --dtype float64 --repeats 50 --json out/bench.json
     python scripts/bench.py --model deep --no-memory  # DeepConvNet + Adam vs torch (no book code)
 
@@ -10,15 +12,17 @@ What is timed, in one process, interleaved round-robin (the order rotates every 
 warm-up steps excluded):
 
 * ``xpcnn``    ``net.gradient(x, t)`` + ``AdaGrad(lr=0.06).update(net.params, grads)`` on
-               SimpleConvNet with the book's defaults;
+               SimpleConvNet with the book's defaults, on the chosen backend (with
+               ``--backend torch``: xpcnn's array-API code running on torch tensors, and
+               ``xpcnn-numpy``, the same code on NumPy, for comparison on the CPU);
 * ``book-f64`` the book's own algorithm (K*K-slice im2col/col2im through the
                ``(N, C, FH, FW, OH, OW)`` buffer and its transpose, argmax pooling with
                an index scatter, Affine/ReLU/SoftmaxWithLoss and AdaGrad as in the book),
                written out in this file, in float64 as the seed ran it; ``book-f32`` is the
-               same code in float32 (added when ``--dtype float32``);
+               same code in float32 (added when ``--dtype float32``; NumPy/CuPy only);
 * ``torch``    the same network in PyTorch eager mode (nn.Conv2d/MaxPool2d/Linear,
-               F.cross_entropy, torch.optim.Adagrad), same initial weights, batch and dtype,
-               when torch is importable.
+               F.cross_entropy, torch.optim.Adagrad), same initial weights, batch, dtype and
+               device, when torch is importable.
 
 Then evaluation throughput on 10,000 images (xpcnn ``net.accuracy`` vs torch ``no_grad``
 forward in batches), and peak memory of each contender measured in a fresh subprocess
@@ -46,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--backend", default="cpu",
+                   help="cpu (NumPy), gpu (CuPy), torch, torch:cuda or torch:mps (xpcnn on torch tensors)")
     p.add_argument("--model", choices=["simple", "deep"], default="simple",
                    help="simple: SimpleConvNet + AdaGrad (default); deep: the book's DeepConvNet + Adam lr 0.001, "
                         "dropout 0.5 with identical masks on both sides")
@@ -64,7 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--profile", action="store_true",
-                   help="also time xpcnn's step layer by layer (forward/backward of each, the optimizer)")
+                   help="also time xpcnn's step layer by layer (forward/backward of each, the optimizer) "
+                        "and count its array-library calls per step")
+    p.add_argument("--reference", action="store_true",
+                   help="run xpcnn on the array-API reference code (no fast paths of the backend)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
@@ -78,7 +86,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.backend not in ("cpu", "gpu") and args.backend.partition(":")[0] != "torch":
+        p.error(f"--backend must be cpu, gpu, torch or torch:DEVICE, got {args.backend!r}")
     return args
+
+
+def torch_backend(args) -> bool:
+    """Whether xpcnn itself runs on torch tensors (``--backend torch[:DEVICE]``)."""
+    return args.backend.partition(":")[0] == "torch"
+
+
+def device_kind(args) -> str:
+    """Where the contenders run: ``"cpu"``, ``"cuda"`` or ``"mps"``."""
+    if args.backend == "gpu":
+        return "cuda"
+    if torch_backend(args):
+        return get_backend(args.backend).device.type
+    return "cpu"
 
 
 ARGS = parse_args()
@@ -316,9 +340,10 @@ class Contender:
 class XpcnnContender(Contender):
     name = "xpcnn"
 
-    def __init__(self, args, host_params, x, t, x_eval, t_eval):
-        self.backend = get_backend(args.backend)
-        self.note = f"xpcnn {self.backend.name} {args.dtype}"
+    def __init__(self, args, host_params, x, t, x_eval, t_eval, backend_name=None, name="xpcnn"):
+        self.name = name
+        self.backend = get_backend(backend_name or args.backend, reference=args.reference)
+        self.note = f"xpcnn on {self.backend} {args.dtype}" + (" (reference path)" if args.reference else "")
         if args.model == "deep":
             from xpcnn.nets import DeepConvNet
             from xpcnn.optim import Adam
@@ -388,7 +413,10 @@ class TorchContender(Contender):
         from torch import nn
 
         self.torch, self.F = torch, F
-        self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
+        if torch_backend(args):
+            self.device = get_backend(args.backend).device     # the device xpcnn runs on
+        else:
+            self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
         dtype = getattr(torch, args.dtype)
         self.note = f"torch {torch.__version__} eager, {self.device.type} {args.dtype}"
         if args.model == "deep":
@@ -460,6 +488,72 @@ class TorchContender(Contender):
     def sync(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
+        elif self.device.type == "mps":
+            self.torch.mps.synchronize()
+
+
+class TorchForeachContender(TorchContender):
+    """torch eager, the same net, with AdaGrad written as a few `torch._foreach_*` calls over
+    all parameters at once (what a user tuning the optimizer would write)."""
+
+    name = "torch-foreach"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.note = self.note.replace("eager", "eager + _foreach AdaGrad")
+        self.params = list(self.model.parameters())
+        self.sums = [self.torch.zeros_like(p) for p in self.params]
+
+    def adagrad(self):
+        torch = self.torch
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            torch._foreach_addcmul_(self.sums, grads, grads, value=1.0)
+            std = torch._foreach_sqrt(self.sums)
+            torch._foreach_add_(std, 1e-7)
+            torch._foreach_addcdiv_(self.params, grads, std, value=-LR)
+
+    def step(self):
+        for p in self.params:
+            p.grad = None
+        loss = self.F.cross_entropy(self.model(self.x), self.t)
+        loss.backward()
+        self.adagrad()
+
+
+class TorchGraphContender(TorchForeachContender):
+    """Forward + backward + the _foreach AdaGrad captured once as a CUDA graph (static batch)
+    and replayed: the fastest a PyTorch user can make this step without writing kernels."""
+
+    name = "torch-graph"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.note = self.note.replace("eager + _foreach AdaGrad", "CUDA graph of fwd+bwd+_foreach AdaGrad")
+        self.graph = None
+
+    def _capture(self):
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up outside the graph, as torch's docs ask
+            for _ in range(3):
+                self.F.cross_entropy(self.model(self.x), self.t).backward()
+                self.adagrad()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            # The warm-up left .grad buffers; backward accumulates into them, so the graph
+            # zeroes them first. Every replay reuses the same buffers and the same batch.
+            for p in self.params:
+                p.grad.zero_()
+            self.F.cross_entropy(self.model(self.x), self.t).backward()
+            self.adagrad()
+
+    def step(self):
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
 
 
 def torch_available() -> bool:
@@ -497,18 +591,29 @@ def build(args, which: str, host_params, data):
     x, t, x_eval, t_eval = data
     if which == "xpcnn":
         return XpcnnContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "xpcnn-numpy":
+        return XpcnnContender(args, host_params, x, t, x_eval, t_eval, backend_name="cpu", name="xpcnn-numpy")
     if which == "book-f64":
         return BookContender(args, host_params, x, t, "float64")
     if which == "book-f32":
         return BookContender(args, host_params, x, t, "float32")
     if which == "torch":
         return TorchContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "torch-foreach":
+        return TorchForeachContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "torch-graph":
+        return TorchGraphContender(args, host_params, x, t, x_eval, t_eval)
     raise ValueError(f"unknown contender {which!r}")
 
 
 def contender_names(args) -> list[str]:
     names = ["xpcnn"]
-    if not args.no_book and args.model == "simple":   # the book's code here is SimpleConvNet's
+    if torch_backend(args):
+        # The book's code calls NumPy functions (np.pad, transpose) that torch lacks; on the
+        # CPU the same xpcnn code on NumPy is the comparison instead.
+        if device_kind(args) == "cpu":
+            names.append("xpcnn-numpy")
+    elif not args.no_book and args.model == "simple":   # the book's code here is SimpleConvNet's
         names.append("book-f64")
         if args.dtype == "float32":
             names.append("book-f32")
@@ -519,6 +624,11 @@ def contender_names(args) -> list[str]:
             print("note: torch is installed without CUDA support; skipping it on --backend gpu", file=sys.stderr)
         else:
             names.append("torch")
+        if args.backend == "gpu" and torch.cuda.is_available() and args.model == "simple":   # AdaGrad twins
+            names += ["torch-foreach", "torch-graph"]
+        else:
+            print("note: torch-foreach and torch-graph (the stronger PyTorch contenders) run only on "
+                  "--backend gpu with a CUDA build of torch; skipped here", file=sys.stderr)
     return names
 
 
@@ -592,8 +702,10 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-        if args.backend == "gpu" and torch.cuda.is_available():
+        if device_kind(args) == "cuda" and torch.cuda.is_available():
             info["torch_cuda"] = torch.version.cuda
+            if torch_backend(args):
+                info["gpu"] = torch.cuda.get_device_name(get_backend(args.backend).device)
     if args.backend == "gpu":
         try:
             import cupy
@@ -671,6 +783,24 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
     return {key: statistics.median(v) for key, v in parts.items()}
 
 
+def count_step_calls(args, host_params, data) -> int:
+    """Array-library calls of one xpcnn training step (after a warm-up step), counted by
+    wrapping the backend's namespace (`xpcnn.counting`); CuPy kernels count their own."""
+    from xpcnn.counting import count_calls, counting_backend
+
+    x, t, _, _ = data
+    backend = counting_backend(get_backend(args.backend, reference=args.reference))
+    with count_calls() as counter:
+        net = SimpleConvNet(backend=backend, dtype=args.dtype, seed=args.seed)
+        net.set_params(host_params)
+        opt = AdaGrad(lr=LR)
+        xb, tb = backend.asarray(x, dtype=args.dtype), backend.asarray(t)
+        opt.update(net.params, net.gradient(xb, tb))
+        counter.reset()
+        opt.update(net.params, net.gradient(xb, tb))
+        return counter.calls
+
+
 # ========================================================================== memory
 
 def memory_probe(args) -> None:
@@ -680,10 +810,12 @@ def memory_probe(args) -> None:
         set_torch_threads(args.threads)
     host_params = initial_params(args)
     data = make_data(args)
-    if which == "torch":
+    if which.startswith("torch"):
         import torch  # noqa: F401  (import cost is counted in the baseline, not the contender)
     out: dict[str, Any] = {}
-    if args.backend == "cpu":
+    if device_kind(args) == "mps":
+        out = {"error": "peak memory is not measured on MPS"}
+    elif device_kind(args) == "cpu":
         base = current_rss_bytes()
         c = build(args, which, host_params, data)
         for _ in range(max(args.warmup, 3)):
@@ -695,7 +827,8 @@ def memory_probe(args) -> None:
         peak = peak_rss_bytes()
         out = {"peak_rss_bytes": peak, "rss_before_contender_bytes": base}
     else:
-        if which == "torch":
+        uses_torch = which.startswith("torch") or torch_backend(args)
+        if uses_torch:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
@@ -709,7 +842,7 @@ def memory_probe(args) -> None:
         if c.can_evaluate():
             c.evaluate()
         c.sync()
-        if which == "torch":
+        if uses_torch:
             import torch
 
             out = {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -801,7 +934,7 @@ def main(args) -> int:
         for _ in range(args.warmup):
             c.step()
         c.sync()
-    per_sample = {c.name: steps_per_sample(c, 0.02 if args.backend == "gpu" else 0.0) for c in contenders}
+    per_sample = {c.name: steps_per_sample(c, 0.02 if device_kind(args) != "cpu" else 0.0) for c in contenders}
     samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name]))
     step = {name: summarize(v) for name, v in samples.items()}
 
@@ -825,6 +958,7 @@ def main(args) -> int:
         evaluation[batch] = {name: summarize(v) for name, v in eval_samples.items()}
 
     profile = profile_layers(contenders[0], args.repeats) if args.profile else {}
+    step_calls = count_step_calls(args, host_params, data) if args.profile and args.model == "simple" else None
     info["load_average_after_timing"] = load_average()
     memory = {} if args.no_memory else measure_memory(args, names)
 
@@ -868,9 +1002,12 @@ def main(args) -> int:
             print(f"| {part} | {seconds * 1e3:.2f} | {seconds / total:.0%} |")
         print(f"| sum of parts | {total * 1e3:.2f} | |")
         print()
+        print(f"array-library calls per xpcnn training step: {step_calls}"
+              + (" (reference path)" if args.reference or get_backend(args.backend).ops.reference else " (fast path)"))
+        print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
-        if args.backend == "cpu":
+        if device_kind(args) == "cpu":
             print("| contender | peak RSS | RSS before building it (imports, data) | difference |")
             print("| --- | ---: | ---: | ---: |")
             for name, m in memory.items():
@@ -904,7 +1041,7 @@ def main(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": info, "initial_loss": first_loss, "steps_per_sample": per_sample,
                    "step_seconds": step, "step_samples": samples, "eval_seconds": evaluation,
-                   "memory": memory, "profile_seconds": profile,
+                   "memory": memory, "profile_seconds": profile, "step_calls": step_calls,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from xpcnn.functional import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
-from xpcnn.layers import Pooling, ReLU
+from xpcnn import ops as ops_module
+from xpcnn.layers import ReLU
 
 GEOMETRIES = [  # (N, C, H, W, FH, FW, stride, pad)
     (2, 1, 7, 7, 3, 3, 1, 0),
@@ -49,27 +50,28 @@ def test_col2im_nchw_matches_book_col2im(backend, rng, geometry):
     np.testing.assert_allclose(backend.to_numpy(fast), backend.to_numpy(book), rtol=1e-12, atol=1e-12)
 
 
-class _GeneralPooling(Pooling):
-    """Pooling forced onto its general strided-slice path."""
-
-    def _tiles(self, h, w):
-        return False
-
-
 @pytest.mark.parametrize("shape,size", [((2, 3, 8, 6), 2), ((3, 2, 9, 6), 3), ((1, 4, 4, 4), 4)])
 @pytest.mark.parametrize("with_ties", [False, True])
-def test_tiling_pooling_matches_general_path(backend, rng, shape, size, with_ties):
+def test_tiling_pooling_matches_general_path(backend, rng, monkeypatch, shape, size, with_ties):
     x_host = rng.standard_normal(shape)
     if with_ties:
         # As after a ReLU: many windows hold several equal maxima (zeros), some all zero.
         x_host = np.maximum(x_host, 0.0)
         x_host[..., ::2, :] = np.round(x_host[..., ::2, :])
-    fast, general = Pooling(size, size, size), _GeneralPooling(size, size, size)
-    assert fast._tiles(shape[2], shape[3])
+    assert ops_module._pool_tiles(shape, size, size, size, 0)
+    ops = ops_module.ops_for(backend.xp, reference=True)
     x = backend.asarray(x_host, "float32")
-    np.testing.assert_array_equal(backend.to_numpy(fast.forward(x)), backend.to_numpy(general.forward(x)))
-    dout = backend.asarray(rng.standard_normal(tuple(fast.out.shape)), "float32")
-    dx_fast, dx_general = backend.to_numpy(fast.backward(dout)), backend.to_numpy(general.backward(dout))
+    dout = backend.asarray(rng.standard_normal((shape[0], shape[1], shape[2] // size, shape[3] // size)), "float32")
+    out_h, out_w = shape[2] // size, shape[3] // size
+
+    def forward_backward():
+        out, cache = ops.maxpool2d_forward(x, size, size, size, 0, out_h, out_w)
+        return backend.to_numpy(out), backend.to_numpy(ops.maxpool2d_backward(dout, cache))
+
+    out_fast, dx_fast = forward_backward()
+    monkeypatch.setattr(ops_module, "_pool_tiles", lambda *args: False)   # the general strided-slice path
+    out_general, dx_general = forward_backward()
+    np.testing.assert_array_equal(out_fast, out_general)
     np.testing.assert_array_equal(dx_fast, dx_general)
     # Each window passes its whole gradient on, to exactly one pixel (the first max).
     nonzero = (dx_fast != 0).reshape(shape[0], shape[1], shape[2] // size, size, shape[3] // size, size)

@@ -93,13 +93,13 @@ def pad_nchw(x: Any, pad: int, fill: float = 0.0) -> Any:
 
 
 def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
-                out_h: int, out_w: int) -> Any:
+                out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """``(N, C, H, W) -> (N, C*FH*FW, OH*OW)``: per image, one row per ``(c, i, j)``.
 
     ``col[n, (c, i, j), (oh, ow)] == x_pad[n, c, oh*stride + i, ow*stride + j]``; it is the
-    transpose of image n's block of the book's im2col matrix.
+    transpose of image n's block of the book's im2col matrix. Pass `xp` when it is known.
     """
-    xp = namespace_of(x)
+    xp = xp or namespace_of(x)
     n, c = x.shape[0], x.shape[1]
     x_pad = pad_nchw(x, pad)
     patches = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
@@ -109,9 +109,9 @@ def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
 
 
 def col2im_nchw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,
-                pad: int, out_h: int, out_w: int) -> Any:
+                pad: int, out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """Adjoint of `im2col_nchw`: ``(N, C*FH*FW, OH*OW) -> (N, C, H, W)``, overlaps added."""
-    xp = namespace_of(col)
+    xp = xp or namespace_of(col)
     n, c, h, w = input_shape
     col5 = xp.reshape(col, (n, c, filter_h * filter_w, out_h, out_w))
     dx_pad = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=array_api_compat.device(col))
@@ -123,14 +123,14 @@ def col2im_nchw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stri
 
 
 def im2col_cnhw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
-                out_h: int, out_w: int) -> Any:
+                out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """``(N, C, H, W) -> (C*FH*FW, N*OH*OW)``: the whole batch as one matrix, rows ``(c, i, j)``.
 
     ``col[(c, i, j), (n, oh, ow)] == x_pad[n, c, oh*stride + i, ow*stride + j]``: the transpose
     of the book's im2col matrix. The input is transposed to ``(C, N, H, W)`` (while padding,
     in one copy) so every offset's slice is again one contiguous block of the stack.
     """
-    xp = namespace_of(x)
+    xp = xp or namespace_of(x)
     n, c, h, w = x.shape
     x_cn = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=x.dtype, device=array_api_compat.device(x))
     x_cn[:, :, pad:pad + h, pad:pad + w] = xp.permute_dims(x, (1, 0, 2, 3))
@@ -141,12 +141,12 @@ def im2col_cnhw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
 
 
 def col2im_cnhw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,
-                pad: int, out_h: int, out_w: int) -> Any:
+                pad: int, out_h: int, out_w: int, *, xp: Any = None) -> Any:
     """Adjoint of `im2col_cnhw`: ``(C*FH*FW, N*OH*OW) -> (N, C, H, W)``, overlaps added.
 
     The result is a ``(N, C, H, W)`` view of a ``(C, N, H, W)`` array (no copy back).
     """
-    xp = namespace_of(col)
+    xp = xp or namespace_of(col)
     n, c, h, w = input_shape
     col5 = xp.reshape(col, (c, filter_h * filter_w, n, out_h, out_w))
     dx_cn = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=col.dtype, device=array_api_compat.device(col))
@@ -155,73 +155,6 @@ def col2im_cnhw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stri
     if pad:
         dx_cn = dx_cn[:, :, pad:pad + h, pad:pad + w]
     return xp.permute_dims(dx_cn, (1, 0, 2, 3))
-
-
-def batch_major_wins(channels: int) -> bool:
-    """Which im2col layout a convolution uses (measured, docs/performance.md "DeepConvNet").
-
-    One input channel (SimpleConvNet, DeepConvNet's first layer): the per-image layout, whose
-    product lands in NCHW directly. Several channels: the whole-batch layout, one large
-    matrix product instead of N small ones, 1.3-2x faster for the 16-64 channel layers.
-    """
-    return channels == 1
-
-
-def conv2d_forward(x: Any, W: Any, b: Any, stride: int, pad: int) -> tuple[Any, tuple]:
-    """Convolution ``(N, C, H, W) -> (N, FN, OH, OW)`` by im2col; returns the output and the
-    cache `conv2d_backward` needs. Validation is the caller's (`Convolution.forward`)."""
-    xp = namespace_of(x)
-    filter_num, channels, filter_h, filter_w = W.shape
-    n, _, h, w = x.shape
-    out_h = (h + 2 * pad - filter_h) // stride + 1
-    out_w = (w + 2 * pad - filter_w) // stride + 1
-    w_mat = xp.reshape(W, (filter_num, -1))
-    if batch_major_wins(channels):
-        col = im2col_nchw(x, filter_h, filter_w, stride, pad, out_h, out_w)
-        # One (FN, C*FH*FW) @ (C*FH*FW, OH*OW) product per image lands in NCHW order.
-        out = w_mat @ col
-        out += xp.reshape(b, (filter_num, 1))
-        out = xp.reshape(out, (n, filter_num, out_h, out_w))
-    else:
-        col = im2col_cnhw(x, filter_h, filter_w, stride, pad, out_h, out_w)
-        out = w_mat @ col                              # (FN, N*OH*OW): one large product
-        out += xp.reshape(b, (filter_num, 1))
-        # An (N, FN, OH, OW) view: the next layers work on it as is, and the next
-        # convolution's transpose back to (C, N, H, W) reads it contiguously.
-        out = xp.permute_dims(xp.reshape(out, (filter_num, n, out_h, out_w)), (1, 0, 2, 3))
-    return out, (col, tuple(x.shape), stride, pad, out_h, out_w)
-
-
-def conv2d_backward(dout: Any, cache: tuple, W: Any, need_input_grad: bool = True) -> tuple[Any, Any, Any]:
-    """``dout (N, FN, OH, OW) -> (dx (N, C, H, W) or None, dW, db)`` from `conv2d_forward`'s cache."""
-    xp = namespace_of(dout)
-    col, x_shape, stride, pad, out_h, out_w = cache
-    filter_num, channels, filter_h, filter_w = W.shape
-    n = x_shape[0]
-    w_mat = xp.reshape(W, (filter_num, -1))
-    if batch_major_wins(channels):
-        dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
-        db = xp.sum(dout_mat, axis=(0, 2))
-        dW = xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape)
-        if not need_input_grad:
-            return None, dW, db
-        dcol = xp.matrix_transpose(w_mat) @ dout_mat
-        return col2im_nchw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w), dW, db
-    dout_mat = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (filter_num, n * out_h * out_w))
-    db = xp.sum(dout_mat, axis=1)
-    dW = xp.reshape(dout_mat @ xp.matrix_transpose(col), W.shape)
-    if not need_input_grad:
-        return None, dW, db
-    if stride == 1 and filter_h == filter_w and pad < filter_h:
-        # dx is a stride-1 convolution of dout with the flipped, transposed filters (padding
-        # FH-1-pad): an im2col copy and one product instead of a product and nine strided
-        # adds into the input gradient, measured 20-30% faster for these layers.
-        flipped = xp.permute_dims(xp.flip(W, axis=(2, 3)), (1, 0, 2, 3))
-        col_d = im2col_cnhw(dout, filter_h, filter_w, 1, filter_h - 1 - pad, x_shape[2], x_shape[3])
-        dx_cn = xp.reshape(flipped, (channels, -1)) @ col_d
-        return xp.permute_dims(xp.reshape(dx_cn, (channels, n, x_shape[2], x_shape[3])), (1, 0, 2, 3)), dW, db
-    dcol = xp.matrix_transpose(w_mat) @ dout_mat
-    return col2im_cnhw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w), dW, db
 
 
 # --------------------------------------------------------------------- public im2col

@@ -5,6 +5,11 @@ Each layer keeps what its backward pass needs on itself, exposes `forward` and
 the arrays they are given. A layer whose input gradient nobody needs (the network's first
 layer) can be told so with ``need_input_grad = False``; its `backward` then returns None
 and skips that work (for a convolution, the whole col2im).
+
+The arithmetic itself comes from an operation table (`xpcnn.ops`): the array-API reference
+code, or a backend's fast version of the same operation. A layer with weights finds its
+namespace and table once, from its weights; the others from their first input (or from the
+`ops` argument, which is how a network hands every layer its backend's table).
 """
 
 from __future__ import annotations
@@ -16,19 +21,33 @@ import array_api_compat
 
 from .backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
 from .errors import ConfigError, DTypeError, ShapeError
-from .functional import (
-    as_one_hot, check_rank, check_stride_pad, conv2d_backward, conv2d_forward, conv_output_size,
-    pad_nchw, positive_int, softmax_cross_entropy, spatial_slices, window_offsets,
-)
+from .functional import check_label_range, check_rank, check_stride_pad, conv_output_size, positive_int
+from .ops import Ops, ops_for
 
 
-def _check_input(x: Any, weight: Any, what: str) -> Any:
-    """Namespace of `x` and `weight`, after checking they share a backend, device and dtype."""
-    xp = namespace_of(x, weight)
-    check_same_device(x, weight, f"{what} input")
+def _check_input(x: Any, weight: Any, what: str) -> None:
+    """Check that `x` shares `weight`'s backend, device and dtype (cheaply: this runs every call)."""
+    if type(x) is not type(weight):
+        namespace_of(x, weight)              # BackendMismatch for arrays of another library
+    x_device, w_device = getattr(x, "device", None), getattr(weight, "device", None)
+    if x_device is not w_device and x_device != w_device:
+        check_same_device(x, weight, f"{what} input")
     if x.dtype != weight.dtype:
         raise DTypeError(f"{what}: expected {dtype_name(weight.dtype)} input (the layer's dtype), got {dtype_name(x.dtype)}")
-    return xp
+
+
+class _OpsFromInput:
+    """For layers without weights: the operation table, found from the first input's type."""
+
+    def __init__(self, ops: Ops | None):
+        self.ops = ops
+        self._ops_type: type | None = None if ops is None else object   # object: given, never re-resolved
+
+    def _ops_of(self, x: Any) -> Ops:
+        if self._ops_type is not object and type(x) is not self._ops_type:
+            # The namespace is a function of the array type (numpy, cupy, strict, torch).
+            self.ops, self._ops_type = ops_for(namespace_of(x)), type(x)
+        return self.ops
 
 
 class Convolution:
@@ -38,44 +57,42 @@ class Convolution:
         W: filters ``(FN, C, FH, FW)``.
         b: biases ``(FN,)``.
         stride, pad: as in the book; ``(H + 2*pad - FH)`` must be a multiple of stride.
+        ops: the operation table (default: the fast table of W's namespace).
     """
 
-    def __init__(self, W: Any, b: Any, stride: int = 1, pad: int = 0):
+    def __init__(self, W: Any, b: Any, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
         if W.ndim != 4:
             raise ShapeError(f"Convolution: W must be (FN, C, FH, FW), got shape {tuple(W.shape)}")
         if tuple(b.shape) != (W.shape[0],):
             raise ShapeError(f"Convolution: b must have shape ({W.shape[0]},) to match W, got {tuple(b.shape)}")
         check_stride_pad(stride, pad, "Convolution")
         self.W, self.b, self.stride, self.pad = W, b, stride, pad
+        self.ops = ops or ops_for(namespace_of(W, b))
         self.need_input_grad = True
-        self.x_shape: tuple | None = None
-        self.col: Any = None        # windows of the last input (see functional.conv2d_forward)
-        self.cache: Any = None
+        self.cache: Any = None      # what backward needs (the im2col windows on the reference path)
         self.dW: Any = None
         self.db: Any = None
 
     def forward(self, x: Any) -> Any:
-        xp = _check_input(x, self.W, "Convolution")
+        _check_input(x, self.W, "Convolution")
         check_rank(x, 4, "Convolution", "(N, C, H, W)")
-        filter_num, channels, filter_h, filter_w = self.W.shape
-        n, c, h, w = x.shape
+        _, channels, filter_h, filter_w = self.W.shape
+        _, c, h, w = x.shape
         if c != channels:
             raise ShapeError(f"Convolution: input has {c} channels, but the filters expect {channels} (W shape {tuple(self.W.shape)})")
         out_h = conv_output_size(h, filter_h, self.stride, self.pad, what="Convolution (height)")
         out_w = conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)")
-
-        self.x_shape = (n, c, h, w)
-        out, self.cache = conv2d_forward(x, self.W, self.b, self.stride, self.pad)
-        self.col = self.cache[0]
+        out, self.cache = self.ops.conv2d_forward(x, self.W, self.b, self.stride, self.pad, out_h, out_w)
         return out
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, FN, OH, OW) -> dx (N, C, H, W)``; sets `dW` and `db`."""
-        dx, self.dW, self.db = conv2d_backward(dout, self.cache, self.W, self.need_input_grad)
+        dx, self.dW, self.db = self.ops.conv2d_backward(dout, self.cache, self.W, self.stride, self.pad,
+                                                        self.need_input_grad)
         return dx
 
 
-class Pooling:
+class Pooling(_OpsFromInput):
     """Max pooling: ``(N, C, H, W) -> (N, C, OH, OW)``.
 
     Padding is filled with -inf, so it never wins the max (pad must be < the window size,
@@ -83,80 +100,30 @@ class Pooling:
     gets the gradient, as with the book's argmax.
     """
 
-    def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0):
+    def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
         pool_h, pool_w = positive_int(pool_h, "pool_h", "Pooling"), positive_int(pool_w, "pool_w", "Pooling")
         check_stride_pad(stride, pad, "Pooling")
         if pad >= min(pool_h, pool_w):
             raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all padding, got pad {pad}")
+        super().__init__(ops)
         self.pool_h, self.pool_w, self.stride, self.pad = pool_h, pool_w, stride, pad
-        self.x_shape: tuple | None = None
-        self.windows: list | None = None  # per offset (i, j): (N, C, OH, OW) view of the input
+        self.cache: Any = None
         self.out: Any = None        # (N, C, OH, OW) window maxima
 
-    def _tiles(self, h: int, w: int) -> bool:
-        """Whether the windows tile the input exactly (e.g. 2x2, stride 2, even sizes)."""
-        return (self.pad == 0 and self.stride == self.pool_h == self.pool_w
-                and h % self.pool_h == 0 and w % self.pool_w == 0)
-
     def forward(self, x: Any) -> Any:
-        xp = namespace_of(x)
+        ops = self._ops_of(x)
         check_rank(x, 4, "Pooling", "(N, C, H, W)")
-        if x.dtype not in (xp.float32, xp.float64):
+        if x.dtype not in (ops.xp.float32, ops.xp.float64):
             raise DTypeError(f"Pooling: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
-        n, c, h, w = x.shape
+        _, _, h, w = x.shape
         out_h = conv_output_size(h, self.pool_h, self.stride, self.pad, what="Pooling (height)")
         out_w = conv_output_size(w, self.pool_w, self.stride, self.pad, what="Pooling (width)")
-
-        self.x_shape = (n, c, h, w)
-        offsets = list(window_offsets(self.pool_h, self.pool_w))
-        if self._tiles(h, w):
-            # Non-overlapping windows: a reshape exposes them without slicing with steps.
-            x6 = xp.reshape(x, (n, c, out_h, self.pool_h, out_w, self.pool_w))
-            self.windows = [x6[:, :, :, i, :, j] for i, j in offsets]
-        else:
-            x_pad = pad_nchw(x, self.pad, fill=-math.inf)
-            self.windows = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, self.stride, out_h, out_w)]
-                            for i, j in offsets]
-        out = self.windows[0]
-        for window in self.windows[1:]:
-            out = xp.maximum(out, window)
-        self.out = out
-        return out
+        self.out, self.cache = ops.maxpool2d_forward(x, self.pool_h, self.pool_w, self.stride, self.pad, out_h, out_w)
+        return self.out
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, C, OH, OW) -> dx (N, C, H, W)``: each window's gradient goes to its max."""
-        xp = namespace_of(dout)
-        n, c, h, w = self.x_shape
-        _, _, out_h, out_w = dout.shape
-        device = array_api_compat.device(dout)
-        tiles = self._tiles(h, w)
-        if tiles:
-            # Every input pixel is in exactly one window: each is written once, no zero fill.
-            dx = xp.empty((n, c, out_h, self.pool_h, out_w, self.pool_w), dtype=dout.dtype, device=device)
-        else:
-            dx = xp.zeros((n, c, h + 2 * self.pad, w + 2 * self.pad), dtype=dout.dtype, device=device)
-        remaining = dout  # gradient of windows whose max has not been found yet
-        last = len(self.windows) - 1
-        for k, (i, j) in enumerate(window_offsets(self.pool_h, self.pool_w)):
-            if k == last:
-                # The max is in the window, so if no earlier pixel held it the last one does.
-                grad = remaining
-            else:
-                # A multiply by the 0/1 mask, not `where` (NumPy's where is ~10x slower here),
-                # done in place on temporaries this method owns: fewer large allocations.
-                grad = xp.astype(self.windows[k] == self.out, dout.dtype)
-                grad *= remaining
-                if remaining is dout:
-                    remaining = dout - grad  # never write into the caller's dout
-                else:
-                    remaining -= grad
-            if tiles:
-                dx[:, :, :, i, :, j] = grad
-            else:
-                dx[(slice(None), slice(None)) + spatial_slices(i, j, self.stride, out_h, out_w)] += grad
-        if tiles:
-            return xp.reshape(dx, (n, c, h, w))
-        return dx[:, :, self.pad:self.pad + h, self.pad:self.pad + w] if self.pad else dx
+        return self.ops.maxpool2d_backward(dout, self.cache)
 
 
 class Affine:
@@ -167,12 +134,13 @@ class Affine:
         b: biases ``(out,)``.
     """
 
-    def __init__(self, W: Any, b: Any):
+    def __init__(self, W: Any, b: Any, *, ops: Ops | None = None):
         if W.ndim != 2:
             raise ShapeError(f"Affine: W must be (in, out), got shape {tuple(W.shape)}")
         if tuple(b.shape) != (W.shape[1],):
             raise ShapeError(f"Affine: b must have shape ({W.shape[1]},) to match W, got {tuple(b.shape)}")
         self.W, self.b = W, b
+        self.xp = (ops.xp if ops is not None else namespace_of(W, b))
         self.need_input_grad = True
         self.x_shape: tuple | None = None
         self.x: Any = None          # (N, in) flattened input
@@ -180,30 +148,32 @@ class Affine:
         self.db: Any = None
 
     def forward(self, x: Any) -> Any:
-        xp = _check_input(x, self.W, "Affine")
+        _check_input(x, self.W, "Affine")
         if x.ndim < 2:
             raise ShapeError(f"Affine: expected input (N, ...) with a batch axis, got shape {tuple(x.shape)}")
         features = math.prod(x.shape[1:])
         if features != self.W.shape[0]:
             raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), but W expects {self.W.shape[0]}")
         self.x_shape = tuple(x.shape)
-        self.x = xp.reshape(x, (x.shape[0], features))
+        self.x = self.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
         return self.x @ self.W + self.b
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, out) -> dx`` of the input's original shape; sets `dW` and `db`."""
-        xp = namespace_of(dout)
-        self.dW = self.x.T @ dout
+        xp = self.xp
+        self.dW = xp.matrix_transpose(self.x) @ dout
         self.db = xp.sum(dout, axis=0)
         if not self.need_input_grad:
             return None
-        return xp.reshape(dout @ self.W.T, self.x_shape)
+        dx = dout @ xp.matrix_transpose(self.W)
+        return xp.reshape(dx, self.x_shape) if len(self.x_shape) != 2 else dx
 
 
-class ReLU:
+class ReLU(_OpsFromInput):
     """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0."""
 
-    def __init__(self):
+    def __init__(self, *, ops: Ops | None = None):
+        super().__init__(ops)
         self.out: Any = None        # the last output; out > 0 exactly where x > 0
 
     @property
@@ -212,22 +182,16 @@ class ReLU:
         return None if self.out is None else self.out > 0
 
     def forward(self, x: Any) -> Any:
-        xp = namespace_of(x)
         # Only the output is kept: the mask is derived in backward, so an evaluation-only
         # forward pass does not pay for it.
-        self.out = xp.maximum(x, 0.0)
+        self.out = self._ops_of(x).relu_forward(x)
         return self.out
 
     def backward(self, dout: Any) -> Any:
-        # A new array: the book's version zeroed the caller's `dout` in place. A multiply by
-        # the 0/1 mask rather than `where`, which NumPy runs ~10x slower on random masks.
-        xp = namespace_of(dout)
-        dx = xp.astype(self.out > 0, dout.dtype)
-        dx *= dout  # in place on our own temporary: one large allocation instead of two
-        return dx
+        return self.ops.relu_backward(self.out, dout)
 
 
-class SoftmaxWithLoss:
+class SoftmaxWithLoss(_OpsFromInput):
     """Softmax followed by the mean cross-entropy loss.
 
     `forward(x, t)` takes scores ``(N, K)`` and labels as ``(N,)`` class indices or
@@ -235,24 +199,46 @@ class SoftmaxWithLoss:
     on the device; convert with ``float()`` only when you log it).
     """
 
-    def __init__(self):
+    def __init__(self, *, ops: Ops | None = None):
+        super().__init__(ops)
         self.loss: Any = None
-        self.y: Any = None          # softmax probabilities (N, K)
-        self.t: Any = None          # one-hot labels (N, K)
+        self.cache: Any = None
+
+    @property
+    def y(self) -> Any:
+        """The softmax probabilities ``(N, K)`` of the last forward pass (the book's attribute)."""
+        # Every table's cache starts with the probabilities (see ops.softmax_cross_entropy_forward).
+        return None if self.cache is None else self.cache[0]
 
     def forward(self, x: Any, t: Any) -> Any:
         if x.ndim != 2:
             raise ShapeError(f"SoftmaxWithLoss: expected scores (N, K), got shape {tuple(x.shape)}")
-        xp = namespace_of(x, t)
+        ops = self._ops_of(x)
+        xp = ops.xp
+        if type(t) is not type(x):
+            namespace_of(x, t)
         if not xp.isdtype(x.dtype, "real floating"):
             raise DTypeError(f"SoftmaxWithLoss: expected float32 or float64 scores, got {dtype_name(x.dtype)}")
-        self.t = as_one_hot(t, x)
-        self.loss, self.y = softmax_cross_entropy(x, self.t)
+        n, k = x.shape
+        if t.ndim == 1:
+            if t.shape[0] != n:
+                raise ShapeError(f"labels: expected {n} labels for {n} samples, got {t.shape[0]}")
+            if not xp.isdtype(t.dtype, "integral"):
+                raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
+            check_label_range(t, k)
+        elif t.ndim == 2:
+            if tuple(t.shape) != (n, k):
+                raise ShapeError(f"labels: one-hot labels must have shape {(n, k)}, got {tuple(t.shape)}")
+            if t.dtype != x.dtype:
+                t = xp.astype(t, x.dtype)
+        else:
+            raise ShapeError(f"labels: expected (N,) class indices or (N, K) one-hot rows, got shape {tuple(t.shape)}")
+        self.loss, self.cache = ops.softmax_cross_entropy_forward(x, t)
         return self.loss
 
     def backward(self, dout: Any = 1) -> Any:
         """``(N, K)`` gradient of the loss with respect to the scores."""
-        return (self.y - self.t) * (dout / self.y.shape[0])
+        return self.ops.softmax_cross_entropy_backward(self.cache, dout)
 
 
 # ------------------------------------------------------------- chapter 6 layers
@@ -363,9 +349,9 @@ class BatchNormalization:
         self.dgamma: Any = None
         self.dbeta: Any = None
 
-    def _layout(self, x: Any) -> tuple[Any, tuple, tuple]:
+    def _layout(self, x: Any, xp: Any) -> tuple[Any, tuple, tuple]:
         """The input as the 2-D or 4-D array to normalise, its reduction axes, the parameters' broadcast shape."""
-        xp = _check_input(x, self.gamma, "BatchNormalization")
+        _check_input(x, self.gamma, "BatchNormalization")
         features = self.gamma.shape[0]
         if x.ndim == 4 and not self.per_activation:
             if x.shape[1] != features:
@@ -382,7 +368,7 @@ class BatchNormalization:
         xp = namespace_of(x)
         train_flg = check_train_flg(train_flg, "BatchNormalization")
         self.input_shape = tuple(x.shape)
-        x_in, axes, shape = self._layout(x)
+        x_in, axes, shape = self._layout(x, xp)
         gamma, beta = xp.reshape(self.gamma, shape), xp.reshape(self.beta, shape)
         if train_flg:
             count = math.prod(x_in.shape[a] for a in axes)

@@ -38,14 +38,18 @@ class SimpleConvNet(Network):
         dtype: ``"float32"`` (default) or ``"float64"``.
         seed: seed of the host generator that draws the weights, so every backend starts
             from identical weights.
+        reference: run the array-API reference code for every hot operation, never a
+            backend's fast path (the fast paths are tested against it).
 
     ``params`` holds ``W1 b1`` (convolution), ``W2 b2`` (hidden affine), ``W3 b3`` (output
-    affine), shared by reference with the layers so optimizers update them in place.
+    affine), shared by reference with the layers so optimizers update them in place; all six
+    are views of one buffer, ``params.flat`` (see `xpcnn.params`).
     """
 
     def __init__(self, input_dim: tuple = (1, 28, 28), conv_param: dict | None = None,
                  hidden_size: int = 100, output_size: int = 10, weight_init_std: float = 0.01,
-                 *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None):
+                 *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
+                 reference: bool = False):
         conv = dict(DEFAULT_CONV_PARAM)
         if conv_param:
             unknown = set(conv_param) - set(conv)
@@ -65,7 +69,7 @@ class SimpleConvNet(Network):
         pool_w = conv_output_size(conv_w, 2, 2, 0, what="SimpleConvNet 2x2 pooling (width)")
         pool_output_size = filter_num * pool_h * pool_w
 
-        rng = self._init_backend(backend, dtype, seed)
+        rng = self._init_backend(backend, dtype, seed, reference)
         self.config = {
             "input_dim": [channels, height, width], "conv_param": conv, "hidden_size": hidden_size,
             "output_size": output_size, "weight_init_std": float(weight_init_std),
@@ -82,21 +86,21 @@ class SimpleConvNet(Network):
         self._build_layers(conv)
 
     def _build_layers(self, conv: dict) -> None:
-        p = self.params
+        p, ops = self.params, self.backend.ops
         # The book applies ReLU before the pooling. Max pooling and ReLU commute (max is
         # monotonic: relu(max(w)) == max(relu(w)), and both send a window's gradient to its
         # first maximum, or nowhere when it is <= 0), so pooling first gives identical outputs
         # and gradients while ReLU touches 4x fewer values: about 20% off a training step.
         self.layers = {
-            "Conv1": Convolution(p["W1"], p["b1"], conv["stride"], conv["pad"]),
-            "Pool1": Pooling(pool_h=2, pool_w=2, stride=2),
-            "Relu1": ReLU(),
-            "Affine1": Affine(p["W2"], p["b2"]),
-            "Relu2": ReLU(),
-            "Affine2": Affine(p["W3"], p["b3"]),
+            "Conv1": Convolution(p["W1"], p["b1"], conv["stride"], conv["pad"], ops=ops),
+            "Pool1": Pooling(pool_h=2, pool_w=2, stride=2, ops=ops),
+            "Relu1": ReLU(ops=ops),
+            "Affine1": Affine(p["W2"], p["b2"], ops=ops),
+            "Relu2": ReLU(ops=ops),
+            "Affine2": Affine(p["W3"], p["b3"], ops=ops),
         }
         # Nobody needs d(loss)/d(images) in training: skip the col2im of the first layer.
         self.layers["Conv1"].need_input_grad = False
-        self.last_layer = SoftmaxWithLoss()
+        self.last_layer = SoftmaxWithLoss(ops=ops)
         self.grad_sources = {"W1": ("Conv1", "dW"), "b1": ("Conv1", "db"), "W2": ("Affine1", "dW"),
                              "b2": ("Affine1", "db"), "W3": ("Affine2", "dW"), "b3": ("Affine2", "db")}

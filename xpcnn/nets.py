@@ -67,7 +67,7 @@ class DeepConvNet(Network):
                  conv_param_4: dict | None = None, conv_param_5: dict | None = None,
                  conv_param_6: dict | None = None, hidden_size: int = 50, output_size: int = 10,
                  dropout_ratio: float = 0.5, *, backend: "str | Backend" = "cpu", dtype: str = "float32",
-                 seed: int | None = None):
+                 seed: int | None = None, reference: bool = False):
         given = (conv_param_1, conv_param_2, conv_param_3, conv_param_4, conv_param_5, conv_param_6)
         convs = [_conv_param(g, d, i + 1) for i, (g, d) in enumerate(zip(given, DEEP_CONV_PARAMS))]
         if len(input_dim) != 3:
@@ -89,7 +89,7 @@ class DeepConvNet(Network):
                 w = conv_output_size(w, 2, 2, 0, what=f"DeepConvNet pool{i // 2} (width)")
         flat_size = c * h * w
 
-        rng = self._init_backend(backend, dtype, seed)
+        rng = self._init_backend(backend, dtype, seed, reference)
         self.config = {"input_dim": [channels, height, width],
                        **{f"conv_param_{i}": conv for i, conv in enumerate(convs, start=1)},
                        "hidden_size": hidden_size, "output_size": output_size, "dropout_ratio": dropout_ratio}
@@ -109,22 +109,22 @@ class DeepConvNet(Network):
         self._build_layers(convs, dropout_ratio)
 
     def _build_layers(self, convs: list[dict], dropout_ratio: float) -> None:
-        p, layers = self.params, {}
+        p, layers, ops = self.params, {}, self.backend.ops
         for i, conv in enumerate(convs, start=1):
-            layers[f"Conv{i}"] = Convolution(p[f"W{i}"], p[f"b{i}"], conv["stride"], conv["pad"])
+            layers[f"Conv{i}"] = Convolution(p[f"W{i}"], p[f"b{i}"], conv["stride"], conv["pad"], ops=ops)
             if i % 2 == 0:
                 # Pooling before ReLU: the same function and gradients, 4x less ReLU work.
-                layers[f"Pool{i // 2}"] = Pooling(pool_h=2, pool_w=2, stride=2)
-            layers[f"Relu{i}"] = ReLU()
+                layers[f"Pool{i // 2}"] = Pooling(pool_h=2, pool_w=2, stride=2, ops=ops)
+            layers[f"Relu{i}"] = ReLU(ops=ops)
         source = self._random_source()
-        layers["Affine1"] = Affine(p["W7"], p["b7"])
-        layers["Relu7"] = ReLU()
+        layers["Affine1"] = Affine(p["W7"], p["b7"], ops=ops)
+        layers["Relu7"] = ReLU(ops=ops)
         layers["Dropout1"] = Dropout(dropout_ratio, rng=source)
-        layers["Affine2"] = Affine(p["W8"], p["b8"])
+        layers["Affine2"] = Affine(p["W8"], p["b8"], ops=ops)
         layers["Dropout2"] = Dropout(dropout_ratio, rng=source)
         layers["Conv1"].need_input_grad = False     # nobody needs d(loss)/d(images)
         self.layers = layers
-        self.last_layer = SoftmaxWithLoss()
+        self.last_layer = SoftmaxWithLoss(ops=ops)
         self.grad_sources = {}
         for i in range(1, 7):
             self.grad_sources[f"W{i}"], self.grad_sources[f"b{i}"] = (f"Conv{i}", "dW"), (f"Conv{i}", "db")
@@ -175,7 +175,8 @@ class MultiLayerNetExtend(Network):
     def __init__(self, input_size: int, hidden_size_list: list, output_size: int, activation: str = "relu",
                  weight_init_std: Any = "relu", weight_decay_lambda: float = 0, use_dropout: bool = False,
                  dropout_ration: float = 0.5, use_batchnorm: bool = False, *, dropout_ratio: float | None = None,
-                 backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None):
+                 backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
+                 reference: bool = False):
         what = "MultiLayerNetExtend"
         input_size = positive_int(input_size, "input_size", what)
         output_size = positive_int(output_size, "output_size", what)
@@ -196,7 +197,7 @@ class MultiLayerNetExtend(Network):
         sizes = [input_size, *hidden, output_size]
         scales = [init_scale(weight_init_std, fan_in) for fan_in in sizes[:-1]]
 
-        rng = self._init_backend(backend, dtype, seed)
+        rng = self._init_backend(backend, dtype, seed, reference)
         self.input_size, self.hidden_size_list, self.output_size = input_size, hidden, output_size
         self.hidden_layer_num = len(hidden)
         self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = float(weight_decay_lambda), use_dropout, use_batchnorm
@@ -214,16 +215,17 @@ class MultiLayerNetExtend(Network):
                 host[f"gamma{idx}"], host[f"beta{idx}"] = np.ones(units), np.zeros(units)
         self._init_params(host)
 
-        p, layers, self.grad_sources = self.params, {}, {}
+        p, layers, self.grad_sources, ops = self.params, {}, {}, self.backend.ops
+        activation_kw = {"ops": ops} if activation == "relu" else {}
         for idx in range(1, self.hidden_layer_num + 1):
-            layers[f"Affine{idx}"] = Affine(p[f"W{idx}"], p[f"b{idx}"])
+            layers[f"Affine{idx}"] = Affine(p[f"W{idx}"], p[f"b{idx}"], ops=ops)
             if use_batchnorm:
                 layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
-            layers[f"Activation_function{idx}"] = ACTIVATIONS[activation]()
+            layers[f"Activation_function{idx}"] = ACTIVATIONS[activation](**activation_kw)
             if use_dropout:
                 layers[f"Dropout{idx}"] = Dropout(ratio, rng=self._random_source())
         last = self.hidden_layer_num + 1
-        layers[f"Affine{last}"] = Affine(p[f"W{last}"], p[f"b{last}"])
+        layers[f"Affine{last}"] = Affine(p[f"W{last}"], p[f"b{last}"], ops=ops)
         layers["Affine1"].need_input_grad = False
         for idx in range(1, last + 1):
             self.grad_sources[f"W{idx}"], self.grad_sources[f"b{idx}"] = (f"Affine{idx}", "dW"), (f"Affine{idx}", "db")
@@ -231,7 +233,7 @@ class MultiLayerNetExtend(Network):
                 self.grad_sources[f"gamma{idx}"] = (f"BatchNorm{idx}", "dgamma")
                 self.grad_sources[f"beta{idx}"] = (f"BatchNorm{idx}", "dbeta")
         self.layers = layers
-        self.last_layer = SoftmaxWithLoss()
+        self.last_layer = SoftmaxWithLoss(ops=ops)
 
     def _weight_decay(self) -> Any:
         xp = self.xp

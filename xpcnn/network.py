@@ -19,6 +19,7 @@ from .backend import Backend, RandomSource, get_backend, namespace_of
 from .errors import ConfigError, ShapeError
 from .functional import positive_int
 from .layers import BatchNormalization, Dropout, check_train_flg
+from .params import make_params
 
 
 def check_seed(seed: Any, what: str) -> int | None:
@@ -48,17 +49,21 @@ class Network:
     grad_sources: dict[str, tuple[str, str]]
     config: dict[str, Any]
 
-    def _init_backend(self, backend: "str | Backend", dtype: str, seed: Any) -> np.random.Generator:
-        """Set ``backend``, ``dtype`` and ``seed``; returns the host generator for the weights."""
-        self.backend = get_backend(backend)
+    def _init_backend(self, backend: "str | Backend", dtype: str, seed: Any, reference: bool = False) -> np.random.Generator:
+        """Set ``backend``, ``dtype`` and ``seed``; returns the host generator for the weights.
+
+        `reference` runs the array-API reference code for every hot operation, never a
+        backend's fast path (the fast paths are tested against it)."""
+        self.backend = get_backend(backend, reference=reference)
         self.dtype = self.backend.dtype(dtype)
         self.seed = check_seed(seed, type(self).__name__)
         self.rng: RandomSource | None = None
         return np.random.default_rng(self.seed)
 
     def _init_params(self, host: dict[str, np.ndarray]) -> None:
-        """The one place parameters are made: host arrays -> the backend, in the model's dtype."""
-        self.params = {key: self.backend.asarray(value, dtype=self.dtype) for key, value in host.items()}
+        """The one place parameters are made: host arrays -> views of one flat buffer on the
+        backend, in the model's dtype (see `xpcnn.params`)."""
+        self.params = make_params(host, self.backend, self.dtype)
 
     def _random_source(self) -> RandomSource:
         """The model's seeded source of Dropout masks, on its backend (made once)."""
@@ -102,6 +107,13 @@ class Network:
 
     # ------------------------------------------------------------ scoring
 
+    def predict_proba(self, x: Any, batch_size: int = 100) -> Any:
+        """Class probabilities ``(N, output_size)`` (softmax of `predict`, inference mode),
+        `batch_size` images at a time; `x` may be on the host. See `xpcnn.inference.predict_proba`."""
+        from .inference import predict_proba
+
+        return predict_proba(self, x, batch_size)
+
     def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
         """Fraction of correct predictions (inference mode), `batch_size` images at a time.
 
@@ -115,22 +127,19 @@ class Network:
             raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
         if n == 0:
             raise ShapeError("accuracy: no images given (N = 0)")
-        xp = self.xp
+        xp, ops = self.xp, self.backend.ops
         num_classes = self.config["output_size"]
-        # [correct, non-finite pixels, labels out of range], summed on the device, read once.
-        counts = None
+        # Per batch only the correct count, summed on the device (fused on CuPy); pixels and
+        # labels are checked once for the whole set; one transfer at the end.
+        correct = None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             xb, tb = self._on_backend(x[start:stop, ...]), self._on_backend(t[start:stop, ...])
-            pred = xp.argmax(self.predict(xb), axis=1)
             if tb.ndim != 1:
                 tb = xp.argmax(tb, axis=1)
-            batch_counts = xp.stack([
-                xp.sum(xp.astype(pred == tb, xp.int64)),
-                xp.sum(xp.astype(xp.logical_not(xp.isfinite(xb)), xp.int64)),
-                xp.sum(xp.astype(xp.logical_or(tb < 0, tb >= num_classes), xp.int64)),
-            ])
-            counts = batch_counts if counts is None else counts + batch_counts
+            hits = ops.count_correct(self.predict(xb), tb)
+            correct = hits if correct is None else correct + hits
+        counts = xp.stack([correct, *self._bad_input_counts(x, t, num_classes)])
         correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
         if non_finite:
             raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
@@ -140,6 +149,18 @@ class Network:
             raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
                              f"(got values from {labels.min()} to {labels.max()})")
         return correct / n
+
+    def _bad_input_counts(self, x: Any, t: Any, num_classes: int) -> list[Any]:
+        """[non-finite pixels, labels outside 0..K-1] of a whole set, as 0-d arrays on the backend."""
+        xp = self.xp
+        if isinstance(x, np.ndarray) and isinstance(t, np.ndarray):      # host data: free to read here
+            labels = t.argmax(axis=1) if t.ndim == 2 else t
+            counts = [np.count_nonzero(~np.isfinite(x)), np.count_nonzero((labels < 0) | (labels >= num_classes))]
+            return [self.backend.asarray(np.asarray(c, dtype=np.int64)) for c in counts]
+        x, t = self._on_backend(x), self._on_backend(t)
+        labels = xp.argmax(t, axis=1) if t.ndim == 2 else t
+        return [xp.sum(xp.astype(xp.logical_not(xp.isfinite(x)), xp.int64)),
+                xp.sum(xp.astype(xp.logical_or(labels < 0, labels >= num_classes), xp.int64))]
 
     def _on_backend(self, array: Any) -> Any:
         if isinstance(array, np.ndarray) and self.backend.name != "numpy":

@@ -3,18 +3,22 @@
 `params` is the network's dict of arrays, shared by reference with its layers, so the
 update must modify those arrays rather than rebind the dict entries. State (velocities,
 squared-gradient sums) is created lazily with the parameter's own namespace, device and
-dtype, and can be saved and restored with `state_dict`/`load_state_dict`.
+dtype, and can be saved and restored with `state_dict`/`load_state_dict`. The formulas
+themselves are operations of the backend's table (`xpcnn.ops`: `adagrad_update`, ...), so a
+backend can run each as one fused kernel.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import array_api_compat
 
 from .backend import check_same_device, namespace_of
 from .errors import ConfigError
+from .ops import ops_for
+from .params import ParamDict
 
 
 def _check_hyper(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
@@ -30,7 +34,12 @@ def _check_hyper(name: str, value: Any, *, low: float = 0.0, high: float = math.
 
 
 class Optimizer:
-    """Base class: holds the learning rate and per-parameter state arrays."""
+    """Base class: holds the learning rate and per-parameter state arrays.
+
+    When `params` is a `ParamDict` (every network's ``params``: views of one flat buffer),
+    `update` runs the optimizer's formula once over the whole buffer, with state arrays that
+    are one buffer too; otherwise once per array. Both give the same numbers.
+    """
 
     #: names of the per-parameter state arrays, e.g. ("h",) for AdaGrad
     state_names: tuple[str, ...] = ()
@@ -39,20 +48,29 @@ class Optimizer:
         self.lr = _check_hyper("lr", lr, what=type(self).__name__)
         self.state: dict[str, dict[str, Any]] = {name: {} for name in self.state_names}
         self.iterations = 0
+        self._flat_state: dict[str, Any] = {}     # state name -> flat buffer (the flat path)
+        self._flat_layout: tuple | None = None
 
     def update(self, params: dict[str, Any], grads: dict[str, Any]) -> None:
         """Update every array in `params` in place from the matching entry of `grads`."""
         missing = [key for key in params if key not in grads]
         if missing:
             raise ConfigError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}; grads has {sorted(grads)}")
+        if isinstance(params, ParamDict):
+            flat_grad = params.gather(grads)              # checks every entry before changing any
+            self.iterations += 1
+            self._update(params.backend.ops, "", params.flat, flat_grad, lambda name: self._flat_buffer(name, params))
+            return
         for key, param in params.items():               # check all before changing any
             namespace_of(param, grads[key])               # BackendMismatch on mixed backends
             check_same_device(grads[key], param, f"gradient {key!r}")
         self.iterations += 1
         for key, param in params.items():
-            self._update_one(key, param, grads[key])
+            ops = ops_for(namespace_of(param))
+            self._update(ops, key, param, grads[key], lambda name, key=key, param=param: self._zeros_like(name, key, param))
 
-    def _update_one(self, key: str, param: Any, grad: Any) -> None:
+    def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
+        """Apply the formula to one array (or the flat buffer); `state(name)` gives its state array."""
         raise NotImplementedError
 
     def _zeros_like(self, name: str, key: str, param: Any) -> Any:
@@ -61,6 +79,24 @@ class Optimizer:
             xp = namespace_of(param)
             slot[key] = xp.zeros(param.shape, dtype=param.dtype, device=array_api_compat.device(param))
         return slot[key]
+
+    def _flat_buffer(self, name: str, params: ParamDict) -> Any:
+        """State `name` as one buffer laid out like `params.flat` (built once, from any
+        per-parameter state already loaded); ``self.state[name][key]`` are views of it."""
+        if self._flat_layout != params.layout:
+            self._flat_state, self._flat_layout = {}, params.layout
+        flat = self._flat_state.get(name)
+        if flat is None:
+            xp, slot = params.backend.xp, self.state[name]
+            if slot:
+                state = {key: slot[key] if key in slot else xp.zeros(shape, dtype=params.flat.dtype, device=array_api_compat.device(params.flat))
+                         for key, _, _, shape in params.layout}
+                flat = params.gather(state)
+            else:
+                flat = xp.zeros(params.flat.shape, dtype=params.flat.dtype, device=array_api_compat.device(params.flat))
+            self._flat_state[name] = flat
+            slot.update(params.views_of(flat))
+        return flat
 
     def state_dict(self) -> dict[str, Any]:
         """State arrays as ``{"<state>/<param>": array}`` plus the step count."""
@@ -71,6 +107,7 @@ class Optimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (arrays already on the right backend)."""
         self.iterations = int(state.get("iterations", 0))
+        self._flat_state, self._flat_layout = {}, None     # rebuilt from these on the next update
         for flat_key, arr in state.items():
             if flat_key == "iterations":
                 continue
@@ -86,8 +123,8 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 0.01):
         super().__init__(lr)
 
-    def _update_one(self, key: str, param: Any, grad: Any) -> None:
-        param -= self.lr * grad
+    def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
+        ops.sgd_update(param, grad, self.lr)
 
 
 class Momentum(Optimizer):
@@ -99,11 +136,8 @@ class Momentum(Optimizer):
         super().__init__(lr)
         self.momentum = _check_hyper("momentum", momentum, low=0.0, high=1.0, low_open=False, what="Momentum")
 
-    def _update_one(self, key: str, param: Any, grad: Any) -> None:
-        v = self._zeros_like("v", key, param)
-        v *= self.momentum
-        v -= self.lr * grad
-        param += v
+    def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
+        ops.momentum_update(param, grad, state("v"), self.lr, self.momentum)
 
 
 class AdaGrad(Optimizer):
@@ -115,15 +149,8 @@ class AdaGrad(Optimizer):
     def __init__(self, lr: float = 0.01):
         super().__init__(lr)
 
-    def _update_one(self, key: str, param: Any, grad: Any) -> None:
-        xp = namespace_of(param)
-        h = self._zeros_like("h", key, param)
-        h += grad * grad
-        step = xp.sqrt(h)
-        step += self.eps
-        step = grad / step
-        step *= self.lr              # in place on our own temporaries: fewer large allocations
-        param -= step
+    def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
+        ops.adagrad_update(param, grad, state("h"), self.lr, self.eps)
 
 
 class Adam(Optimizer):
@@ -142,13 +169,8 @@ class Adam(Optimizer):
         self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** step) / (1.0 - self.beta1 ** step)
         super().update(params, grads)
 
-    def _update_one(self, key: str, param: Any, grad: Any) -> None:
-        xp = namespace_of(param)
-        m = self._zeros_like("m", key, param)
-        v = self._zeros_like("v", key, param)
-        m += (1.0 - self.beta1) * (grad - m)
-        v += (1.0 - self.beta2) * (grad * grad - v)
-        param -= self._lr_t * m / (xp.sqrt(v) + self.eps)
+    def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
+        ops.adam_update(param, grad, state("m"), state("v"), self._lr_t, self.beta1, self.beta2, self.eps)
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}

@@ -1,0 +1,383 @@
+"""CuPy fast paths for the hot operations of `xpcnn.ops` (float32 and float64).
+
+Each function here replaces one reference operation of the table with one or a few kernel
+launches: where the reference code makes several array-library calls (each a kernel launch
+and ~20 us of Python on the host), these make one. The results match the reference within
+rounding (tests/test_fast_cupy.py). Deterministic by construction: nothing that feeds a
+gradient uses atomics. col2im and the pooling backward are gathers (each input pixel sums the
+windows that contain it, in a fixed order), and pooling backward uses the window index
+stored by its forward pass, so two runs from the same seed give bit-identical weights.
+
+Imported only when CuPy is in use (`xpcnn.ops._fast_table`).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any, Callable
+
+import cupy
+import numpy as np
+
+from . import counting
+from . import ops as reference
+
+_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def _launched(calls: int = 1) -> None:
+    """Record `calls` array-library calls (kernel launches or cuBLAS calls) for `counting`."""
+    if counting.enabled():
+        counting.add(calls)
+
+
+def _c_type(dtype: Any) -> str:
+    return _C_TYPES[np.dtype(dtype)]
+
+
+# -------------------------------------------------------------------------- im2col / col2im
+
+_im2col_kernel = cupy.ElementwiseKernel(
+    "raw T x, int32 C, int32 H, int32 W, int32 FH, int32 FW, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T col",
+    """
+    // col (N, C*FH*FW, OH*OW): element i is window offset (c, fi, fj) of output pixel (oh, ow)
+    const int P = OH * OW;
+    const int K = C * FH * FW;
+    const int p = i % P;
+    const int k = (i / P) % K;
+    const int n = i / (P * K);
+    const int c = k / (FH * FW);
+    const int fi = (k / FW) % FH;
+    const int fj = k % FW;
+    const int y = (p / OW) * stride + fi - pad;
+    const int xx = (p % OW) * stride + fj - pad;
+    col = (y >= 0 && y < H && xx >= 0 && xx < W) ? x[((ptrdiff_t)(n * C + c) * H + y) * W + xx] : (T)0;
+    """,
+    "xpcnn_im2col",
+)
+
+_col2im_kernel = cupy.ElementwiseKernel(
+    "raw T col, int32 C, int32 H, int32 W, int32 FH, int32 FW, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T dx",
+    """
+    // dx (N, C, H, W): pixel (y, x) sums, in a fixed order, every window entry that reads it.
+    const int xx = i % W;
+    const int y = (i / W) % H;
+    const int c = (i / (W * H)) % C;
+    const int n = i / (W * H * C);
+    const int P = OH * OW;
+    const ptrdiff_t base = (ptrdiff_t)(n * C + c) * FH * FW * P;
+    T sum = 0;
+    for (int fi = 0; fi < FH; ++fi) {
+        const int ty = y + pad - fi;
+        if (ty < 0 || ty % stride != 0) continue;
+        const int oh = ty / stride;
+        if (oh >= OH) continue;
+        for (int fj = 0; fj < FW; ++fj) {
+            const int tx = xx + pad - fj;
+            if (tx < 0 || tx % stride != 0) continue;
+            const int ow = tx / stride;
+            if (ow >= OW) continue;
+            sum += col[base + (ptrdiff_t)(fi * FW + fj) * P + oh * OW + ow];
+        }
+    }
+    dx = sum;
+    """,
+    "xpcnn_col2im",
+)
+
+
+def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
+                   out_h: int, out_w: int) -> tuple[Any, Any]:
+    """im2col kernel, one batched matrix product, bias added in place: 3 calls."""
+    n, c, h, w = x.shape
+    filter_num, _, filter_h, filter_w = W.shape
+    x = cupy.ascontiguousarray(x)
+    col = cupy.empty((n, c * filter_h * filter_w, out_h * out_w), dtype=x.dtype)
+    _im2col_kernel(x, c, h, w, filter_h, filter_w, out_h, out_w, stride, pad, col)
+    out = cupy.matmul(W.reshape(filter_num, -1), col)
+    out += b.reshape(filter_num, 1)
+    _launched(3)
+    return out.reshape(n, filter_num, out_h, out_w), (col, (n, c, h, w))
+
+
+def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
+                    need_input_grad: bool) -> tuple[Any, Any, Any]:
+    """db: one reduction; dW: one matrix product over the whole batch; dx: one product + col2im."""
+    col, (n, c, h, w) = cache
+    filter_num, _, filter_h, filter_w = W.shape
+    _, _, out_h, out_w = dout.shape
+    k, p = col.shape[1], col.shape[2]
+    dout_mat = cupy.ascontiguousarray(dout).reshape(n, filter_num, p)
+    db = dout_mat.sum(axis=(0, 2))
+    # dW[f, k] = sum over images and pixels of dout[n, f, p] * col[n, k, p]: one GEMM of
+    # (FN, N*P) by (N*P, K) through tensordot over both axes.
+    dW = cupy.tensordot(dout_mat, col, axes=([0, 2], [0, 2])).reshape(W.shape)
+    _launched(2)
+    if not need_input_grad:
+        return None, dW, db
+    dcol = cupy.matmul(W.reshape(filter_num, -1).T, dout_mat)      # (N, K, P)
+    dx = cupy.empty((n, c, h, w), dtype=dout.dtype)
+    _col2im_kernel(dcol, c, h, w, filter_h, filter_w, out_h, out_w, stride, pad, dx)
+    _launched(2)
+    return dx, dW, db
+
+
+# ------------------------------------------------------------------------------ max pooling
+
+_maxpool_forward_kernel = cupy.ElementwiseKernel(
+    "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T out, int32 arg",
+    """
+    // out (N, C, OH, OW): the window's first maximum (row-major); padding never wins.
+    const int ow = i % OW;
+    const int oh = (i / OW) % OH;
+    const ptrdiff_t plane = i / (OW * OH);
+    const ptrdiff_t image = plane * H * W;
+    int best = -1;
+    T best_value = 0;
+    for (int pi = 0; pi < PH; ++pi) {
+        const int y = oh * stride + pi - pad;
+        if (y < 0 || y >= H) continue;
+        for (int pj = 0; pj < PW; ++pj) {
+            const int xx = ow * stride + pj - pad;
+            if (xx < 0 || xx >= W) continue;
+            const T value = x[image + y * W + xx];
+            if (best < 0 || value > best_value) { best = pi * PW + pj; best_value = value; }
+        }
+    }
+    out = best_value;
+    arg = best;
+    """,
+    "xpcnn_maxpool_forward",
+)
+
+_maxpool_backward_kernel = cupy.ElementwiseKernel(
+    "raw T dout, raw int32 arg, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 pad",
+    "T dx",
+    """
+    // dx (N, C, H, W): a pixel gathers the gradient of every window whose maximum it was.
+    const int xx = i % W;
+    const int y = (i / W) % H;
+    const ptrdiff_t plane = i / (W * H);
+    const ptrdiff_t base = plane * OH * OW;
+    T sum = 0;
+    for (int pi = 0; pi < PH; ++pi) {
+        const int ty = y + pad - pi;
+        if (ty < 0 || ty % stride != 0) continue;
+        const int oh = ty / stride;
+        if (oh >= OH) continue;
+        for (int pj = 0; pj < PW; ++pj) {
+            const int tx = xx + pad - pj;
+            if (tx < 0 || tx % stride != 0) continue;
+            const int ow = tx / stride;
+            if (ow >= OW) continue;
+            const ptrdiff_t o = base + oh * OW + ow;
+            if (arg[o] == pi * PW + pj) sum += dout[o];
+        }
+    }
+    dx = sum;
+    """,
+    "xpcnn_maxpool_backward",
+)
+
+
+def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: int, pad: int,
+                      out_h: int, out_w: int) -> tuple[Any, Any]:
+    """One kernel: the maxima and, per window, the offset of its first maximum."""
+    n, c, h, w = x.shape
+    x = cupy.ascontiguousarray(x)
+    out = cupy.empty((n, c, out_h, out_w), dtype=x.dtype)
+    arg = cupy.empty((n, c, out_h, out_w), dtype=cupy.int32)
+    _maxpool_forward_kernel(x, h, w, pool_h, pool_w, out_h, out_w, stride, pad, out, arg)
+    _launched()
+    return out, (arg, (n, c, h, w), pool_h, pool_w, stride, pad)
+
+
+def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
+    """One kernel: each pixel gathers the gradients of the windows it was the maximum of."""
+    arg, (n, c, h, w), pool_h, pool_w, stride, pad = cache
+    _, _, out_h, out_w = dout.shape
+    dx = cupy.empty((n, c, h, w), dtype=dout.dtype)
+    _maxpool_backward_kernel(cupy.ascontiguousarray(dout), arg, h, w, pool_h, pool_w, out_h, out_w, stride, pad, dx)
+    _launched()
+    return dx
+
+
+# ------------------------------------------------------------------------------------- ReLU
+
+_relu_backward_kernel = cupy.ElementwiseKernel(
+    "T out, T dout", "T dx", "dx = out > (T)0 ? dout : (T)0", "xpcnn_relu_backward")
+
+
+def relu_forward(xp: ModuleType, x: Any) -> Any:
+    _launched()
+    return cupy.maximum(x, 0)
+
+
+def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
+    _launched()
+    return _relu_backward_kernel(out, dout)
+
+
+# ------------------------------------------------------------ softmax with cross-entropy
+
+_SOFTMAX_CE_SOURCE = r"""
+extern "C" __global__ void xpcnn_softmax_ce(const T* scores, const long long* labels, T* probs,
+                                            T* loss, const int n, const int k) {
+    // One block: each thread takes rows tid, tid + blockDim.x, ...; the per-thread sums are
+    // then added in a fixed tree order, so the loss is the same every run.
+    __shared__ T partial[256];
+    T mine = 0;
+    for (int row = threadIdx.x; row < n; row += blockDim.x) {
+        const T* s = scores + (long long)row * k;
+        T* y = probs + (long long)row * k;
+        T top = s[0];
+        for (int j = 1; j < k; ++j) top = s[j] > top ? s[j] : top;
+        T total = 0;
+        for (int j = 0; j < k; ++j) total += exp(s[j] - top);
+        const T log_total = log(total);
+        for (int j = 0; j < k; ++j) y[j] = exp(s[j] - top - log_total);
+        mine -= s[labels[row]] - top - log_total;
+    }
+    partial[threadIdx.x] = mine;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) loss[0] = partial[0] / (T)n;
+}
+"""
+
+_softmax_ce_backward_kernel = cupy.ElementwiseKernel(
+    "raw T probs, raw int64 labels, int32 k, T scale", "T dx",
+    "const int row = i / k; dx = (probs[i] - (T)((i % k) == labels[row])) * scale;",
+    "xpcnn_softmax_ce_backward",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_kernel(source: str, name: str, c_type: str) -> Any:
+    """`source` compiled with ``T`` standing for `c_type` (float or double), once per type."""
+    return cupy.RawKernel(f"typedef {c_type} T;\n{source}", name)
+
+
+def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[Any, Any]:
+    """One kernel for integer labels (probabilities and the mean loss); one-hot labels take
+    the reference path."""
+    if t.ndim != 1:
+        return reference.softmax_cross_entropy_forward(xp, scores, t)
+    n, k = scores.shape
+    scores = cupy.ascontiguousarray(scores)
+    labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
+    probs = cupy.empty_like(scores)
+    loss = cupy.empty((), dtype=scores.dtype)
+    _raw_kernel(_SOFTMAX_CE_SOURCE, "xpcnn_softmax_ce", _c_type(scores.dtype))((1,), (256,), (scores, cupy.ascontiguousarray(labels), probs, loss,
+                                                             np.int32(n), np.int32(k)))
+    _launched()
+    return loss, (probs, labels, "labels")
+
+
+def softmax_cross_entropy_backward(xp: ModuleType, cache: Any, dout: Any) -> Any:
+    """One kernel: ``(y - onehot(t)) * dout / N``."""
+    if len(cache) != 3 or not isinstance(dout, (int, float)):
+        probs, labels = cache[0], cache[1]
+        if len(cache) == 3:        # integer labels with an array dout: build the reference's form
+            t_hot = (labels[:, None] == cupy.arange(probs.shape[1])).astype(probs.dtype)
+            return reference.softmax_cross_entropy_backward(xp, (probs, t_hot), dout)
+        return reference.softmax_cross_entropy_backward(xp, cache, dout)
+    probs, labels, _ = cache
+    n, k = probs.shape
+    dx = cupy.empty_like(probs)
+    _softmax_ce_backward_kernel(probs, labels, k, probs.dtype.type(dout / n), dx)
+    _launched()
+    return dx
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+_COUNT_CORRECT_SOURCE = r"""
+extern "C" __global__ void xpcnn_count_correct(const T* scores, const long long* labels,
+                                               long long* count, const int n, const int k) {
+    __shared__ long long partial[256];
+    long long mine = 0;
+    for (int row = threadIdx.x; row < n; row += blockDim.x) {
+        const T* s = scores + (long long)row * k;
+        int best = 0;
+        for (int j = 1; j < k; ++j) if (s[j] > s[best]) best = j;   // the first maximum, as argmax
+        mine += (best == labels[row]);
+    }
+    partial[threadIdx.x] = mine;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) count[0] = partial[0];
+}
+"""
+
+
+def count_correct(xp: ModuleType, scores: Any, t: Any) -> Any:
+    """One kernel: argmax of each row against its label, counted in a fixed order."""
+    n, k = scores.shape
+    labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
+    count = cupy.empty((), dtype=cupy.int64)
+    _raw_kernel(_COUNT_CORRECT_SOURCE, "xpcnn_count_correct", _c_type(scores.dtype))((1,), (256,), (cupy.ascontiguousarray(scores),
+                                                                cupy.ascontiguousarray(labels), count,
+                                                                np.int32(n), np.int32(k)))
+    _launched()
+    return count
+
+
+# ------------------------------------------------------------------------------- optimizers
+# One fused kernel over the whole (flat) parameter buffer each, in the reference's order of
+# operations.
+
+_sgd_kernel = cupy.ElementwiseKernel("T grad, T lr", "T param", "param -= lr * grad", "xpcnn_sgd")
+_momentum_kernel = cupy.ElementwiseKernel(
+    "T grad, T lr, T momentum", "T param, T v", "v = v * momentum - lr * grad; param += v", "xpcnn_momentum")
+_adagrad_kernel = cupy.ElementwiseKernel(
+    "T grad, T lr, T eps", "T param, T h",
+    "h += grad * grad; param -= (grad / (sqrt(h) + eps)) * lr;", "xpcnn_adagrad")
+_adam_kernel = cupy.ElementwiseKernel(
+    "T grad, T lr_t, T beta1, T beta2, T eps", "T param, T m, T v",
+    "m += (1 - beta1) * (grad - m); v += (1 - beta2) * (grad * grad - v); param -= lr_t * m / (sqrt(v) + eps);",
+    "xpcnn_adam")
+
+
+def sgd_update(xp: ModuleType, param: Any, grad: Any, lr: float) -> None:
+    t = param.dtype.type
+    _sgd_kernel(grad, t(lr), param)
+    _launched()
+
+
+def momentum_update(xp: ModuleType, param: Any, grad: Any, v: Any, lr: float, momentum: float) -> None:
+    t = param.dtype.type
+    _momentum_kernel(grad, t(lr), t(momentum), param, v)
+    _launched()
+
+
+def adagrad_update(xp: ModuleType, param: Any, grad: Any, h: Any, lr: float, eps: float) -> None:
+    t = param.dtype.type
+    _adagrad_kernel(grad, t(lr), t(eps), param, h)
+    _launched()
+
+
+def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: float,
+                beta1: float, beta2: float, eps: float) -> None:
+    t = param.dtype.type
+    _adam_kernel(grad, t(lr_t), t(beta1), t(beta2), t(eps), param, m, v)
+    _launched()
+
+
+def fast_ops() -> dict[str, Callable[..., Any]]:
+    """The entries this module replaces in CuPy's operation table."""
+    return {name: globals()[name] for name in (
+        "conv2d_forward", "conv2d_backward", "maxpool2d_forward", "maxpool2d_backward",
+        "relu_forward", "relu_backward", "softmax_cross_entropy_forward",
+        "softmax_cross_entropy_backward", "count_correct",
+        "sgd_update", "momentum_update", "adagrad_update", "adam_update")}

@@ -1,0 +1,306 @@
+"""The few hot operations of a training step, by name: one table per backend.
+
+The functions in this module are the **reference** implementations, written once against
+the array API (they take the namespace `xp` as their first argument, so nobody resolves a
+namespace per call). Every backend's table starts from them; a backend may override a few
+entries with faster code of its own (CuPy kernels in `fast_cupy.py`), and each fast entry is
+tested against its reference. Layers and optimizers ask their table for an operation by
+name; they never ask which backend they run on.
+
+    >>> ops = ops_for(array_api_compat.numpy)             # the fast table, where one exists
+    >>> out, cache = ops.maxpool2d_forward(x, 2, 2, 2, 0, 14, 14)
+    >>> ops_for(xp, reference=True)                       # the reference path, always
+
+A `cache` is whatever the forward pass keeps for its backward pass; only the matching
+backward of the same table reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+from typing import Any, Callable
+
+import array_api_compat
+
+from . import counting
+from .functional import col2im_cnhw, col2im_nchw, im2col_cnhw, im2col_nchw, pad_nchw, spatial_slices, window_offsets
+
+#: Every operation a table holds, with its signature (after `xp`).
+OP_SIGNATURES = {
+    "conv2d_forward": "(x, W, b, stride, pad, out_h, out_w) -> (out, cache)",
+    "conv2d_backward": "(dout, cache, W, stride, pad, need_input_grad) -> (dx or None, dW, db)",
+    "maxpool2d_forward": "(x, pool_h, pool_w, stride, pad, out_h, out_w) -> (out, cache)",
+    "maxpool2d_backward": "(dout, cache) -> dx",
+    "relu_forward": "(x) -> out",
+    "relu_backward": "(out, dout) -> dx",
+    "softmax_cross_entropy_forward": "(scores, t) -> (loss, cache); cache[0] is the softmax",
+    "softmax_cross_entropy_backward": "(cache, dout) -> dscores",
+    "count_correct": "(scores, t) -> 0-d integer count",
+    "sgd_update": "(param, grad, lr) -> None",
+    "momentum_update": "(param, grad, v, lr, momentum) -> None",
+    "adagrad_update": "(param, grad, h, lr, eps) -> None",
+    "adam_update": "(param, grad, m, v, lr_t, beta1, beta2, eps) -> None",
+}
+
+
+# ------------------------------------------------------------------------ convolution
+
+def batch_major_wins(channels: int) -> bool:
+    """Which im2col layout the reference convolution uses (measured: docs/performance.md,
+    "DeepConvNet on the CPU").
+
+    One input channel (SimpleConvNet, DeepConvNet's first layer): the per-image layout, whose
+    product lands in NCHW directly. Several channels: the whole-batch layout, one large
+    matrix product instead of N small ones (faster for DeepConvNet's 16-64 channel layers).
+    """
+    return channels == 1
+
+
+def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
+                   out_h: int, out_w: int) -> tuple[Any, Any]:
+    """``(N, C, H, W) -> (N, FN, OH, OW)`` by im2col: one matrix product per image for one
+    input channel, one product over the whole batch for several."""
+    n, channels = x.shape[0], x.shape[1]
+    filter_num, _, filter_h, filter_w = W.shape
+    w_mat = xp.reshape(W, (filter_num, -1))
+    if batch_major_wins(channels):
+        col = im2col_nchw(x, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp)  # (N, C*FH*FW, OH*OW)
+        # (FN, C*FH*FW) @ (N, C*FH*FW, OH*OW) lands in NCHW order: no transpose on the way out.
+        out = w_mat @ col
+        out += xp.reshape(b, (filter_num, 1))
+        return xp.reshape(out, (n, filter_num, out_h, out_w)), (col, tuple(x.shape))
+    col = im2col_cnhw(x, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp)      # (C*FH*FW, N*OH*OW)
+    out = w_mat @ col
+    out += xp.reshape(b, (filter_num, 1))
+    # An (N, FN, OH, OW) view of (FN, N, OH, OW): the next layers work on it as is, and the
+    # next convolution's transpose back to (C, N, H, W) reads it contiguously.
+    return xp.permute_dims(xp.reshape(out, (filter_num, n, out_h, out_w)), (1, 0, 2, 3)), (col, tuple(x.shape))
+
+
+def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
+                    need_input_grad: bool) -> tuple[Any, Any, Any]:
+    """``dout (N, FN, OH, OW) -> (dx (N, C, H, W) or None, dW, db)``."""
+    col, x_shape = cache
+    filter_num, channels, filter_h, filter_w = W.shape
+    n, _, out_h, out_w = dout.shape
+    if batch_major_wins(channels):
+        dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
+        db = xp.sum(dout_mat, axis=(0, 2))
+        dW = xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape)
+        if not need_input_grad:
+            return None, dW, db
+        dcol = xp.matrix_transpose(xp.reshape(W, (filter_num, -1))) @ dout_mat
+        return col2im_nchw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp), dW, db
+    dout_mat = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (filter_num, n * out_h * out_w))
+    db = xp.sum(dout_mat, axis=1)
+    dW = xp.reshape(dout_mat @ xp.matrix_transpose(col), W.shape)
+    if not need_input_grad:
+        return None, dW, db
+    height, width = x_shape[2], x_shape[3]
+    if stride == 1 and filter_h == filter_w and pad < filter_h:
+        # dx is a stride-1 convolution of dout with the flipped, transposed filters (padding
+        # FH-1-pad): an im2col copy and one product instead of a product and nine strided
+        # adds into the input gradient.
+        flipped = xp.permute_dims(xp.flip(W, axis=(2, 3)), (1, 0, 2, 3))
+        col_d = im2col_cnhw(dout, filter_h, filter_w, 1, filter_h - 1 - pad, height, width, xp=xp)
+        dx_cn = xp.reshape(flipped, (channels, -1)) @ col_d
+        return xp.permute_dims(xp.reshape(dx_cn, (channels, n, height, width)), (1, 0, 2, 3)), dW, db
+    dcol = xp.matrix_transpose(xp.reshape(W, (filter_num, -1))) @ dout_mat
+    return col2im_cnhw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp), dW, db
+
+
+# ------------------------------------------------------------------------ max pooling
+
+def _pool_tiles(x_shape: tuple, pool_h: int, pool_w: int, stride: int, pad: int) -> bool:
+    """Whether the windows tile the input exactly (e.g. 2x2, stride 2, even sizes)."""
+    return (pad == 0 and stride == pool_h == pool_w
+            and x_shape[2] % pool_h == 0 and x_shape[3] % pool_w == 0)
+
+
+def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: int, pad: int,
+                      out_h: int, out_w: int) -> tuple[Any, Any]:
+    """``(N, C, H, W) -> (N, C, OH, OW)``: the elementwise maximum of the window slices.
+
+    Padding is -inf, so it never wins. The cache keeps the slices (views) and the maxima.
+    """
+    n, c = x.shape[0], x.shape[1]
+    offsets = list(window_offsets(pool_h, pool_w))
+    if _pool_tiles(tuple(x.shape), pool_h, pool_w, stride, pad):
+        # Non-overlapping windows: a reshape exposes them without slicing with steps.
+        x6 = xp.reshape(x, (n, c, out_h, pool_h, out_w, pool_w))
+        windows = [x6[:, :, :, i, :, j] for i, j in offsets]
+    else:
+        x_pad = pad_nchw(x, pad, fill=-math.inf)
+        windows = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
+                   for i, j in offsets]
+    out = windows[0]
+    for window in windows[1:]:
+        out = xp.maximum(out, window)
+    return out, (windows, out, tuple(x.shape), pool_h, pool_w, stride, pad)
+
+
+def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
+    """``dout (N, C, OH, OW) -> dx (N, C, H, W)``: each window's gradient goes to its first max."""
+    windows, out, (n, c, h, w), pool_h, pool_w, stride, pad = cache
+    _, _, out_h, out_w = dout.shape
+    device = array_api_compat.device(dout)
+    tiles = _pool_tiles((n, c, h, w), pool_h, pool_w, stride, pad)
+    if tiles:
+        # Every input pixel is in exactly one window: each is written once, no zero fill.
+        dx = xp.empty((n, c, out_h, pool_h, out_w, pool_w), dtype=dout.dtype, device=device)
+    else:
+        dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dout.dtype, device=device)
+    remaining = dout  # gradient of windows whose max has not been found yet
+    last = len(windows) - 1
+    for k, (i, j) in enumerate(window_offsets(pool_h, pool_w)):
+        if k == last:
+            # The max is in the window, so if no earlier pixel held it the last one does.
+            grad = remaining
+        else:
+            # A multiply by the 0/1 mask, not `where` (NumPy's where is ~10x slower here),
+            # done in place on temporaries we own: fewer large allocations.
+            grad = xp.astype(windows[k] == out, dout.dtype)
+            grad *= remaining
+            if remaining is dout:
+                remaining = dout - grad  # never write into the caller's dout
+            else:
+                remaining -= grad
+        if tiles:
+            dx[:, :, :, i, :, j] = grad
+        else:
+            dx[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)] += grad
+    if tiles:
+        return xp.reshape(dx, (n, c, h, w))
+    return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
+
+
+# ------------------------------------------------------------------------------- ReLU
+
+def relu_forward(xp: ModuleType, x: Any) -> Any:
+    """``max(x, 0)``; the output doubles as the backward mask (out > 0 exactly where x > 0)."""
+    return xp.maximum(x, 0.0)
+
+
+def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
+    """``dout`` where the output was > 0, else 0; a new array (the book zeroed `dout` in place)."""
+    # A multiply by the 0/1 mask rather than `where`, which NumPy runs ~10x slower.
+    dx = xp.astype(out > 0, dout.dtype)
+    dx *= dout
+    return dx
+
+
+# ---------------------------------------------------------- softmax with cross-entropy
+
+def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[Any, Any]:
+    """Mean cross-entropy of ``(N, K)`` scores against labels ``(N,)`` or one-hot ``(N, K)``.
+
+    Uses log-softmax, so the loss is exact where the book's ``log(y + 1e-7)`` would clip.
+    Returns the 0-d loss and ``(softmax probabilities, one-hot labels)``.
+    """
+    if t.ndim == 1:   # class indices -> one-hot rows by comparison (no integer scatter)
+        classes = xp.arange(scores.shape[1], device=array_api_compat.device(t))
+        t_hot = xp.astype(xp.reshape(t, (-1, 1)) == classes, scores.dtype)
+    else:
+        t_hot = t
+    shifted = scores - xp.max(scores, axis=1, keepdims=True)
+    log_y = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    loss = -xp.sum(t_hot * log_y) / scores.shape[0]
+    return loss, (xp.exp(log_y), t_hot)
+
+
+def softmax_cross_entropy_backward(xp: ModuleType, cache: Any, dout: Any) -> Any:
+    """``(y - t) * dout / N``."""
+    y, t_hot = cache
+    return (y - t_hot) * (dout / y.shape[0])
+
+
+def count_correct(xp: ModuleType, scores: Any, t: Any) -> Any:
+    """How many rows of ``(N, K)`` scores have their argmax at label ``t`` (0-d int64)."""
+    return xp.sum(xp.astype(xp.argmax(scores, axis=1) == t, xp.int64))
+
+
+# ------------------------------------------------------------------------- optimizers
+# In place on `param` and the state arrays; `param` may be a whole flat parameter buffer.
+
+def sgd_update(xp: ModuleType, param: Any, grad: Any, lr: float) -> None:
+    param -= lr * grad
+
+
+def momentum_update(xp: ModuleType, param: Any, grad: Any, v: Any, lr: float, momentum: float) -> None:
+    v *= momentum
+    v -= lr * grad
+    param += v
+
+
+def adagrad_update(xp: ModuleType, param: Any, grad: Any, h: Any, lr: float, eps: float) -> None:
+    h += grad * grad
+    step = xp.sqrt(h)
+    step += eps
+    step = grad / step
+    step *= lr                   # in place on our own temporaries: fewer large allocations
+    param -= step
+
+
+def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: float,
+                beta1: float, beta2: float, eps: float) -> None:
+    m += (1.0 - beta1) * (grad - m)
+    v += (1.0 - beta2) * (grad * grad - v)
+    param -= lr_t * m / (xp.sqrt(v) + eps)
+
+
+# ------------------------------------------------------------------------------ tables
+
+_REFERENCE: dict[str, Callable[..., Any]] = {name: globals()[name] for name in OP_SIGNATURES}
+
+
+class Ops:
+    """A table of the hot operations bound to one namespace.
+
+    Attributes:
+        xp: the namespace.
+        reference: True when every entry is the reference implementation.
+        fast_names: the entries a backend replaced with fast code.
+    """
+
+    def __init__(self, xp: ModuleType, fast: dict[str, Callable[..., Any]] | None = None):
+        self.xp = xp
+        fast = dict(fast or {})
+        unknown = set(fast) - set(OP_SIGNATURES)
+        if unknown:
+            raise ValueError(f"unknown fast operations {sorted(unknown)}; known: {sorted(OP_SIGNATURES)}")
+        self.fast_names = tuple(sorted(fast))
+        self.reference = not fast
+        for name, function in {**_REFERENCE, **fast}.items():
+            setattr(self, name, functools.partial(function, xp))
+
+    def __repr__(self) -> str:
+        kind = "reference" if self.reference else f"fast: {', '.join(self.fast_names)}"
+        return f"Ops({getattr(self.xp, '__name__', self.xp)}, {kind})"
+
+
+def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
+    """The fast entries for `xp`'s library (none for libraries without a fast module)."""
+    if isinstance(xp, counting.CountingNamespace):
+        # Measuring: the inner library's fast entries, on unwrapped arrays (they count
+        # their own calls).
+        inner = xp.inner
+        return {name: _counted_fast(function, inner, xp) for name, function in _fast_table(inner).items()}
+    if array_api_compat.is_cupy_namespace(xp):
+        from . import fast_cupy
+
+        return fast_cupy.fast_ops()
+    return {}
+
+
+def _counted_fast(function: Callable[..., Any], inner: ModuleType, outer: Any) -> Callable[..., Any]:
+    def call(xp: Any, *args: Any) -> Any:
+        return counting._wrap(function(inner, *counting.unwrap(args)), outer)
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def ops_for(xp: ModuleType, reference: bool = False) -> Ops:
+    """The operation table for namespace `xp`: its fast table, or the reference with `reference=True`."""
+    return Ops(xp, None if reference else _fast_table(xp))
