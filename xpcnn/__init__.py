@@ -12,9 +12,10 @@ from .errors import (
     ImageFileError, ShapeError, TrainingError, XpcnnError,
 )
 from .functional import col2im, conv_output_size, cross_entropy_error, im2col, softmax
-from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from .layers import Affine, BatchNormalization, Convolution, Dropout, Pooling, ReLU, Sigmoid, SoftmaxWithLoss
 from .data import DatasetSpec, load_dataset, load_idx_pair, load_mnist, load_split, read_idx, write_idx
 from .models import SimpleConvNet
+from .nets import DeepConvNet, MultiLayerNetExtend
 from .optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
 from .train import History, Trainer, TrainingInterrupted
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -27,8 +28,8 @@ __all__ = [
     "XpcnnError", "BackendUnavailable", "BackendMismatch", "ShapeError", "DTypeError", "ConfigError",
     "DatasetError", "CheckpointError", "TrainingError", "ImageFileError", "load_images",
     "im2col", "col2im", "conv_output_size", "softmax", "cross_entropy_error",
-    "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss",
-    "SimpleConvNet", "Trainer", "History", "TrainingInterrupted",
+    "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss", "Dropout", "BatchNormalization", "Sigmoid",
+    "SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend", "Trainer", "History", "TrainingInterrupted",
     "load_mnist", "load_dataset", "load_split", "load_idx_pair", "read_idx", "write_idx", "DatasetSpec",
     "save_checkpoint", "load_checkpoint",
     "SGD", "Momentum", "AdaGrad", "Adam", "make_optimizer",
