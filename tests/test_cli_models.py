@@ -56,6 +56,12 @@ def test_mlp_options_are_saved_and_resumed(tmp_path, cli_dataset):
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(tmp_path / "mlp" / "checkpoint.npz").epoch == 2
 
+    # evaluate (and its report) rebuild a network that takes flat input
+    evaluated = run_cli(["evaluate", str(tmp_path / "mlp" / "checkpoint.npz"), "--data-dir", str(cli_dataset),
+                         "--report", str(tmp_path / "report")], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert (tmp_path / "report" / "report.json").exists()
+
 
 @pytest.mark.parametrize("argv,code,words", [
     (["--model", "deep", "--batchnorm"], 2, ["--batchnorm", "--model mlp"]),

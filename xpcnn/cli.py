@@ -23,6 +23,7 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -347,8 +348,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     network = build_from_checkpoint(checkpoint, backend)
     x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
                       download=args.download, dtype=checkpoint.dtype)
-    takes = tuple(int(v) for v in network.config["input_dim"])
-    if tuple(x.shape[1:]) != takes:
+    # Convolutional nets take (C, H, W) images; MultiLayerNetExtend flattens them (input_size).
+    takes = tuple(int(v) for v in network.config.get("input_dim", ())) or (int(network.config["input_size"]),)
+    if (tuple(x.shape[1:]) != takes) if len(takes) == 3 else (math.prod(x.shape[1:]) != takes[0]):
         raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
                               f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()

@@ -11,6 +11,8 @@ file never stops the others. Works with any network of the book's protocol (``pr
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -52,6 +54,12 @@ class FileFailure:
 
 def input_size(network: Any) -> tuple[int, int]:
     """``(H, W)`` of the images `network` takes; `CheckpointError` unless it takes 1 channel."""
+    if "input_dim" not in network.config:      # MultiLayerNetExtend: square grayscale images, flattened
+        size = int(network.config["input_size"])
+        side = math.isqrt(size)
+        if side * side != size:
+            raise CheckpointError(f"predict reads square grayscale images, but this network takes {size} inputs")
+        return side, side
     channels, height, width = (int(v) for v in network.config["input_dim"])
     if channels != 1:
         raise CheckpointError(f"predict reads grayscale images (1 channel), but this network takes {channels} "
