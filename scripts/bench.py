@@ -740,10 +740,7 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
         for name, layer in reversed(list(net.layers.items())):
             d = timed(f"{name} backward", layer.backward, d)
-        layers = net.layers
-        grads = {"W1": layers["Conv1"].dW, "b1": layers["Conv1"].db, "W2": layers["Affine1"].dW,
-                 "b2": layers["Affine1"].db, "W3": layers["Affine2"].dW, "b3": layers["Affine2"].db}
-        timed("AdaGrad update", opt.update, net.params, grads)
+        timed("AdaGrad update", opt.update, net.params, net.grads)   # the layers wrote into net.grads
     return {key: statistics.median(v) for key, v in parts.items()}
 
 
