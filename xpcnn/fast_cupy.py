@@ -109,7 +109,7 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     col, (n, c, h, w) = cache
     filter_num, _, filter_h, filter_w = W.shape
     _, _, out_h, out_w = dout.shape
-    k, p = col.shape[1], col.shape[2]
+    p = col.shape[2]
     dout_mat = cupy.ascontiguousarray(dout).reshape(n, filter_num, p)
     db = cupy.sum(dout_mat, axis=(0, 2), out=db_out)
     # dW[f, k] = sum over images and pixels of dout[n, f, p] * col[n, k, p]: one GEMM of
