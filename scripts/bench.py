@@ -778,8 +778,7 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
         for name, layer in reversed(list(net.layers.items())):
             d = timed(f"{name} backward", layer.backward, d)
-        grads = {key: getattr(net.layers[name], attr) for key, (name, attr) in net.grad_sources.items()}
-        timed(f"{type(opt).__name__} update", opt.update, net.params, grads)
+        timed(f"{type(opt).__name__} update", opt.update, net.params, net.grads)   # the layers wrote into net.grads
     return {key: statistics.median(v) for key, v in parts.items()}
 
 

@@ -104,3 +104,4 @@ class SimpleConvNet(Network):
         self.last_layer = SoftmaxWithLoss(ops=ops)
         self.grad_sources = {"W1": ("Conv1", "dW"), "b1": ("Conv1", "db"), "W2": ("Affine1", "dW"),
                              "b2": ("Affine1", "db"), "W3": ("Affine2", "dW"), "b3": ("Affine2", "db")}
+        self._bind_gradients()

@@ -130,6 +130,7 @@ class DeepConvNet(Network):
             self.grad_sources[f"W{i}"], self.grad_sources[f"b{i}"] = (f"Conv{i}", "dW"), (f"Conv{i}", "db")
         for key, name in (("7", "Affine1"), ("8", "Affine2")):
             self.grad_sources[f"W{key}"], self.grad_sources[f"b{key}"] = (name, "dW"), (name, "db")
+        self._bind_gradients()
 
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
@@ -234,6 +235,7 @@ class MultiLayerNetExtend(Network):
                 self.grad_sources[f"beta{idx}"] = (f"BatchNorm{idx}", "dbeta")
         self.layers = layers
         self.last_layer = SoftmaxWithLoss(ops=ops)
+        self._bind_gradients()
 
     def _weight_decay(self) -> Any:
         xp = self.xp
@@ -252,8 +254,8 @@ class MultiLayerNetExtend(Network):
         """
         self.loss(x, t, train_flg=True)
         self._backward()
-        grads = {key: getattr(self.layers[name], attr) for key, (name, attr) in self.grad_sources.items()}
+        grads = self._collect_grads()
         if self.weight_decay_lambda:
             for idx in range(1, self.hidden_layer_num + 2):
-                grads[f"W{idx}"] = grads[f"W{idx}"] + self.weight_decay_lambda * self.params[f"W{idx}"]
+                grads[f"W{idx}"] += self.weight_decay_lambda * self.params[f"W{idx}"]   # in the buffer
         return grads

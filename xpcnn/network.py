@@ -65,6 +65,23 @@ class Network:
         backend, in the model's dtype (see `xpcnn.params`)."""
         self.params = make_params(host, self.backend, self.dtype)
 
+    def _bind_gradients(self) -> None:
+        """Make ``self.grads``, a zero `ParamDict` laid out like `params` (one flat buffer), and
+        have every layer that can (Convolution, Affine) write its ``dW``/``db`` straight into
+        it; the other gradients (BatchNorm's ``dgamma``/``dbeta``) are copied in by `gradient`.
+        Called once, after the layers and ``grad_sources`` are built."""
+        self.grads = self.params.zeros_like()
+        by_layer: dict[str, dict[str, str]] = {}
+        for key, (name, attr) in self.grad_sources.items():
+            by_layer.setdefault(name, {})[attr] = key
+        self._copied_grads: list[tuple[str, str, str]] = []
+        for name, attrs in by_layer.items():
+            layer = self.layers[name]
+            if hasattr(layer, "bind_gradients") and set(attrs) == {"dW", "db"}:
+                layer.bind_gradients(self.grads[attrs["dW"]], self.grads[attrs["db"]])
+            else:
+                self._copied_grads += [(key, name, attr) for attr, key in attrs.items()]
+
     def _random_source(self) -> RandomSource:
         """The model's seeded source of Dropout masks, on its backend (made once)."""
         if self.rng is None:
@@ -99,11 +116,18 @@ class Network:
     def gradient(self, x: Any, t: Any) -> dict[str, Any]:
         """Forward (training mode) and backward on a batch: the gradients, keyed like `params`.
 
-        The batch loss stays available as ``self.last_layer.loss`` (on the device).
+        The returned dict is ``self.grads``, a `ParamDict` over one buffer that every call
+        overwrites (copy an entry to keep it). The batch loss stays available as
+        ``self.last_layer.loss`` (on the device).
         """
         self.loss(x, t)
         self._backward()
-        return {key: getattr(self.layers[name], attr) for key, (name, attr) in self.grad_sources.items()}
+        return self._collect_grads()
+
+    def _collect_grads(self) -> Any:
+        for key, name, attr in self._copied_grads:
+            self.grads[key] = getattr(self.layers[name], attr)     # copied into the buffer's view
+        return self.grads
 
     # ------------------------------------------------------------ scoring
 
