@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--profile", action="store_true",
-                   help="also time xpcnn's step layer by layer (forward/backward of each, the optimizer)")
+                   help="also time xpcnn's step layer by layer (forward/backward of each, the optimizer) "
+                        "and count its array-library calls per step")
+    p.add_argument("--reference", action="store_true",
+                   help="run xpcnn on the array-API reference code (no fast paths of the backend)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
@@ -335,8 +338,8 @@ class XpcnnContender(Contender):
 
     def __init__(self, args, host_params, x, t, x_eval, t_eval, backend_name=None, name="xpcnn"):
         self.name = name
-        self.backend = get_backend(backend_name or args.backend)
-        self.note = f"xpcnn on {self.backend} {args.dtype}"
+        self.backend = get_backend(backend_name or args.backend, reference=args.reference)
+        self.note = f"xpcnn on {self.backend} {args.dtype}" + (" (reference path)" if args.reference else "")
         self.net = SimpleConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
         self.net.set_params(host_params)
         self.opt = AdaGrad(lr=LR)
@@ -456,6 +459,70 @@ class TorchContender(Contender):
             self.torch.mps.synchronize()
 
 
+class TorchForeachContender(TorchContender):
+    """torch eager, the same net, with AdaGrad written as a few `torch._foreach_*` calls over
+    all parameters at once (what a user tuning the optimizer would write)."""
+
+    name = "torch-foreach"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.note = self.note.replace("eager", "eager + _foreach AdaGrad")
+        self.params = list(self.model.parameters())
+        self.sums = [self.torch.zeros_like(p) for p in self.params]
+
+    def adagrad(self):
+        torch = self.torch
+        with torch.no_grad():
+            grads = [p.grad for p in self.params]
+            torch._foreach_addcmul_(self.sums, grads, grads, value=1.0)
+            std = torch._foreach_sqrt(self.sums)
+            torch._foreach_add_(std, 1e-7)
+            torch._foreach_addcdiv_(self.params, grads, std, value=-LR)
+
+    def step(self):
+        for p in self.params:
+            p.grad = None
+        loss = self.F.cross_entropy(self.model(self.x), self.t)
+        loss.backward()
+        self.adagrad()
+
+
+class TorchGraphContender(TorchForeachContender):
+    """Forward + backward + the _foreach AdaGrad captured once as a CUDA graph (static batch)
+    and replayed: the fastest a PyTorch user can make this step without writing kernels."""
+
+    name = "torch-graph"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.note = self.note.replace("eager + _foreach AdaGrad", "CUDA graph of fwd+bwd+_foreach AdaGrad")
+        self.graph = None
+
+    def _capture(self):
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up outside the graph, as torch's docs ask
+            for _ in range(3):
+                self.F.cross_entropy(self.model(self.x), self.t).backward()
+                self.adagrad()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            # The warm-up left .grad buffers; backward accumulates into them, so the graph
+            # zeroes them first. Every replay reuses the same buffers and the same batch.
+            for p in self.params:
+                p.grad.zero_()
+            self.F.cross_entropy(self.model(self.x), self.t).backward()
+            self.adagrad()
+
+    def step(self):
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -494,6 +561,10 @@ def build(args, which: str, host_params, data):
         return BookContender(args, host_params, x, t, "float32")
     if which == "torch":
         return TorchContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "torch-foreach":
+        return TorchForeachContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "torch-graph":
+        return TorchGraphContender(args, host_params, x, t, x_eval, t_eval)
     raise ValueError(f"unknown contender {which!r}")
 
 
@@ -515,6 +586,11 @@ def contender_names(args) -> list[str]:
             print("note: torch is installed without CUDA support; skipping it on --backend gpu", file=sys.stderr)
         else:
             names.append("torch")
+        if args.backend == "gpu" and torch.cuda.is_available():
+            names += ["torch-foreach", "torch-graph"]
+        else:
+            print("note: torch-foreach and torch-graph (the stronger PyTorch contenders) run only on "
+                  "--backend gpu with a CUDA build of torch; skipped here", file=sys.stderr)
     return names
 
 
@@ -664,11 +740,26 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
         for name, layer in reversed(list(net.layers.items())):
             d = timed(f"{name} backward", layer.backward, d)
-        layers = net.layers
-        grads = {"W1": layers["Conv1"].dW, "b1": layers["Conv1"].db, "W2": layers["Affine1"].dW,
-                 "b2": layers["Affine1"].db, "W3": layers["Affine2"].dW, "b3": layers["Affine2"].db}
-        timed("AdaGrad update", opt.update, net.params, grads)
+        timed("AdaGrad update", opt.update, net.params, net.grads)   # the layers wrote into net.grads
     return {key: statistics.median(v) for key, v in parts.items()}
+
+
+def count_step_calls(args, host_params, data) -> int:
+    """Array-library calls of one xpcnn training step (after a warm-up step), counted by
+    wrapping the backend's namespace (`xpcnn.counting`); CuPy kernels count their own."""
+    from xpcnn.counting import count_calls, counting_backend
+
+    x, t, _, _ = data
+    backend = counting_backend(get_backend(args.backend, reference=args.reference))
+    with count_calls() as counter:
+        net = SimpleConvNet(backend=backend, dtype=args.dtype, seed=args.seed)
+        net.set_params(host_params)
+        opt = AdaGrad(lr=LR)
+        xb, tb = backend.asarray(x, dtype=args.dtype), backend.asarray(t)
+        opt.update(net.params, net.gradient(xb, tb))
+        counter.reset()
+        opt.update(net.params, net.gradient(xb, tb))
+        return counter.calls
 
 
 # ========================================================================== memory
@@ -680,7 +771,7 @@ def memory_probe(args) -> None:
         set_torch_threads(args.threads)
     host_params = initial_params(args)
     data = make_data(args)
-    if which == "torch":
+    if which.startswith("torch"):
         import torch  # noqa: F401  (import cost is counted in the baseline, not the contender)
     out: dict[str, Any] = {}
     if device_kind(args) == "mps":
@@ -697,7 +788,7 @@ def memory_probe(args) -> None:
         peak = peak_rss_bytes()
         out = {"peak_rss_bytes": peak, "rss_before_contender_bytes": base}
     else:
-        uses_torch = which == "torch" or torch_backend(args)
+        uses_torch = which.startswith("torch") or torch_backend(args)
         if uses_torch:
             import torch
 
@@ -828,6 +919,7 @@ def main(args) -> int:
         evaluation[batch] = {name: summarize(v) for name, v in eval_samples.items()}
 
     profile = profile_layers(contenders[0], args.repeats) if args.profile else {}
+    step_calls = count_step_calls(args, host_params, data) if args.profile else None
     info["load_average_after_timing"] = load_average()
     memory = {} if args.no_memory else measure_memory(args, names)
 
@@ -871,6 +963,9 @@ def main(args) -> int:
             print(f"| {part} | {seconds * 1e3:.2f} | {seconds / total:.0%} |")
         print(f"| sum of parts | {total * 1e3:.2f} | |")
         print()
+        print(f"array-library calls per xpcnn training step: {step_calls}"
+              + (" (reference path)" if args.reference or get_backend(args.backend).ops.reference else " (fast path)"))
+        print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
         if device_kind(args) == "cpu":
@@ -907,7 +1002,7 @@ def main(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": info, "initial_loss": first_loss, "steps_per_sample": per_sample,
                    "step_seconds": step, "step_samples": samples, "eval_seconds": evaluation,
-                   "memory": memory, "profile_seconds": profile,
+                   "memory": memory, "profile_seconds": profile, "step_calls": step_calls,
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

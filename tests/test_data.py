@@ -164,26 +164,27 @@ def test_write_idx_rejects_unstorable_arrays(tmp_path, array, error):
 IMAGES_3x5x5 = bytes(range(75))
 
 
-@pytest.mark.parametrize(
-    "name, payload, message",
-    [
-        ("wrong-magic", b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", r"magic number .* 0x01 0x00"),
-        ("wrong-dtype", idx_header(0x07, [3]) + b"abc", r"unknown IDX data type code 0x07"),
-        ("zero-dims", idx_header(0x08, []), r"0 dimensions"),
-        ("tiny", b"\x00\x00", r"2 bytes, too short for the 4-byte"),
-        ("short-header", idx_header(0x08, [3, 5, 5])[:10], r"too short for the 16-byte header"),
-        (
-            "truncated",
-            idx_header(0x08, [3, 5, 5]) + IMAGES_3x5x5[:-10],
-            r"expected 75 bytes of image data for 3x5x5 uint8 .* file has 65 \(truncated\)",
-        ),
-        ("trailing", idx_header(0x08, [3, 5, 5]) + IMAGES_3x5x5 + b"xyz", r"file has 78 \(3 trailing bytes\)"),
-        ("header-says-4", idx_header(0x08, [4, 5, 5]) + IMAGES_3x5x5, r"expected 100 bytes .* file has 75"),
-        ("labels-short", idx_header(0x08, [10]) + bytes(8), r"expected 10 bytes of label data for 10 uint8"),
-        ("int32-odd", idx_header(0x0C, [2]) + bytes(7), r"expected 8 bytes .* 2 int32"),
-        ("raw-but-gzip", gzip.compress(idx_header(0x08, [1]) + b"a"), r"looks like gzip data"),
-    ],
-)
+CORRUPTED_RAW_FILES = [
+    ("wrong-magic", b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", r"magic number .* 0x01 0x00"),
+    ("wrong-dtype", idx_header(0x07, [3]) + b"abc", r"unknown IDX data type code 0x07"),
+    ("zero-dims", idx_header(0x08, []), r"0 dimensions"),
+    ("tiny", b"\x00\x00", r"2 bytes, too short for the 4-byte"),
+    ("short-header", idx_header(0x08, [3, 5, 5])[:10], r"too short for the 16-byte header"),
+    (
+        "truncated",
+        idx_header(0x08, [3, 5, 5]) + IMAGES_3x5x5[:-10],
+        r"expected 75 bytes of image data for 3x5x5 uint8 .* file has 65 \(truncated\)",
+    ),
+    ("trailing", idx_header(0x08, [3, 5, 5]) + IMAGES_3x5x5 + b"xyz", r"file has 78 \(3 trailing bytes\)"),
+    ("header-says-4", idx_header(0x08, [4, 5, 5]) + IMAGES_3x5x5, r"expected 100 bytes .* file has 75"),
+    ("labels-short", idx_header(0x08, [10]) + bytes(8), r"expected 10 bytes of label data for 10 uint8"),
+    ("int32-odd", idx_header(0x0C, [2]) + bytes(7), r"expected 8 bytes .* 2 int32"),
+    ("raw-but-gzip", gzip.compress(idx_header(0x08, [1]) + b"a", mtime=0), r"looks like gzip data"),
+]
+
+
+# Ids are the case names: payload bytes in ids would differ between collections (pytest -n).
+@pytest.mark.parametrize("name, payload, message", CORRUPTED_RAW_FILES, ids=[case[0] for case in CORRUPTED_RAW_FILES])
 def test_corrupted_raw_file_raises_dataset_error(tmp_path, name, payload, message):
     path = tmp_path / name
     path.write_bytes(payload)

@@ -9,7 +9,7 @@
 from .backend import Backend, get_backend
 from .errors import (
     BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError,
-    ShapeError, TrainingError, XpcnnError,
+    ImageFileError, ShapeError, TrainingError, XpcnnError,
 )
 from .functional import col2im, conv_output_size, cross_entropy_error, im2col, softmax
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
@@ -18,13 +18,14 @@ from .models import SimpleConvNet
 from .optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
 from .train import History, Trainer, TrainingInterrupted
 from .checkpoint import load_checkpoint, save_checkpoint
+from .images import load_images
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "get_backend",
     "XpcnnError", "BackendUnavailable", "BackendMismatch", "ShapeError", "DTypeError", "ConfigError",
-    "DatasetError", "CheckpointError", "TrainingError",
+    "DatasetError", "CheckpointError", "TrainingError", "ImageFileError", "load_images",
     "im2col", "col2im", "conv_output_size", "softmax", "cross_entropy_error",
     "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss",
     "SimpleConvNet", "Trainer", "History", "TrainingInterrupted",

@@ -358,3 +358,15 @@ def backend_of(array: Any) -> Backend:
     if array_api_compat.is_torch_namespace(xp):
         return get_backend("torch", device=array_api_compat.device(array))
     return Backend(getattr(xp, "__name__", "unknown"), xp, array_api_compat.device(array))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: NumPy's MemoryError, CuPy's OutOfMemoryError
+    (a MemoryError), or an accelerator library's ``OutOfMemoryError`` of another base."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
+def out_of_memory_message(exc: BaseException) -> str:
+    """The library's own one-line account of an allocation failure (without its traceback)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__module__.split('.')[0]}: {text[0] if text else type(exc).__name__}"

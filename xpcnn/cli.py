@@ -1,4 +1,4 @@
-"""Command line: ``xpcnn train`` and ``xpcnn evaluate``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate`` and ``xpcnn predict``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
 
@@ -13,6 +13,8 @@ code  meaning
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
+8     out of (GPU) memory: a batch did not fit; the message names the option to lower
+9     predict: a file could not be read or used (the other files were still classified)
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
@@ -31,18 +33,21 @@ import numpy as np
 
 from . import __version__
 from .errors import (
-    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DTypeError,
-    OutputError, ShapeError, TrainingError, XpcnnError,
+    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DeviceMemoryError, DTypeError,
+    ImageFileError, OutputError, ShapeError, TrainingError, XpcnnError,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
+EXIT_INPUT_FILE = 9
 
 
 _EXIT_CODES = [  # most specific first
-    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO),
+    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
+    (ImageFileError, EXIT_INPUT_FILE),
 ]
 
 # The seed's recipe: the settings that define a run (kept by a checkpoint, fixed on --resume).
@@ -76,7 +81,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
 
     train = sub.add_parser("train", help="train SimpleConvNet (the seed's recipe by default)",
                            description="Train SimpleConvNet; defaults are the seed's: AdaGrad lr 0.06, batch 100, 10 epochs.")
@@ -106,7 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(evaluate, dataset_default=None)
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), default=500)
+    evaluate.add_argument("--report", metavar="DIR", default=None,
+                          help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, report.json into DIR")
+    _add_predict_parser(sub)
     return parser
+
+
+def _add_predict_parser(sub: Any) -> None:
+    predict = sub.add_parser("predict", help="classify picture files (PNG, JPEG, ...), .npy or IDX arrays",
+                             description="Classify picture files (fitted into the model's input like the datasets), "
+                                         ".npy arrays and IDX files with a saved checkpoint.")
+    predict.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    predict.add_argument("files", nargs="+", metavar="FILE", help="picture, .npy or IDX files")
+    _add_backend_args(predict)
+    predict.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                         help="make pictures light-on-dark like the datasets: auto (default) inverts a picture whose "
+                              "border is light; arrays are inverted only with yes")
+    predict.add_argument("--top", type=_int_at_least(1), default=3, help="classes to print per image (default 3)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    predict.add_argument("--dataset", default=None, help="whose class names to print (default: the checkpoint's dataset)")
+    predict.add_argument("--batch-size", type=_int_at_least(1), default=100, help="images per batch (default 100)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +140,8 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
                              "(PyTorch on an NVIDIA or Apple GPU); default cpu")
     parser.add_argument("--device", type=_int_at_least(0), default=None,
                         help="CUDA device number for --backend gpu or torch:cuda")
+    parser.add_argument("--reference", action="store_true",
+                        help="run the array-API reference code for every operation, never a backend's fast path (slower; for checking)")
 
 
 def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
@@ -130,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "predict":
+            return run_predict(args)
         return run_evaluate(args)
     except XpcnnError as exc:
         from .train import TrainingInterrupted
@@ -149,14 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_IO
 
 
-def _prepare_out_dir(path: str) -> Path:
+def _prepare_out_dir(path: str, option: str = "--out") -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise OutputError(f"cannot write to --out {path!r}: {exc.strerror or exc}; choose a writable folder") from exc
+        raise OutputError(f"cannot write to {option} {path!r}: {exc.strerror or exc}; choose a writable folder") from exc
     return out
 
 
@@ -201,7 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     out = _prepare_out_dir(args.out)
-    backend = get_backend(args.backend, device=args.device)      # fail fast, before loading data
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)      # fail fast, before loading data
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = _run_settings(args, checkpoint)
 
@@ -257,11 +286,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .backend import get_backend
+    from .backend import get_backend, is_out_of_memory, out_of_memory_message
     from .checkpoint import build_from_checkpoint, load_checkpoint
     from .data import load_split
 
-    backend = get_backend(args.backend, device=args.device)
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
+    report_dir = _prepare_out_dir(args.report, "--report") if args.report else None     # fail fast
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.extra.get("dataset")
     if not dataset:
@@ -269,12 +299,105 @@ def run_evaluate(args: argparse.Namespace) -> int:
     network = build_from_checkpoint(checkpoint, backend)
     x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
                       download=args.download, dtype=checkpoint.dtype)
+    takes = tuple(int(v) for v in network.config["input_dim"])
+    if tuple(x.shape[1:]) != takes:
+        raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
+                              f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()
-    accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    try:
+        accuracy = network.accuracy(x, t, batch_size=args.batch_size)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or isinstance(exc, XpcnnError):
+            raise
+        raise DeviceMemoryError(f"out of memory on {backend} while scoring a batch of {args.batch_size} images "
+                                f"({out_of_memory_message(exc)}); lower --batch-size") from exc
     seconds = time.perf_counter() - started
     print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
           f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")
+    if report_dir is not None:
+        _write_evaluation_report(args, network, x, t, str(dataset), checkpoint.epoch, report_dir)
     return EXIT_OK
+
+
+def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: Any, dataset: str, epoch: int,
+                             out: Path) -> None:
+    from .data import class_names
+    from .report import evaluate_report, write_report
+
+    info = {"dataset": dataset, "split": args.split, "checkpoint": str(args.checkpoint), "checkpoint_epoch": epoch,
+            "backend": str(network.backend)}
+    report = evaluate_report(network, x, t, class_names=class_names(dataset, network.config["output_size"]),
+                             batch_size=args.batch_size, info=info)
+    print(report.format_table())
+    files = write_report(report, out, network, x)
+    print(f"report in {out}/ ({', '.join(files)})")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .backend import get_backend
+    from .checkpoint import build_from_checkpoint, load_checkpoint
+    from .data import class_names, get_spec
+    from .predict import FileFailure, classify_files, input_size
+
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
+    if args.dataset:
+        get_spec(args.dataset)                           # an unknown name is refused, not ignored
+    checkpoint = load_checkpoint(args.checkpoint)
+    network = build_from_checkpoint(checkpoint, backend)
+    input_size(network)                                  # a colour network fails before any file is read
+    names = class_names(args.dataset or checkpoint.extra.get("dataset"), network.config["output_size"])
+    bar = _files_progress_bar(len(args.files), args.quiet)
+    failures = 0
+    try:
+        for result in classify_files(network, args.files, invert=args.invert, top=args.top, batch_size=args.batch_size,
+                                     on_file=(lambda _path: bar.update(1)) if bar is not None else None):
+            if isinstance(result, FileFailure):
+                failures += 1
+                _write_above_bar(bar, f"xpcnn: error: {result.error}", sys.stderr)
+                continue
+            name = result.file if result.index is None else f"{result.file}[{result.index}]"
+            if args.json:
+                record: dict[str, Any] = {"file": result.file}
+                if result.index is not None:
+                    record["index"] = result.index
+                record["top"] = [{"class": c, "label": names[c], "prob": round(p, 6)}
+                                 for c, p in zip(result.classes, result.probs)]
+                record["inverted"] = result.inverted
+                line = json.dumps(record)
+            else:
+                guesses = ", ".join(f"{names[c]} {p:.3f}" for c, p in zip(result.classes, result.probs))
+                note = ("  (light background: inverted)" if args.invert == "auto" else "  (inverted)") if result.inverted else ""
+                line = f"{name}: {guesses}{note}"
+            _write_above_bar(bar, line, sys.stdout)
+    finally:
+        if bar is not None:
+            bar.close()
+    if failures:
+        print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)", file=sys.stderr)
+        return EXIT_INPUT_FILE
+    return EXIT_OK
+
+
+#: ``xpcnn predict`` shows a progress bar (on a terminal) from this many files on.
+PROGRESS_BAR_FILES = 20
+
+
+def _files_progress_bar(count: int, quiet: bool) -> Any:
+    if quiet or count < PROGRESS_BAR_FILES:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: off when stderr is not a terminal (logs and pipes stay clean).
+    return tqdm(total=count, unit="file", desc="predict", leave=False, dynamic_ncols=True, disable=None)
+
+
+def _write_above_bar(bar: Any, line: str, stream: Any) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(line, file=stream)
+    else:
+        print(line, file=stream, flush=stream is sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,8 +79,18 @@ def _wrap(value: Any, namespace: "CountingNamespace") -> Any:
 
 
 def _counted_call(function: Any, namespace: "CountingNamespace", args: tuple, kwargs: dict) -> Any:
-    add(1)
-    return _wrap(function(*unwrap(args), **unwrap(kwargs)), namespace)
+    """Call `function` on the arrays inside; count it if it returned an array (queries such
+    as ``isdtype`` or ``finfo`` touch no data and are not counted)."""
+    result = function(*unwrap(args), **unwrap(kwargs))
+    if _holds_array(result):
+        add(1)
+    return _wrap(result, namespace)
+
+
+def _holds_array(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_array(v) for v in value)
+    return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
 class CountingNamespace:

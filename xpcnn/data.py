@@ -247,6 +247,7 @@ class DatasetSpec:
         mirrors: base URLs (ending in ``/``) that serve ``<filename>.gz``.
         num_classes: labels lie in ``[0, num_classes)``.
         offline_hint: how to get the data without downloading, for the not-found message.
+        class_names: the name of each label ``0 .. num_classes-1`` (empty: the numbers).
     """
 
     name: str
@@ -254,6 +255,7 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     num_classes: int = 10
     offline_hint: str = ""
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         missing = [role for role in ROLES if role not in self.files]
@@ -296,6 +298,7 @@ MNIST = DatasetSpec(
         "no system package ships MNIST; offline, copy the four files into a folder and pass "
         "--data-dir, or use --dataset fashion-mnist after `apt-get install dataset-fashion-mnist`"
     ),
+    class_names=tuple(str(digit) for digit in range(10)),
 )
 
 FASHION_MNIST = DatasetSpec(
@@ -313,6 +316,8 @@ FASHION_MNIST = DatasetSpec(
     ),
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     offline_hint="`apt-get install dataset-fashion-mnist` installs it in /usr/share/datasets/fashion-mnist",
+    # The labels' names from Fashion-MNIST's README, in label order.
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 )
 
 #: Registered datasets by name; add your own with `register_dataset`.
@@ -325,6 +330,18 @@ def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec
         raise ConfigError(f"dataset {spec.name!r} is already registered; pass replace=True to override it")
     DATASETS[spec.name] = spec
     return spec
+
+
+def class_names(dataset: str | DatasetSpec | None, num_classes: int = 10) -> list[str]:
+    """The names of labels ``0 .. num_classes-1`` of a registered dataset (``"fashion-mnist"``
+    -> ``["T-shirt/top", "Trouser", ...]``); the numbers as text for an unknown or unnamed one."""
+    names: tuple[str, ...] = ()
+    if dataset is not None:
+        try:
+            names = get_spec(dataset).class_names
+        except DatasetError:
+            names = ()
+    return list(names) if len(names) == num_classes else [str(label) for label in range(num_classes)]
 
 
 def get_spec(dataset: str | DatasetSpec) -> DatasetSpec:

@@ -47,3 +47,12 @@ class OutputError(XpcnnError):
 
 class TrainingError(XpcnnError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class DeviceMemoryError(XpcnnError, MemoryError):
+    """A batch did not fit in the device's (or the host's) memory; lower the batch size."""
+
+
+class ImageFileError(XpcnnError, ValueError):
+    """An input file to classify cannot be used: missing, unreadable, not an image, too large,
+    or an array of the wrong shape or dtype (``xpcnn predict`` reports it and goes on)."""

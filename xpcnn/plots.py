@@ -109,3 +109,80 @@ def plot_filters(before: np.ndarray, after: np.ndarray, path: "str | os.PathLike
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------- evaluation report (xpcnn.report)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: "str | os.PathLike[str]",
+                   title: str = "Confusion matrix") -> Path:
+    """Counts ``(K, K)`` (rows: true class, columns: predicted), written in each cell; the
+    colour is the row's fraction, so every class reads alike whatever its size."""
+    plt = _pyplot()
+    counts = np.asarray(confusion)
+    k = counts.shape[0]
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    side = max(4.0, 0.62 * k + 2.2)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    shown = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8 if k <= 12 else 6,
+                        color="white" if fraction[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=list(class_names))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: "str | os.PathLike[str]",
+                    title: str, cols: int = 6) -> Path:
+    """Images ``(M, H, W)`` (values in [0, 1], light-on-dark as the datasets) in a grid, each
+    with its own (multi-line) title."""
+    plt = _pyplot()
+    count = max(1, len(images))
+    cols = min(cols, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 2.1 + 0.5), squeeze=False)
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(titles[i], fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_activations(image: np.ndarray, maps: np.ndarray, path: "str | os.PathLike[str]", title: str,
+                     image_title: str = "input") -> Path:
+    """An image ``(H, W)`` beside a layer's feature maps ``(FN, OH, OW)``, each map in grey
+    scaled to its own range (white: the largest response)."""
+    plt = _pyplot()
+    count = maps.shape[0]
+    cols = min(count, 10)
+    rows = -(-count // cols)
+    fig = plt.figure(figsize=(2.6 + cols * 0.95, max(2.6, rows * 0.95 + 0.7)))
+    grid = fig.add_gridspec(rows, cols + 3, wspace=0.08, hspace=0.08)
+    ax = fig.add_subplot(grid[:, :3] if rows < 3 else grid[:3, :3])
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(image_title, fontsize=8)
+    ax.axis("off")
+    for i in range(count):
+        map_ax = fig.add_subplot(grid[i // cols, 3 + i % cols])
+        map_ax.imshow(maps[i], cmap="gray", interpolation="nearest")
+        map_ax.set_xticks([])
+        map_ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

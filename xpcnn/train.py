@@ -29,7 +29,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
-from .errors import CheckpointError, ConfigError, DTypeError, OutputError, ShapeError, TrainingError, XpcnnError
+from .backend import is_out_of_memory, out_of_memory_message
+from .errors import (
+    CheckpointError, ConfigError, DeviceMemoryError, DTypeError, OutputError, ShapeError, TrainingError, XpcnnError,
+)
 from .fileio import atomic_write
 from .functional import positive_int
 from .optim import Optimizer, make_optimizer
@@ -180,6 +183,7 @@ class Trainer:
         self.history = History()
         self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. dataset name)
         self._stop_requested = False
+        self._phase = "training"            # or "scoring": which batch size an out-of-memory names
 
     # ---------------------------------------------------------------------- data
 
@@ -256,12 +260,33 @@ class Trainer:
 
     def train(self) -> History:
         """Train until `epochs` epochs are finished; returns the history."""
-        with self._signals_request_stop():
+        with self._signals_request_stop(), self._out_of_memory_is_one_error():
             while self.epoch < self.epochs:
                 self._train_epoch()
                 if self._stop_requested and self.epoch < self.epochs:
                     self._interrupt(None)     # Ctrl-C during evaluation: the epoch's checkpoint is written
         return self.history
+
+    @contextlib.contextmanager
+    def _out_of_memory_is_one_error(self):
+        """An allocation failure becomes one `DeviceMemoryError` naming the batch size that did
+        not fit and the option to lower; the last checkpoint written stays as it was."""
+        self._phase = "training"
+        try:
+            yield
+        except XpcnnError:
+            raise
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self._phase == "scoring":
+                what, size, option = "scoring", self.eval_batch_size, "eval_batch_size (--eval-batch-size)"
+            else:
+                what, size, option = "training", self.batch_size, "mini_batch_size (--batch-size)"
+            raise DeviceMemoryError(
+                f"out of memory on {self.backend} while {what} a batch of {size} images ({out_of_memory_message(exc)}); "
+                f"lower {option}" + (f"; the last checkpoint written ({self.checkpoint_path}) is kept" if self.checkpoint_path else "")
+            ) from exc
 
     def train_step(self, x_batch: Any, t_batch: Any) -> Any:
         """One step on a batch already on the device: gradients, then the update. Returns the loss (0-d, on device)."""
@@ -331,7 +356,9 @@ class Trainer:
 
     def _end_epoch(self, seconds: float, epoch_loss_start: int, steps_run: int, next_epoch_rng_state: dict) -> None:
         eval_start = time.perf_counter()
+        self._phase = "scoring"
         train_acc, test_acc = self._evaluate()
+        self._phase = "training"
         eval_seconds = time.perf_counter() - eval_start
         epoch_losses = self.history.step_loss[max(epoch_loss_start, 0):]
         images = min(steps_run * self.batch_size, self.train_size)

@@ -1,0 +1,55 @@
+"""Batched inference for any network of the book's protocol: ``predict(x)``, ``backend``.
+
+Written against that protocol only (not `SimpleConvNet`), so deeper networks whose
+``predict(x, train_flg=False)`` takes a train flag work unchanged: it is called with `x` alone.
+
+    >>> proba = predict_proba(net, x_test, batch_size=500)      # (N, K) on net's backend
+    >>> net.predict_proba(x_test)                                # the same, as a method
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import ShapeError
+from .functional import positive_int, softmax
+
+
+def _on_backend(network: Any, batch: Any) -> Any:
+    """A host NumPy batch moved to the network's backend, keeping its dtype (a float64 batch
+    into a float32 network is then the layers' DTypeError, as everywhere); others as given."""
+    backend = network.backend
+    if isinstance(batch, np.ndarray) and backend.name != "numpy":
+        keep = batch.dtype.name if batch.dtype.name in ("float32", "float64") else None
+        return backend.asarray(batch, dtype=keep)
+    return batch
+
+
+def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """``(start, batch)`` for consecutive batches of `x` ``(N, ...)``, each on the network's
+    backend (host batches are moved one at a time, so a large host set never sits on the
+    device at once)."""
+    batch_size = positive_int(batch_size, "batch_size", "predict")
+    n = x.shape[0]
+    if n == 0:
+        raise ShapeError("predict: no images given (N = 0)")
+    for start in range(0, n, batch_size):
+        yield start, _on_backend(network, x[start:min(start + batch_size, n), ...])   # the standard has no out-of-range stops
+
+
+def predict_proba(network: Any, x: Any, batch_size: int = 100) -> Any:
+    """Class probabilities ``(N, K)``: the softmax of ``network.predict``, `batch_size` images
+    at a time. `x` ``(N, C, H, W)`` may be a host NumPy array or a backend array; the result
+    is on the network's backend (``network.backend.to_numpy`` brings it back)."""
+    parts = [softmax(network.predict(batch)) for _, batch in device_batches(network, x, batch_size)]
+    return parts[0] if len(parts) == 1 else network.backend.xp.concat(parts, axis=0)
+
+
+def top_k(proba: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` most probable classes of each row of host ``(N, K)`` probabilities:
+    ``(classes (N, k) int64, probabilities (N, k))``, most probable first (ties: lower class)."""
+    k = min(positive_int(k, "k", "top_k"), proba.shape[1])
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return order.astype(np.int64), np.take_along_axis(proba, order, axis=1)
