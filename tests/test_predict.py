@@ -124,6 +124,11 @@ def test_framing_follows_each_dataset_recipe():
     assert rows[0] == 7                                  # moved down 3: its mass sits high in the item
     whole = frame(picture, (28, 28), "whole")            # margins kept: the item stays small
     assert np.count_nonzero(whole.max(axis=1) > 0) < 14
+    on_grey = picture * np.float32(0.7) + np.float32(0.2)          # photographed paper is never pure white
+    for fit in ("fill", "digit", "whole"):
+        framed = frame(on_grey, (28, 28), fit)
+        assert framed[0, 0] == framed[-1, -1] == 0 and framed.max() > 0.5, fit
+    np.testing.assert_allclose(frame(on_grey, (28, 28), "fill"), filled * np.float32(0.7), atol=1e-6)
     exact = np.random.default_rng(0).random((28, 28), dtype=np.float32)
     for fit in ("fill", "digit", "whole"):
         assert frame(exact, (28, 28), fit) is exact      # already the model's size: as it is

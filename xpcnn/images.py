@@ -14,7 +14,8 @@ datasets were made, so the model sees what it was trained on:
    when shrinking), on black: ``fit="fill"`` trims the picture to its content and scales the
    longest side to the full size (Fashion-MNIST's recipe), ``"digit"`` trims it, fits it into
    20x20 and centres its centre of mass (MNIST's recipe), ``"whole"`` keeps the margins.
-   A picture already of the model's size is taken as it is;
+   The background level (the border's median) is subtracted first; a picture already of the
+   model's size is taken as it is;
 4. float32 in [0, 1] (8-bit values / 255, exactly as the datasets are scaled).
 
 Array files are taken as they are (they are data, not pictures): ``.npy`` (``numpy.save``)
@@ -149,11 +150,18 @@ def frame(gray: np.ndarray, size: tuple[int, int] = (28, 28), fit: str = "fill")
       centre of mass is at the centre: MNIST's recipe.
     - ``"whole"``: the whole picture fitted into `size`, margins kept.
 
-    A picture already of `size` is taken as it is, in every mode (it is presumably framed).
+    Any other picture first has its dark background's level (the border's median, when at most
+    0.5) subtracted: the datasets' background is 0, a photographed sheet of paper never is. A picture already of
+    `size` is taken as it is, in every mode (it is presumably framed like the data).
     """
     if fit not in FIT_CHOICES:
         raise ImageFileError(f"fit must be one of {FIT_CHOICES}, got {fit!r}")
-    if gray.shape == tuple(size) or fit == "whole":
+    if gray.shape == tuple(size):
+        return gray
+    background = np.float32(np.median(_border(gray)))
+    if 0 < background <= 0.5:            # above 0.5 the light background was kept on purpose (invert="no")
+        gray = np.clip(gray - background, 0.0, 1.0)
+    if fit == "whole":
         return fit_into(gray, size)
     box = content_box(gray)
     content = gray[box] if box is not None else gray
