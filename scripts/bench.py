@@ -3,21 +3,25 @@
 
     python scripts/bench.py                      # CPU, float32, batch 100
     python scripts/bench.py --backend gpu        # CuPy vs book-on-CuPy vs torch CUDA
+    python scripts/bench.py --backend torch      # xpcnn on torch tensors vs torch eager (CPU)
+    python scripts/bench.py --backend torch:cuda # the same on a CUDA GPU (torch:mps on Apple)
     python scripts/bench.py --dtype float64 --repeats 50 --json out/bench.json
 
 What is timed, in one process, interleaved round-robin (the order rotates every round,
 warm-up steps excluded):
 
 * ``xpcnn``    ``net.gradient(x, t)`` + ``AdaGrad(lr=0.06).update(net.params, grads)`` on
-               SimpleConvNet with the book's defaults;
+               SimpleConvNet with the book's defaults, on the chosen backend (with
+               ``--backend torch``: xpcnn's array-API code running on torch tensors, and
+               ``xpcnn-numpy``, the same code on NumPy, for comparison on the CPU);
 * ``book-f64`` the book's own algorithm (K*K-slice im2col/col2im through the
                ``(N, C, FH, FW, OH, OW)`` buffer and its transpose, argmax pooling with
                an index scatter, Affine/ReLU/SoftmaxWithLoss and AdaGrad as in the book),
                written out in this file, in float64 as the seed ran it; ``book-f32`` is the
-               same code in float32 (added when ``--dtype float32``);
+               same code in float32 (added when ``--dtype float32``; NumPy/CuPy only);
 * ``torch``    the same network in PyTorch eager mode (nn.Conv2d/MaxPool2d/Linear,
-               F.cross_entropy, torch.optim.Adagrad), same initial weights, batch and dtype,
-               when torch is importable.
+               F.cross_entropy, torch.optim.Adagrad), same initial weights, batch, dtype and
+               device, when torch is importable.
 
 Then evaluation throughput on 10,000 images (xpcnn ``net.accuracy`` vs torch ``no_grad``
 forward in batches), and peak memory of each contender measured in a fresh subprocess
@@ -45,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--backend", default="cpu",
+                   help="cpu (NumPy), gpu (CuPy), torch, torch:cuda or torch:mps (xpcnn on torch tensors)")
     p.add_argument("--batch-size", type=int, default=100, help="training batch (default 100)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds per contender (default 30)")
@@ -77,7 +82,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.backend not in ("cpu", "gpu") and args.backend.partition(":")[0] != "torch":
+        p.error(f"--backend must be cpu, gpu, torch or torch:DEVICE, got {args.backend!r}")
     return args
+
+
+def torch_backend(args) -> bool:
+    """Whether xpcnn itself runs on torch tensors (``--backend torch[:DEVICE]``)."""
+    return args.backend.partition(":")[0] == "torch"
+
+
+def device_kind(args) -> str:
+    """Where the contenders run: ``"cpu"``, ``"cuda"`` or ``"mps"``."""
+    if args.backend == "gpu":
+        return "cuda"
+    if torch_backend(args):
+        return get_backend(args.backend).device.type
+    return "cpu"
 
 
 ARGS = parse_args()
@@ -315,9 +336,10 @@ class Contender:
 class XpcnnContender(Contender):
     name = "xpcnn"
 
-    def __init__(self, args, host_params, x, t, x_eval, t_eval):
-        self.backend = get_backend(args.backend, reference=args.reference)
-        self.note = f"xpcnn {self.backend.name} {args.dtype}" + (" (reference path)" if args.reference else "")
+    def __init__(self, args, host_params, x, t, x_eval, t_eval, backend_name=None, name="xpcnn"):
+        self.name = name
+        self.backend = get_backend(backend_name or args.backend, reference=args.reference)
+        self.note = f"xpcnn on {self.backend} {args.dtype}" + (" (reference path)" if args.reference else "")
         self.net = SimpleConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
         self.net.set_params(host_params)
         self.opt = AdaGrad(lr=LR)
@@ -379,7 +401,10 @@ class TorchContender(Contender):
         from torch import nn
 
         self.torch, self.F = torch, F
-        self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
+        if torch_backend(args):
+            self.device = get_backend(args.backend).device     # the device xpcnn runs on
+        else:
+            self.device = torch.device("cuda" if args.backend == "gpu" else "cpu")
         dtype = getattr(torch, args.dtype)
         self.note = f"torch {torch.__version__} eager, {self.device.type} {args.dtype}"
         fn, c, fh, fw = host_params["W1"].shape
@@ -430,6 +455,8 @@ class TorchContender(Contender):
     def sync(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
+        elif self.device.type == "mps":
+            self.torch.mps.synchronize()
 
 
 class TorchForeachContender(TorchContender):
@@ -526,6 +553,8 @@ def build(args, which: str, host_params, data):
     x, t, x_eval, t_eval = data
     if which == "xpcnn":
         return XpcnnContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "xpcnn-numpy":
+        return XpcnnContender(args, host_params, x, t, x_eval, t_eval, backend_name="cpu", name="xpcnn-numpy")
     if which == "book-f64":
         return BookContender(args, host_params, x, t, "float64")
     if which == "book-f32":
@@ -541,7 +570,12 @@ def build(args, which: str, host_params, data):
 
 def contender_names(args) -> list[str]:
     names = ["xpcnn"]
-    if not args.no_book:
+    if torch_backend(args):
+        # The book's code calls NumPy functions (np.pad, transpose) that torch lacks; on the
+        # CPU the same xpcnn code on NumPy is the comparison instead.
+        if device_kind(args) == "cpu":
+            names.append("xpcnn-numpy")
+    elif not args.no_book:
         names.append("book-f64")
         if args.dtype == "float32":
             names.append("book-f32")
@@ -630,8 +664,10 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-        if args.backend == "gpu" and torch.cuda.is_available():
+        if device_kind(args) == "cuda" and torch.cuda.is_available():
             info["torch_cuda"] = torch.version.cuda
+            if torch_backend(args):
+                info["gpu"] = torch.cuda.get_device_name(get_backend(args.backend).device)
     if args.backend == "gpu":
         try:
             import cupy
@@ -704,10 +740,7 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
         for name, layer in reversed(list(net.layers.items())):
             d = timed(f"{name} backward", layer.backward, d)
-        layers = net.layers
-        grads = {"W1": layers["Conv1"].dW, "b1": layers["Conv1"].db, "W2": layers["Affine1"].dW,
-                 "b2": layers["Affine1"].db, "W3": layers["Affine2"].dW, "b3": layers["Affine2"].db}
-        timed("AdaGrad update", opt.update, net.params, grads)
+        timed("AdaGrad update", opt.update, net.params, net.grads)   # the layers wrote into net.grads
     return {key: statistics.median(v) for key, v in parts.items()}
 
 
@@ -741,7 +774,9 @@ def memory_probe(args) -> None:
     if which.startswith("torch"):
         import torch  # noqa: F401  (import cost is counted in the baseline, not the contender)
     out: dict[str, Any] = {}
-    if args.backend == "cpu":
+    if device_kind(args) == "mps":
+        out = {"error": "peak memory is not measured on MPS"}
+    elif device_kind(args) == "cpu":
         base = current_rss_bytes()
         c = build(args, which, host_params, data)
         for _ in range(max(args.warmup, 3)):
@@ -753,7 +788,8 @@ def memory_probe(args) -> None:
         peak = peak_rss_bytes()
         out = {"peak_rss_bytes": peak, "rss_before_contender_bytes": base}
     else:
-        if which.startswith("torch"):
+        uses_torch = which.startswith("torch") or torch_backend(args)
+        if uses_torch:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
@@ -767,7 +803,7 @@ def memory_probe(args) -> None:
         if c.can_evaluate():
             c.evaluate()
         c.sync()
-        if which.startswith("torch"):
+        if uses_torch:
             import torch
 
             out = {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
@@ -859,7 +895,7 @@ def main(args) -> int:
         for _ in range(args.warmup):
             c.step()
         c.sync()
-    per_sample = {c.name: steps_per_sample(c, 0.02 if args.backend == "gpu" else 0.0) for c in contenders}
+    per_sample = {c.name: steps_per_sample(c, 0.02 if device_kind(args) != "cpu" else 0.0) for c in contenders}
     samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name]))
     step = {name: summarize(v) for name, v in samples.items()}
 
@@ -932,7 +968,7 @@ def main(args) -> int:
         print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")
-        if args.backend == "cpu":
+        if device_kind(args) == "cpu":
             print("| contender | peak RSS | RSS before building it (imports, data) | difference |")
             print("| --- | ---: | ---: | ---: |")
             for name, m in memory.items():

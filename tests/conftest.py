@@ -1,4 +1,5 @@
-"""Shared fixtures: every test that takes `backend` runs on NumPy, array_api_strict and CuPy.
+"""Shared fixtures: every test that takes `backend` runs on NumPy, array_api_strict, PyTorch
+(CPU, and CUDA where a GPU is present) and CuPy; the unavailable ones skip with the reason.
 
 array_api_strict arrays live on the non-default device "device1": there a NumPy function
 given a strict array raises instead of silently converting it, so any NumPy-only call in
@@ -11,7 +12,7 @@ import pytest
 from xpcnn.backend import get_backend
 from xpcnn.errors import BackendUnavailable
 
-BACKEND_NAMES = ["numpy", "array_api_strict", "cupy"]
+BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
 
 
 def _backend_or_skip(name):
@@ -23,7 +24,8 @@ def _backend_or_skip(name):
 
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request):
-    """Each available backend in turn (CuPy skipped with the reason where it is missing)."""
+    """Each available backend in turn (PyTorch, its CUDA device and CuPy skipped with the reason
+    where they are missing)."""
     return _backend_or_skip(request.param)
 
 

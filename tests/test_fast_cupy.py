@@ -65,13 +65,34 @@ def test_conv2d_matches_reference(gpu_backend, rng, dtype, geometry, need_input_
     out_f, cache_f = fast.conv2d_forward(x, W, b, stride, pad, oh, ow)
     out_r, cache_r = ref.conv2d_forward(x, W, b, stride, pad, oh, ow)
     _close(be, out_f, out_r, dtype, "conv forward")
-    got = fast.conv2d_backward(dout, cache_f, W, stride, pad, need_input_grad)
+    got = fast.conv2d_backward(dout, cache_f, W, stride, pad, need_input_grad,
+                               be.asarray(np.zeros((fn, c, fh, fw)), dtype), be.asarray(np.zeros(fn), dtype))
     want = ref.conv2d_backward(dout, cache_r, W, stride, pad, need_input_grad)
     for name, g, r in zip(("dx", "dW", "db"), got, want):
         if r is None:
             assert g is None
         else:
             _close(be, g, r, dtype, f"conv {name}")
+
+
+@pytest.mark.parametrize("into_buffers", [False, True])
+def test_affine_matches_reference(gpu_backend, rng, dtype, into_buffers):
+    be = gpu_backend
+    fast, ref = _tables(be)
+    x = be.asarray(rng.standard_normal((7, 12)), dtype)
+    W = be.asarray(rng.standard_normal((12, 5)), dtype)
+    b = be.asarray(rng.standard_normal(5), dtype)
+    dout = be.asarray(rng.standard_normal((7, 5)), dtype)
+    _close(be, fast.affine_forward(x, W, b), ref.affine_forward(x, W, b), dtype, "affine forward")
+    results = []
+    for table in (fast, ref):
+        outs = (be.asarray(np.zeros((12, 5)), dtype), be.asarray(np.zeros(5), dtype)) if into_buffers else (None, None)
+        dx, dW, db = table.affine_backward(dout, x, W, True, *outs)
+        if into_buffers:
+            assert dW is outs[0] and db is outs[1]
+        results.append((dx, dW, db))
+    for name, got, want in zip(("dx", "dW", "db"), *results):
+        _close(be, got, want, dtype, f"affine {name}")
 
 
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)

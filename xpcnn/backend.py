@@ -1,9 +1,9 @@
-"""Array backends: the one place that knows NumPy, CuPy and array_api_strict apart.
+"""Array backends: the one place that knows NumPy, CuPy, PyTorch and array_api_strict apart.
 
 Everything above this module receives an array namespace `xp` (from
 `array_api_compat`) and writes standard array-API code against it. This module
 picks the namespace and device, moves data between the host and that device, and
-holds the only library-specific code (the guarded CuPy import).
+holds the only library-specific code (the guarded CuPy and PyTorch imports).
 
     >>> be = get_backend("cpu")
     >>> x = be.asarray(numpy_images, dtype="float32")   # host -> backend, once
@@ -31,7 +31,12 @@ BACKEND_ALIASES = {
     "cuda": "cupy",
     "array_api_strict": "array_api_strict",
     "strict": "array_api_strict",
+    "torch": "torch",
+    "pytorch": "torch",
 }
+
+#: Devices a ``torch:DEVICE`` backend may name (``cuda`` may carry an index: ``cuda:1``).
+TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 #: Floating dtypes a model may compute in.
 FLOAT_DTYPES = ("float32", "float64")
@@ -41,25 +46,33 @@ GPU_INSTALL_HINT = (
     "`pip install xpcnn cupy-cuda13x` (CUDA 13), on a machine with an NVIDIA GPU and driver"
 )
 
+TORCH_INSTALL_HINT = (
+    "install it with `pip install 'xpcnn[torch]'` (for the small CPU-only build: "
+    "`pip install torch --index-url https://download.pytorch.org/whl/cpu`; for CUDA or Apple "
+    "MPS builds see https://pytorch.org/get-started/locally/)"
+)
+
 
 @dataclass(frozen=True)
 class Backend:
     """An array namespace bound to one device.
 
     Attributes:
-        name: canonical name: ``"numpy"``, ``"cupy"`` or ``"array_api_strict"``.
-        xp: the array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``
-            or ``array_api_strict``).
-        device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, or an
-            ``array_api_strict.Device``).
+        name: canonical name: ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+        xp: the array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``,
+            ``array_api_compat.torch`` or ``array_api_strict``).
+        device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, a
+            ``torch.device`` such as ``cuda:0``, or an ``array_api_strict.Device``).
         reference: True forces the array-API reference code for every hot operation (no
             fast paths); used by the tests and the benchmark to check the fast paths.
+        float_dtypes: the floating dtypes this device computes in (Apple's MPS has no float64).
     """
 
     name: str
     xp: ModuleType
     device: Any
     reference: bool = False
+    float_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
     @property
     def ops(self) -> Any:
@@ -70,11 +83,25 @@ class Backend:
 
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
-        return resolve_dtype(self.xp, dtype)
+        resolved = resolve_dtype(self.xp, dtype)
+        if dtype_name(resolved) not in self.float_dtypes:
+            raise DTypeError(
+                f"backend {self} has no {dtype_name(resolved)}: it computes in {', '.join(self.float_dtypes)} "
+                f"only (Apple's MPS has no float64); use dtype float32 (--dtype float32)"
+            )
+        return resolved
 
     def asarray(self, host_array: Any, dtype: Any = None) -> Any:
         """Copy a host (NumPy) array, or anything array-like, onto this backend's device."""
         dtype = None if dtype is None else self.dtype(dtype)
+        if self.name == "torch" and isinstance(host_array, np.ndarray):
+            # Cast on the host (MPS cannot even hold the float64 source of a float32 copy),
+            # and copy a read-only array (e.g. read from a file) rather than share memory
+            # that torch would treat as writable.
+            if dtype is not None:
+                host_array = host_array.astype(dtype_name(dtype), copy=False)
+            return self.xp.asarray(host_array, device=self.device,
+                                   copy=None if host_array.flags.writeable else True)
         return self.xp.asarray(host_array, dtype=dtype, device=self.device)
 
     def to_numpy(self, array: Any) -> np.ndarray:
@@ -86,6 +113,12 @@ class Backend:
             import cupy
 
             return cupy.asnumpy(array)
+        if self.name == "torch" and array_api_compat.is_torch_array(array):
+            if array.device.type == "cpu":
+                # .numpy() of a CPU tensor shares its memory: copy, so that a later in-place
+                # update (an optimizer step) cannot change what was returned.
+                return array.detach().numpy().copy()
+            return array.detach().cpu().numpy()       # .cpu() copies off the device
         if self.name == "array_api_strict" and hasattr(array, "to_device"):
             array = array.to_device(self.xp.Device("CPU_DEVICE"))
         return np.asarray(array)
@@ -101,6 +134,13 @@ class Backend:
 
             with self.device:
                 cupy.cuda.get_current_stream().synchronize()
+        elif self.name == "torch" and self.device.type != "cpu":
+            import torch
+
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            else:
+                torch.mps.synchronize()
 
     def owns(self, array: Any) -> bool:
         """Whether `array` lives in this backend's namespace and on its device."""
@@ -113,6 +153,13 @@ class Backend:
     def __str__(self) -> str:
         return f"{self.name} ({self.device})"
 
+    @property
+    def spec(self) -> str:
+        """The name `get_backend` takes to give this backend again (``"torch:cuda:0"``)."""
+        if self.name == "torch":
+            return f"torch:{self.device}"
+        return self.name
+
 
 def _same_device(a: Any, b: Any) -> bool:
     if a == b:
@@ -122,28 +169,35 @@ def _same_device(a: Any, b: Any) -> bool:
 
 
 def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
-    """Return the backend called `name` (``cpu``/``numpy``, ``gpu``/``cupy``, ``array_api_strict``).
+    """Return the backend called `name`: ``cpu``/``numpy``, ``gpu``/``cupy``,
+    ``torch[:DEVICE]`` (``torch``, ``torch:cuda``, ``torch:cuda:1``, ``torch:mps``) or
+    ``array_api_strict``.
 
     Args:
         name: a backend name, or an existing `Backend` (returned unchanged).
         device: for ``gpu``, the CUDA device number (default: the current device), which
             also becomes the current CUDA device;
+            for ``torch``, a device (``"cuda:1"``, a ``torch.device``), or, with
+            ``torch:cuda``, the CUDA device number;
             for ``array_api_strict``, an ``array_api_strict.Device`` (default ``"device1"``,
             a non-default device, so that a NumPy-only call on its arrays fails loudly).
         reference: use the array-API reference code for every hot operation (no fast paths).
 
     Raises:
-        ConfigError: unknown backend name.
-        BackendUnavailable: CuPy is not installed or no CUDA device can be used.
+        ConfigError: unknown backend or device name.
+        BackendUnavailable: CuPy or PyTorch is not installed, or the device cannot be used.
     """
     if isinstance(name, Backend):
         return replace(name, reference=True) if reference and not name.reference else name
-    key = BACKEND_ALIASES.get(str(name).lower())
-    if key is None:
+    base, _, device_part = str(name).lower().partition(":")
+    key = BACKEND_ALIASES.get(base)
+    if key is None or (device_part and key != "torch"):
         raise ConfigError(
             f"unknown backend {name!r}: expected one of 'cpu', 'gpu', 'numpy', 'cupy', "
-            f"'array_api_strict'"
+            f"'torch', 'torch:cuda', 'torch:mps', 'array_api_strict'"
         )
+    if key == "torch":
+        return _torch_backend(device_part, device, reference)
     if key == "numpy":
         import array_api_compat.numpy as xp_numpy
 
@@ -189,6 +243,66 @@ def _cupy_backend(device: Any) -> Backend:
     cuda_device = cupy.cuda.Device(index)
     cuda_device.use()
     return Backend("cupy", xp_cupy, cuda_device)
+
+
+def _torch_device_name(device_part: str, device: Any) -> str:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"`` from ``torch:DEVICE`` and `device`."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        # A device number (the CLI's --device) names a CUDA device, as for --backend gpu.
+        if device_part != "cuda" or device < 0:
+            raise ConfigError(f"backend 'torch:{device_part or 'cpu'}': a device number applies to CUDA "
+                              f"devices only (e.g. --backend torch:cuda --device 1), got {device}")
+        return f"cuda:{device}"
+    if device is not None:
+        given = str(device).lower()                   # a string or a torch.device
+        if device_part and given.partition(":")[0] != device_part.partition(":")[0]:
+            raise ConfigError(f"backend 'torch:{device_part}' but device {given!r}: give the device once")
+        device_part = given
+    text = device_part or "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in TORCH_DEVICE_TYPES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown torch device {text!r}: expected 'cpu', 'cuda', 'cuda:N' or 'mps' "
+                          f"(as in --backend torch:cuda)")
+    return text
+
+
+def _torch_backend(device_part: str, device: Any, reference: bool = False) -> Backend:
+    text = _torch_device_name(device_part, device)
+    what = f"backend 'torch:{text}'" if text != "cpu" else "backend 'torch'"
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailable(f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL_HINT}") from exc
+    except Exception as exc:  # a broken install (e.g. missing CUDA libraries) fails at import
+        raise BackendUnavailable(f"{what}: PyTorch failed to import ({exc}); {TORCH_INSTALL_HINT}") from exc
+    kind = text.partition(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"{what}: this PyTorch ({torch.__version__}) sees no CUDA device (a CPU-only build, or "
+                f"no NVIDIA GPU and driver); install a CUDA build (https://pytorch.org/get-started/locally/) "
+                f"or use --backend torch"
+            )
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if text == "cuda" else int(text.partition(":")[2])
+        if not 0 <= index < count:
+            raise BackendUnavailable(f"{what}: device {index} requested, but only {count} CUDA device(s) found (0..{count - 1})")
+        text = f"cuda:{index}"
+    elif kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BackendUnavailable(
+                f"{what}: this PyTorch ({torch.__version__}) cannot use Apple's MPS here (it needs Apple "
+                f"silicon, macOS 12.3 or later and a PyTorch built with MPS); use --backend torch"
+            )
+    import array_api_compat.torch as xp_torch
+
+    # The device as tensors report it (mps -> mps:0), so that `owns` compares equal.
+    torch_device = torch.empty(0, device=text).device
+    float_dtypes = ("float32",) if kind == "mps" else FLOAT_DTYPES
+    # Tensors made here never have requires_grad, so autograd records nothing: no global
+    # torch.set_grad_enabled(False), which would change the caller's own torch code.
+    return Backend("torch", xp_torch, torch_device, reference, float_dtypes)
 
 
 def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -248,6 +362,8 @@ def backend_of(array: Any) -> Backend:
         return Backend("cupy", xp, array_api_compat.device(array))
     if array_api_compat.is_array_api_strict_namespace(xp):
         return Backend("array_api_strict", xp, array_api_compat.device(array))
+    if array_api_compat.is_torch_namespace(xp):
+        return get_backend("torch", device=array_api_compat.device(array))
     return Backend(getattr(xp, "__name__", "unknown"), xp, array_api_compat.device(array))
 
 

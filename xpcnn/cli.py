@@ -8,7 +8,7 @@ code  meaning
 0     success
 1     any other xpcnn error
 2     bad arguments or options (also argparse's own usage errors)
-3     backend unavailable (e.g. ``--backend gpu`` without CuPy or a GPU)
+3     backend unavailable (e.g. ``--backend gpu`` without CuPy or a GPU, ``torch`` without PyTorch)
 4     dataset unknown, missing, corrupted or failing its checksum
 5     checkpoint missing, corrupted or not matching the model
 6     training stopped: the loss became NaN or infinite
@@ -79,7 +79,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy or CuPy.")
+    parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
 
@@ -139,8 +139,11 @@ def _add_predict_parser(sub: Any) -> None:
 
 
 def _add_backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="cpu", help="cpu (NumPy) or gpu (CuPy); default cpu")
-    parser.add_argument("--device", type=_int_at_least(0), default=None, help="CUDA device number for --backend gpu")
+    parser.add_argument("--backend", default="cpu", metavar="BACKEND",
+                        help="cpu (NumPy), gpu (CuPy), torch (PyTorch on the CPU), torch:cuda or torch:mps "
+                             "(PyTorch on an NVIDIA or Apple GPU); default cpu")
+    parser.add_argument("--device", type=_int_at_least(0), default=None,
+                        help="CUDA device number for --backend gpu or torch:cuda")
     parser.add_argument("--reference", action="store_true",
                         help="run the array-API reference code for every operation, never a backend's fast path (slower; for checking)")
 

@@ -70,6 +70,7 @@ class Convolution:
         self.cache: Any = None      # what backward needs (the im2col windows on the reference path)
         self.dW: Any = None
         self.db: Any = None
+        self.grad_out: tuple = (None, None)   # (dW, db) arrays to write into; see bind_gradients
 
     def forward(self, x: Any) -> Any:
         _check_input(x, self.W, "Convolution")
@@ -86,8 +87,12 @@ class Convolution:
     def backward(self, dout: Any) -> Any:
         """``dout (N, FN, OH, OW) -> dx (N, C, H, W)``; sets `dW` and `db`."""
         dx, self.dW, self.db = self.ops.conv2d_backward(dout, self.cache, self.W, self.stride, self.pad,
-                                                        self.need_input_grad)
+                                                        self.need_input_grad, *self.grad_out)
         return dx
+
+    def bind_gradients(self, dW: Any, db: Any) -> None:
+        """Write `dW`/`db` into these arrays from now on (a network's flat gradient buffer)."""
+        self.grad_out = (dW, db)
 
 
 class Pooling(_OpsFromInput):
@@ -138,12 +143,13 @@ class Affine:
         if tuple(b.shape) != (W.shape[1],):
             raise ShapeError(f"Affine: b must have shape ({W.shape[1]},) to match W, got {tuple(b.shape)}")
         self.W, self.b = W, b
-        self.xp = (ops.xp if ops is not None else namespace_of(W, b))
+        self.ops = ops or ops_for(namespace_of(W, b))
         self.need_input_grad = True
         self.x_shape: tuple | None = None
         self.x: Any = None          # (N, in) flattened input
         self.dW: Any = None
         self.db: Any = None
+        self.grad_out: tuple = (None, None)   # (dW, db) arrays to write into; see bind_gradients
 
     def forward(self, x: Any) -> Any:
         _check_input(x, self.W, "Affine")
@@ -153,18 +159,19 @@ class Affine:
         if features != self.W.shape[0]:
             raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), but W expects {self.W.shape[0]}")
         self.x_shape = tuple(x.shape)
-        self.x = self.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
-        return self.x @ self.W + self.b
+        self.x = self.ops.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
+        return self.ops.affine_forward(self.x, self.W, self.b)
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, out) -> dx`` of the input's original shape; sets `dW` and `db`."""
-        xp = self.xp
-        self.dW = xp.matrix_transpose(self.x) @ dout
-        self.db = xp.sum(dout, axis=0)
-        if not self.need_input_grad:
-            return None
-        dx = dout @ xp.matrix_transpose(self.W)
-        return xp.reshape(dx, self.x_shape) if len(self.x_shape) != 2 else dx
+        dx, self.dW, self.db = self.ops.affine_backward(dout, self.x, self.W, self.need_input_grad, *self.grad_out)
+        if dx is None or len(self.x_shape) == 2:
+            return dx
+        return self.ops.xp.reshape(dx, self.x_shape)
+
+    def bind_gradients(self, dW: Any, db: Any) -> None:
+        """Write `dW`/`db` into these arrays from now on (a network's flat gradient buffer)."""
+        self.grad_out = (dW, db)
 
 
 class ReLU(_OpsFromInput):

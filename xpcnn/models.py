@@ -107,6 +107,12 @@ class SimpleConvNet:
         # Nobody needs d(loss)/d(images) in training: skip the col2im of the first layer.
         self.layers["Conv1"].need_input_grad = False
         self.last_layer = SoftmaxWithLoss(ops=ops)
+        # Gradients land in one flat buffer laid out like the parameters, so the optimizer
+        # takes them whole (no gathering) and no gradient array is allocated per step.
+        self.grads = p.zeros_like()
+        g = self.grads
+        for layer, (w, b) in (("Conv1", ("W1", "b1")), ("Affine1", ("W2", "b2")), ("Affine2", ("W3", "b3"))):
+            self.layers[layer].bind_gradients(g[w], g[b])
 
     @property
     def xp(self):
@@ -142,14 +148,15 @@ class SimpleConvNet:
     def gradient(self, x: Any, t: Any) -> dict[str, Any]:
         """Forward and backward on a batch: the gradients, keyed like `params`.
 
-        The batch loss stays available as ``self.last_layer.loss`` (on the device).
+        The returned dict is ``self.grads``, a `ParamDict` over one buffer that every call
+        overwrites (copy an entry to keep it). The batch loss stays available as
+        ``self.last_layer.loss`` (on the device).
         """
         self.loss(x, t)
         dout = self.last_layer.backward(1)
         for layer in reversed(list(self.layers.values())):
             dout = layer.backward(dout)
-        conv, hidden, output = self.layers["Conv1"], self.layers["Affine1"], self.layers["Affine2"]
-        return {"W1": conv.dW, "b1": conv.db, "W2": hidden.dW, "b2": hidden.db, "W3": output.dW, "b3": output.db}
+        return self.grads
 
     def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
         """Fraction of correct predictions, evaluated `batch_size` images at a time.

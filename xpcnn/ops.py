@@ -12,7 +12,9 @@ name; they never ask which backend they run on.
     >>> ops_for(xp, reference=True)                       # the reference path, always
 
 A `cache` is whatever the forward pass keeps for its backward pass; only the matching
-backward of the same table reads it.
+backward of the same table reads it. Backward passes take optional `dW_out`/`db_out` arrays:
+given, the parameter gradients are written there (a network's flat gradient buffer, see
+`xpcnn.params`) and those arrays are returned.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from .functional import col2im_nchw, im2col_nchw, pad_nchw, spatial_slices, wind
 #: Every operation a table holds, with its signature (after `xp`).
 OP_SIGNATURES = {
     "conv2d_forward": "(x, W, b, stride, pad, out_h, out_w) -> (out, cache)",
-    "conv2d_backward": "(dout, cache, W, stride, pad, need_input_grad) -> (dx or None, dW, db)",
+    "conv2d_backward": "(dout, cache, W, stride, pad, need_input_grad, dW_out, db_out) -> (dx or None, dW, db)",
+    "affine_forward": "(x2d, W, b) -> out",
+    "affine_backward": "(dout, x2d, W, need_input_grad, dW_out, db_out) -> (dx2d or None, dW, db)",
     "maxpool2d_forward": "(x, pool_h, pool_w, stride, pad, out_h, out_w) -> (out, cache)",
     "maxpool2d_backward": "(dout, cache) -> dx",
     "relu_forward": "(x) -> out",
@@ -43,6 +47,14 @@ OP_SIGNATURES = {
     "adagrad_update": "(param, grad, h, lr, eps) -> None",
     "adam_update": "(param, grad, m, v, lr_t, beta1, beta2, eps) -> None",
 }
+
+
+def _store(out: Any, value: Any) -> Any:
+    """`value`, written into `out` when one is given (a view of a gradient buffer)."""
+    if out is None:
+        return value
+    out[...] = value
+    return out
 
 
 # ------------------------------------------------------------------------ convolution
@@ -60,18 +72,35 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
 
 
 def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
-                    need_input_grad: bool) -> tuple[Any, Any, Any]:
+                    need_input_grad: bool, dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
     """``dout (N, FN, OH, OW) -> (dx (N, C, H, W) or None, dW, db)``."""
     col, x_shape = cache
     filter_num, _, filter_h, filter_w = W.shape
     n, _, out_h, out_w = dout.shape
     dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
-    db = xp.sum(dout_mat, axis=(0, 2))
-    dW = xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape)
+    db = _store(db_out, xp.sum(dout_mat, axis=(0, 2)))
+    dW = _store(dW_out, xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape))
     if not need_input_grad:
         return None, dW, db
     dcol = xp.matrix_transpose(xp.reshape(W, (filter_num, -1))) @ dout_mat
     return col2im_nchw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp), dW, db
+
+
+# ------------------------------------------------------------------------------ Affine
+
+def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
+    """``(N, in) @ (in, out) + (out,)``."""
+    return x @ W + b
+
+
+def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: bool,
+                    dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
+    """``dout (N, out) -> (dx (N, in) or None, dW (in, out), db (out,))``."""
+    dW = _store(dW_out, xp.matrix_transpose(x) @ dout)
+    db = _store(db_out, xp.sum(dout, axis=0))
+    if not need_input_grad:
+        return None, dW, db
+    return dout @ xp.matrix_transpose(W), dW, db
 
 
 # ------------------------------------------------------------------------ max pooling

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import array_api_compat
 import numpy as np
 
 from .backend import Backend, check_same_device, dtype_name, namespace_of
@@ -48,12 +49,23 @@ class ParamDict(dict):
             raise ShapeError(f"params[{key!r}] must keep shape {tuple(current.shape)}, got {tuple(value.shape)}")
         current[...] = value
 
+    def zeros_like(self) -> "ParamDict":
+        """A `ParamDict` of zeros with this layout (e.g. the network's gradient buffer)."""
+        xp = self.backend.xp
+        flat = xp.zeros(self.flat.shape, dtype=self.flat.dtype, device=array_api_compat.device(self.flat))
+        return ParamDict(flat, self.layout, self.backend)
+
     def gather(self, arrays: "dict[str, Any]") -> Any:
         """`arrays` (e.g. gradients, keyed like this dict) as one flat buffer in `layout` order.
 
-        Raises `ShapeError`/`DTypeError`/`BackendMismatch` for an entry of another shape,
-        dtype, library or device, so a flat update never misaligns or silently casts.
+        A `ParamDict` of the same layout whose views are intact already is one: its buffer
+        is returned as it is (no copy, no call). Otherwise raises `ShapeError`/`DTypeError`/
+        `BackendMismatch` for an entry of another shape, dtype, library or device, so a flat
+        update never misaligns or silently casts.
         """
+        if isinstance(arrays, ParamDict) and arrays.layout == self.layout and arrays.flat.dtype == self.flat.dtype \
+                and type(arrays.flat) is type(self.flat):
+            return arrays.flat
         flat_type = type(self.flat)
         parts = []
         for name, _, _, shape in self.layout:
