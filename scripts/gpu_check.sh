@@ -58,5 +58,16 @@ for run in cold warm; do
   phase "train_gpu_$run" python3 -m xpcnn.cli train --backend gpu --dataset fashion-mnist "${data_args[@]}" \
     --quiet --no-plots --out "$OUT/run-gpu-$run"
 done
+# PyTorch on CUDA (issue 12): agreement with NumPy and checkpoints across backends, one
+# epoch with --backend torch:cuda, and xpcnn-on-torch against torch eager.
+if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  phase equivalence_torch python3 -m pytest -q -s -p no:cacheprovider tests/test_torch_backend.py \
+    -k "whole_steps or trainer_on_torch or checkpoint_moves"
+  phase train_torch_cuda python3 -m xpcnn.cli train --backend torch:cuda --dataset fashion-mnist "${data_args[@]}" \
+    --epochs 1 --quiet --no-plots --out "$OUT/run-torch-cuda"
+  phase evaluate_torch_on_numpy python3 -m xpcnn.cli evaluate "$OUT/run-torch-cuda/checkpoint.npz" --backend cpu \
+    "${data_args[@]}"
+  phase bench_torch_cuda python3 scripts/bench.py --backend torch:cuda --json "$OUT/bench-torch-cuda.json"
+fi
 echo "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)" | tee -a "$summary"
 exit $status

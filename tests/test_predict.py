@@ -18,13 +18,14 @@ import pytest
 from PIL import Image
 
 from helpers import isolated_env
+from test_train import MNIST_DIR
 from trained import fashion_test_set, trained_checkpoint
-from xpcnn import SimpleConvNet, save_checkpoint
+from xpcnn import SimpleConvNet, Trainer, save_checkpoint
 from xpcnn.cli import main
 from xpcnn.data import write_idx
 from xpcnn.errors import ImageFileError
 from xpcnn.functional import softmax
-from xpcnn.images import MAX_IMAGE_PIXELS, border_is_light, fit_into, load_images, prepare_image, read_input_file
+from xpcnn.images import border_is_light, fit_into, frame, load_images, prepare_image, read_input_file
 from xpcnn.inference import predict_proba, top_k
 
 
@@ -85,10 +86,10 @@ def test_dark_on_light_enlarged_picture_comes_back_to_the_dataset_image(tmp_path
     pixels[:3, :] = pixels[-3:, :] = pixels[:, :3] = pixels[:, -3:] = 0
     big = Image.fromarray(255 - pixels).resize((280, 280), Image.Resampling.NEAREST)
     big.save(tmp_path / "big.png")
-    item = read_input_file(tmp_path / "big.png")
+    item = read_input_file(tmp_path / "big.png", fit="whole")
     assert item.inverted and item.source_size == (280, 280)
     np.testing.assert_allclose(item.images[0], pixels / np.float32(255), atol=1e-6)
-    kept = read_input_file(tmp_path / "big.png", invert="no")
+    kept = read_input_file(tmp_path / "big.png", invert="no", fit="whole")
     assert not kept.inverted and kept.images[0].mean() > 0.5
 
 
@@ -107,6 +108,42 @@ def test_fit_keeps_the_aspect_ratio_and_centres(tmp_path):
     assert fit_into(small, (28, 28)).min() == pytest.approx(1.0)     # enlarged to fill
 
 
+def test_framing_follows_each_dataset_recipe():
+    picture = np.zeros((200, 300), np.float32)
+    picture[50:130, 100:140] = 0.3                       # an item 80 tall, 40 wide, off-centre
+    picture[50:70, 100:140] = 1.0                        # heavier near its top
+    filled = frame(picture, (28, 28), "fill")            # Fashion-MNIST: trimmed, 28 tall, 14 wide, centred
+    rows, cols = np.flatnonzero(filled.max(axis=1) > 0), np.flatnonzero(filled.max(axis=0) > 0)
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (0, 27, 7, 20)
+    digit = frame(picture, (28, 28), "digit")            # MNIST: 20 tall in a 20x20 box, centred by mass
+    rows, cols = np.flatnonzero(digit.max(axis=1) > 0), np.flatnonzero(digit.max(axis=0) > 0)
+    assert rows[-1] - rows[0] + 1 == 20 and cols[-1] - cols[0] + 1 == 10
+    grid_rows, grid_cols = np.indices(digit.shape)
+    centre = ((grid_rows * digit).sum() / digit.sum(), (grid_cols * digit).sum() / digit.sum())
+    assert abs(centre[0] - 13.5) <= 0.5 and abs(centre[1] - 13.5) <= 0.5
+    assert rows[0] == 7                                  # moved down 3: its mass sits high in the item
+    whole = frame(picture, (28, 28), "whole")            # margins kept: the item stays small
+    assert np.count_nonzero(whole.max(axis=1) > 0) < 14
+    on_grey = picture * np.float32(0.7) + np.float32(0.2)          # photographed paper is never pure white
+    for fit in ("fill", "digit", "whole"):
+        framed = frame(on_grey, (28, 28), fit)
+        assert framed[0, 0] == framed[-1, -1] == 0 and framed.max() > 0.5, fit
+    np.testing.assert_allclose(frame(on_grey, (28, 28), "fill"), filled * np.float32(0.7), atol=1e-6)
+    exact = np.random.default_rng(0).random((28, 28), dtype=np.float32)
+    for fit in ("fill", "digit", "whole"):
+        assert frame(exact, (28, 28), fit) is exact      # already the model's size: as it is
+        assert frame(np.zeros((50, 50), np.float32), (28, 28), fit).max() == 0     # blank stays blank
+    with pytest.raises(ImageFileError, match="fit must be one of"):
+        frame(picture, (28, 28), "stretch")
+
+
+def test_cli_frames_pictures_like_the_checkpoints_dataset():
+    from xpcnn.cli import _picture_fit
+
+    assert _picture_fit("mnist") == "digit" and _picture_fit("fashion-mnist") == "fill"
+    assert _picture_fit(None) == "fill" and _picture_fit("my-own") == "fill"
+
+
 def test_border_decides_inversion():
     dark = np.zeros((28, 28)); dark[5:20, 5:20] = 1
     assert not border_is_light(dark) and border_is_light(1 - dark)
@@ -120,7 +157,7 @@ def test_transparent_paper_counts_as_white_and_modes_are_read(tmp_path):
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[10:30, 18:22] = (0, 0, 0, 255)                   # a black stroke on transparent paper
     Image.fromarray(rgba, "RGBA").save(tmp_path / "stroke.png")
-    item = read_input_file(tmp_path / "stroke.png")
+    item = read_input_file(tmp_path / "stroke.png", fit="whole")
     assert item.inverted and item.images[0].max() > 0.9 and item.images[0][:3].max() == 0
     # 16-bit grayscale, palette GIF, BMP and a colour JPEG give the same light-on-dark square
     square = np.zeros((28, 28), np.uint8); square[8:20, 8:20] = 255
@@ -139,7 +176,7 @@ def test_phone_photo_rotation_is_applied(tmp_path):
     exif = picture.getexif()
     exif[0x0112] = 6                                                     # "rotate 90 CW to view"
     picture.save(tmp_path / "photo.jpg", exif=exif, quality=95)
-    item = read_input_file(tmp_path / "photo.jpg", invert="no")
+    item = read_input_file(tmp_path / "photo.jpg", invert="no", fit="whole")
     assert item.source_size == (40, 20)                                  # viewed upright: 20 wide, 40 tall
     rows = item.images[0].max(axis=1)
     assert rows[:10].max() > 0.9 and rows[-8:].max() < 0.1               # the bright part is now at the top
@@ -386,34 +423,55 @@ def _render(x, folder, kind):
     return paths
 
 
-def _cli_classes(checkpoint, paths, capsys):
-    assert main(["predict", str(checkpoint), *paths, "--json", "--top", "1", "--quiet", "--batch-size", "500"]) == 0
+def _cli_classes(checkpoint, paths, capsys, fit="auto"):
+    assert main(["predict", str(checkpoint), *paths, "--json", "--top", "1", "--quiet", "--batch-size", "500",
+                 "--fit", fit]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["file"] for r in records] == paths
     return np.array([r["top"][0]["class"] for r in records]), [r["inverted"] for r in records]
 
 
-def _proof(trained, tmp_path, capsys, count):
-    checkpoint, net, x, t = trained
-    x, t = x[:count], t[:count]
+def _proof(checkpoint, net, x, t, tmp_path, capsys, what):
+    """Render `x` as files, predict them through the CLI (default framing, and "whole"), and
+    compare with the in-memory predictions of the same images."""
     in_memory = net.predict_proba(x, batch_size=500).argmax(axis=1)
     memory_acc = float(np.mean(in_memory == t))
     results = {}
     for kind in ("png28", "png280", "jpeg280"):
-        classes, inverted = _cli_classes(checkpoint, _render(x, tmp_path / kind, kind), capsys)
-        assert all(inverted) if kind != "png28" else not any(inverted)
-        results[kind] = (float(np.mean(classes == t)), int(np.count_nonzero(classes != in_memory)))
-    print(f"\n{count} Fashion-MNIST test images, in memory acc {memory_acc:.4f}; through files (acc, predictions "
-          f"changed): {results}")
-    assert results["png28"][1] == 0                      # 28x28 light-on-dark PNGs: identical classes
-    for kind in ("png280", "jpeg280"):
-        assert abs(results[kind][0] - memory_acc) <= 0.03, (kind, results[kind], memory_acc)
+        paths = _render(x, tmp_path / kind, kind)
+        for fit in ("auto", "whole") if kind == "png280" else ("auto",):
+            classes, inverted = _cli_classes(checkpoint, paths, capsys, fit)
+            assert all(inverted) if kind != "png28" else not any(inverted)
+            results[f"{kind} {fit}"] = (round(float(np.mean(classes == t)), 4), int(np.count_nonzero(classes != in_memory)))
+    print(f"\n{x.shape[0]} {what}, in memory acc {memory_acc:.4f}; through files (acc, predictions changed): {results}")
+    assert results["png28 auto"][1] == 0                     # 28x28 light-on-dark PNGs: identical classes
+    for key, (accuracy, _) in results.items():
+        assert abs(accuracy - memory_acc) <= 0.03, (key, results[key], memory_acc)
 
 
 def test_pictures_through_the_cli_give_the_in_memory_predictions(trained, tmp_path, capsys):
-    _proof(trained, tmp_path, capsys, 300)
+    checkpoint, net, x, t = trained
+    _proof(checkpoint, net, x[:300], t[:300], tmp_path, capsys, "Fashion-MNIST test images")
 
 
 @pytest.mark.slow
 def test_pictures_through_the_cli_give_the_in_memory_predictions_2000(trained, tmp_path, capsys):
-    _proof(trained, tmp_path, capsys, 2000)
+    checkpoint, net, x, t = trained
+    _proof(checkpoint, net, x[:2000], t[:2000], tmp_path, capsys, "Fashion-MNIST test images")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST test set not found in {MNIST_DIR}")
+def test_digit_pictures_through_the_cli_give_the_in_memory_predictions(tmp_path, capsys):
+    """Real digits, framed with MNIST's recipe (--fit auto -> digit for an MNIST checkpoint):
+    train on 8,000 of the MNIST test images, render the other 2,000 as files."""
+    from xpcnn.data import load_split
+
+    x, t = load_split("mnist", "test", data_dir=MNIST_DIR, flatten=False)
+    net = SimpleConvNet(seed=1)
+    trainer = Trainer(net, x[:8000], t[:8000], x[8000:8500], t[8000:8500], epochs=2, mini_batch_size=100,
+                      optimizer="adagrad", optimizer_param={"lr": 0.06}, seed=1, verbose=False)
+    trainer.extra_state.update(dataset="mnist")
+    trainer.train()
+    trainer.save_checkpoint(tmp_path / "mnist.npz")
+    _proof(tmp_path / "mnist.npz", net, x[8000:], t[8000:], tmp_path, capsys, "MNIST test digits")

@@ -153,13 +153,6 @@ class Backend:
     def __str__(self) -> str:
         return f"{self.name} ({self.device})"
 
-    @property
-    def spec(self) -> str:
-        """The name `get_backend` takes to give this backend again (``"torch:cuda:0"``)."""
-        if self.name == "torch":
-            return f"torch:{self.device}"
-        return self.name
-
 
 def _same_device(a: Any, b: Any) -> bool:
     if a == b:

@@ -167,6 +167,10 @@ def _add_predict_parser(sub: Any) -> None:
     predict.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                          help="make pictures light-on-dark like the datasets: auto (default) inverts a picture whose "
                               "border is light; arrays are inverted only with yes")
+    predict.add_argument("--fit", choices=["auto", "fill", "digit", "whole"], default="auto",
+                         help="how pictures are framed: fill (trim, longest side to the full size: Fashion-MNIST's "
+                              "recipe), digit (trim, 20x20 box centred by mass: MNIST's), whole (keep margins); "
+                              "auto (default): the checkpoint's dataset's")
     predict.add_argument("--top", type=_int_at_least(1), default=3, help="classes to print per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     predict.add_argument("--dataset", default=None, help="whose class names to print (default: the checkpoint's dataset)")
@@ -397,11 +401,13 @@ def run_predict(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(checkpoint, backend)
     input_size(network)                                  # a colour network fails before any file is read
-    names = class_names(args.dataset or checkpoint.extra.get("dataset"), network.config["output_size"])
+    dataset = args.dataset or checkpoint.extra.get("dataset")
+    names = class_names(dataset, network.config["output_size"])
+    fit = args.fit if args.fit != "auto" else _picture_fit(dataset)
     bar = _files_progress_bar(len(args.files), args.quiet)
     failures = 0
     try:
-        for result in classify_files(network, args.files, invert=args.invert, top=args.top, batch_size=args.batch_size,
+        for result in classify_files(network, args.files, invert=args.invert, fit=fit, top=args.top, batch_size=args.batch_size,
                                      on_file=(lambda _path: bar.update(1)) if bar is not None else None):
             if isinstance(result, FileFailure):
                 failures += 1
@@ -428,6 +434,15 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)", file=sys.stderr)
         return EXIT_INPUT_FILE
     return EXIT_OK
+
+
+def _picture_fit(dataset: Any) -> str:
+    from .data import get_spec
+
+    try:
+        return get_spec(dataset).picture_fit if dataset else "fill"
+    except DatasetError:
+        return "fill"
 
 
 #: ``xpcnn predict`` shows a progress bar (on a terminal) from this many files on.

@@ -248,6 +248,9 @@ class DatasetSpec:
         num_classes: labels lie in ``[0, num_classes)``.
         offline_hint: how to get the data without downloading, for the not-found message.
         class_names: the name of each label ``0 .. num_classes-1`` (empty: the numbers).
+        picture_fit: how `xpcnn.images.frame` frames a picture like this dataset's images
+            (``"fill"``: Fashion-MNIST's trim-and-fill, ``"digit"``: MNIST's 20x20 box centred
+            by mass).
     """
 
     name: str
@@ -256,6 +259,7 @@ class DatasetSpec:
     num_classes: int = 10
     offline_hint: str = ""
     class_names: tuple[str, ...] = ()
+    picture_fit: str = "fill"
 
     def __post_init__(self) -> None:
         missing = [role for role in ROLES if role not in self.files]
@@ -299,6 +303,7 @@ MNIST = DatasetSpec(
         "--data-dir, or use --dataset fashion-mnist after `apt-get install dataset-fashion-mnist`"
     ),
     class_names=tuple(str(digit) for digit in range(10)),
+    picture_fit="digit",
 )
 
 FASHION_MNIST = DatasetSpec(

@@ -10,7 +10,12 @@ datasets were made, so the model sees what it was trained on:
 2. inverted when the background is light: the datasets are light-on-dark. With
    ``invert="auto"`` the median of the border pixels decides (above 0.5: light background,
    inverted); ``"yes"``/``"no"`` force it;
-3. fitted into H x W keeping the aspect ratio (area-averaged when shrinking), centred on black;
+3. framed into H x W as the dataset framed its images, keeping the aspect ratio (area-averaged
+   when shrinking), on black: ``fit="fill"`` trims the picture to its content and scales the
+   longest side to the full size (Fashion-MNIST's recipe), ``"digit"`` trims it, fits it into
+   20x20 and centres its centre of mass (MNIST's recipe), ``"whole"`` keeps the margins.
+   The background level (the border's median) is subtracted first; a picture already of the
+   model's size is taken as it is;
 4. float32 in [0, 1] (8-bit values / 255, exactly as the datasets are scaled).
 
 Array files are taken as they are (they are data, not pictures): ``.npy`` (``numpy.save``)
@@ -37,6 +42,7 @@ import numpy as np
 from .errors import DatasetError, ImageFileError
 
 INVERT_CHOICES = ("auto", "yes", "no")
+FIT_CHOICES = ("fill", "digit", "whole")
 
 #: Pictures larger than this (width x height, from the header) are refused before decoding.
 #: 50 megapixels takes any phone photo; a decompression bomb declares far more.
@@ -85,6 +91,13 @@ def _check_size(size: Any) -> tuple[int, int]:
     return height, width
 
 
+def _border(gray: np.ndarray) -> np.ndarray:
+    """The outermost ring of pixels of ``(H, W)`` values."""
+    if min(gray.shape) <= 1:
+        return gray.ravel()
+    return np.concatenate([gray[0, :], gray[-1, :], gray[1:-1, 0], gray[1:-1, -1]])
+
+
 def border_is_light(gray: np.ndarray) -> bool:
     """Whether the median of the outermost ring of pixels of ``(H, W)`` values in [0, 1] is
     above 0.5, i.e. the picture is dark-on-light and must be inverted to look like the data.
@@ -92,8 +105,74 @@ def border_is_light(gray: np.ndarray) -> bool:
     On the 10,000 test images of MNIST and of Fashion-MNIST this is False for every image and
     True for every inverted one (the largest border median there is 0.36).
     """
-    ring = np.concatenate([gray[0, :], gray[-1, :], gray[1:-1, 0], gray[1:-1, -1]]) if min(gray.shape) > 1 else gray.ravel()
-    return bool(np.median(ring) > 0.5)
+    return bool(np.median(_border(gray)) > 0.5)
+
+
+def content_box(gray: np.ndarray, level: float = 0.1) -> tuple[slice, slice] | None:
+    """Rows and columns of light-on-dark ``(H, W)`` values that hold the picture's content:
+    pixels brighter than the background (the border's median) by more than `level` of the way
+    to the brightest pixel. None for a blank picture."""
+    background, peak = float(np.median(_border(gray))), float(gray.max())
+    if peak - background < 0.05:
+        return None
+    mask = gray > background + level * (peak - background)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _centre_of_mass_shift(image: np.ndarray) -> tuple[int, int]:
+    """The whole-pixel shift that moves the centre of mass of `image` to its centre."""
+    total = float(image.sum())
+    if total <= 0:
+        return 0, 0
+    rows, cols = np.indices(image.shape)
+    centre_row, centre_col = (image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2
+    return (round(centre_row - float((rows * image).sum()) / total),
+            round(centre_col - float((cols * image).sum()) / total))
+
+
+def _shifted(image: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    """`image` moved by whole pixels, never further than its empty margins allow."""
+    rows, cols = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
+    if rows.size == 0:
+        return image
+    dy = int(np.clip(shift[0], -rows[0], image.shape[0] - 1 - rows[-1]))
+    dx = int(np.clip(shift[1], -cols[0], image.shape[1] - 1 - cols[-1]))
+    return np.roll(image, (dy, dx), axis=(0, 1))        # only empty margin wraps around
+
+
+def frame(gray: np.ndarray, size: tuple[int, int] = (28, 28), fit: str = "fill") -> np.ndarray:
+    """Light-on-dark ``(h, w)`` values -> ``size``, framed the way a dataset framed its images.
+
+    - ``"fill"``: trimmed to its content (`content_box`), the longest side scaled to the full
+      size, centred: Fashion-MNIST's recipe (trim, resize the longest edge to 28, centre).
+    - ``"digit"``: trimmed, fitted into a 20x20 box (20/28 of `size`), then moved so that its
+      centre of mass is at the centre: MNIST's recipe.
+    - ``"whole"``: the whole picture fitted into `size`, margins kept.
+
+    Any other picture first has its dark background's level (the border's median, when at most
+    0.5) subtracted: the datasets' background is 0, a photographed sheet of paper never is. A picture already of
+    `size` is taken as it is, in every mode (it is presumably framed like the data).
+    """
+    if fit not in FIT_CHOICES:
+        raise ImageFileError(f"fit must be one of {FIT_CHOICES}, got {fit!r}")
+    if gray.shape == tuple(size):
+        return gray
+    background = np.float32(np.median(_border(gray)))
+    if 0 < background <= 0.5:            # above 0.5 the light background was kept on purpose (invert="no")
+        gray = np.clip(gray - background, 0.0, 1.0)
+    if fit == "whole":
+        return fit_into(gray, size)
+    box = content_box(gray)
+    content = gray[box] if box is not None else gray
+    if fit == "fill":
+        return fit_into(content, size)
+    height, width = size
+    inner = fit_into(content, (max(1, round(height * 20 / 28)), max(1, round(width * 20 / 28))))
+    out = np.zeros(size, dtype=np.float32)
+    top, left = (height - inner.shape[0]) // 2, (width - inner.shape[1]) // 2
+    out[top:top + inner.shape[0], left:left + inner.shape[1]] = inner
+    return _shifted(out, _centre_of_mass_shift(out))
 
 
 def fit_into(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -120,9 +199,9 @@ def fit_into(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def prepare_image(pixels: np.ndarray, size: tuple[int, int] = (28, 28), invert: str = "auto",
-                  full_scale: float = 255.0) -> tuple[np.ndarray, bool]:
+                  full_scale: float = 255.0, fit: str = "fill") -> tuple[np.ndarray, bool]:
     """One grayscale picture ``(h, w)`` (0..`full_scale`) -> ``(size, inverted)``: float32 in
-    [0, 1], light-on-dark, fitted into `size` (steps 2-4 of the module docstring).
+    [0, 1], light-on-dark, framed into `size` by `frame` (steps 2-4 of the module docstring).
 
     8-bit values are divided by 255 in float32, as `xpcnn.data` scales the datasets, so a 28x28
     light-on-dark picture gives exactly the dataset's array.
@@ -137,7 +216,7 @@ def prepare_image(pixels: np.ndarray, size: tuple[int, int] = (28, 28), invert: 
     inverted = invert == "yes" or (invert == "auto" and border_is_light(gray))
     if inverted:
         gray = (scale - raw) / scale          # exact for 8-bit values: (255 - v) / 255
-    return fit_into(np.clip(gray, 0.0, 1.0), size), inverted
+    return frame(np.clip(gray, 0.0, 1.0), size, fit), inverted
 
 
 # ----------------------------------------------------------------------- reading files
@@ -166,7 +245,7 @@ def _check_declared(path: str, width: int, height: int, max_pixels: int) -> None
             f"shrink it first")
 
 
-def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, max_pixels: int) -> InputFile:
+def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, fit: str, max_pixels: int) -> InputFile:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     declared = _header_size(head)          # PNG, GIF, BMP: before Pillow parses anything
@@ -192,7 +271,7 @@ def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, ma
         # Pillow reports a truncated or corrupted body as OSError ("image file is truncated"),
         # SyntaxError or ValueError, depending on the format.
         raise ImageFileError(f"{path}: cannot decode the picture (truncated or corrupted?): {exc}") from exc
-    images, inverted = prepare_image(pixels, size, invert, full_scale)
+    images, inverted = prepare_image(pixels, size, invert, full_scale, fit)
     return InputFile(path, images[None], "image", inverted, (height, width))
 
 
@@ -295,8 +374,9 @@ def _read_idx(path: str, raw: bytes, size: tuple[int, int], invert: str) -> Inpu
 
 
 def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28, 28), invert: str = "auto",
-                    *, max_pixels: int = MAX_IMAGE_PIXELS) -> InputFile:
-    """Read one picture or array file and prepare its images for a model taking `size` images.
+                    *, fit: str = "fill", max_pixels: int = MAX_IMAGE_PIXELS) -> InputFile:
+    """Read one picture or array file and prepare its images for a model taking `size` images
+    (`invert` and `fit` as in `prepare_image` and `frame`; arrays are never framed).
 
     Returns an `InputFile` whose ``images`` are ``(K, *size)`` float32 in [0, 1].
 
@@ -306,6 +386,8 @@ def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28,
             or an array of the wrong shape, dtype or range.
     """
     invert, size = _check_invert(invert), _check_size(size)
+    if fit not in FIT_CHOICES:
+        raise ImageFileError(f"fit must be one of {FIT_CHOICES}, got {fit!r}")
     name = os.fspath(path)
     file = Path(name)
     try:
@@ -329,15 +411,16 @@ def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28,
         return _read_npy(name, size, invert)
     if raw:
         return _read_idx(name, raw, size, invert)
-    return _read_picture(name, head, size, invert, max_pixels)
+    return _read_picture(name, head, size, invert, fit, max_pixels)
 
 
 def load_images(paths: Iterable["str | os.PathLike[str]"], input_dim: tuple[int, int, int] = (1, 28, 28),
-                invert: str = "auto", dtype: str = "float32") -> np.ndarray:
+                invert: str = "auto", dtype: str = "float32", fit: str = "fill") -> np.ndarray:
     """Picture and array files -> the model's input ``(N, C, H, W)`` (`dtype`, values in [0, 1]).
 
     `input_dim` is the network's ``config["input_dim"]`` (one channel: the datasets are
-    grayscale). A ``.npy`` or IDX file may contribute several images, in order. The first bad
+    grayscale); `fit` is ``"fill"`` for Fashion-MNIST models, ``"digit"`` for MNIST ones
+    (see `frame`). A ``.npy`` or IDX file may contribute several images, in order. The first bad
     file raises `ImageFileError` (``xpcnn predict`` instead reports it and goes on).
     """
     channels, height, width = (int(v) for v in input_dim)
@@ -345,7 +428,7 @@ def load_images(paths: Iterable["str | os.PathLike[str]"], input_dim: tuple[int,
         raise ImageFileError(f"pictures are read as grayscale (1 channel), but the model takes {channels} channels")
     if np.dtype(dtype).name not in ("float32", "float64"):
         raise ImageFileError(f"dtype must be float32 or float64, got {dtype!r}")
-    arrays = [read_input_file(path, (height, width), invert).images for path in paths]
+    arrays = [read_input_file(path, (height, width), invert, fit=fit).images for path in paths]
     if not arrays:
         raise ImageFileError("no files given")
     return np.concatenate(arrays)[:, None].astype(dtype, copy=False)

@@ -67,8 +67,8 @@ def input_size(network: Any) -> tuple[int, int]:
     return height, width
 
 
-def classify_files(network: Any, paths: Iterable["str | os.PathLike[str]"], *, invert: str = "auto", top: int = 3,
-                   batch_size: int = 100, on_file: Callable[[str], None] | None = None
+def classify_files(network: Any, paths: Iterable["str | os.PathLike[str]"], *, invert: str = "auto", fit: str = "fill",
+                   top: int = 3, batch_size: int = 100, on_file: Callable[[str], None] | None = None
                    ) -> Iterator[Prediction | FileFailure]:
     """Yield, in the order of `paths`, a `Prediction` per image (one per picture, one per
     image of an array file) or a `FileFailure` per unusable file. `on_file(path)` is called
@@ -95,7 +95,7 @@ def classify_files(network: Any, paths: Iterable["str | os.PathLike[str]"], *, i
     waiting = 0
     for path in paths:
         try:
-            item = read_input_file(path, size, invert)
+            item = read_input_file(path, size, invert, fit=fit)
         except ImageFileError as exc:
             yield from flush()
             waiting = 0
