@@ -5,8 +5,9 @@ running statistics, the Dropout random source).
 
 A network subclass builds ``self.layers`` (name -> layer, in order), ``self.last_layer``
 (a `SoftmaxWithLoss`) and ``self.grad_sources`` (parameter name -> ``(layer name,
-gradient attribute)``, e.g. ``"W1": ("Conv1", "dW")``), and calls `_init_params` once with
-all its host arrays.
+gradient attribute)``, e.g. ``"W1": ("Conv1", "dW")``); it calls `_init_params` once with
+all its host arrays and `_bind_gradients` once its layers exist (gradients then land in one
+flat buffer, ``self.grads``, which `gradient` returns).
 """
 
 from __future__ import annotations
