@@ -22,10 +22,14 @@ def test_real_mnist_deepconvnet_median_of_three_seeds():
     accuracies, seconds = [], []
     for seed in (1, 2, 3):
         start = time.perf_counter()
-        trainer = Trainer(DeepConvNet(seed=seed), x[2000:], t[2000:], x[:2000], t[:2000], epochs=20, mini_batch_size=100,
+        net = DeepConvNet(seed=seed)
+        # Per-epoch scoring on 100 images only (a quarter of the time went to scoring 4,000
+        # images every epoch); the verdict is the full 2,000-image score after the last epoch.
+        trainer = Trainer(net, x[2000:], t[2000:], x[:2000], t[:2000], epochs=20, mini_batch_size=100,
                           optimizer="adam", optimizer_param={"lr": 0.001}, seed=seed, verbose=False,
-                          evaluate_sample_num_per_epoch=2000)   # all 2,000 scored images; 2,000 of the training ones
-        accuracies.append(trainer.train().test_acc[-1])
+                          evaluate_sample_num_per_epoch=100)
+        trainer.train()
+        accuracies.append(net.accuracy(x[:2000], t[:2000], batch_size=500))
         seconds.append(time.perf_counter() - start)
     print(f"\nDeepConvNet, real MNIST 8000/2000, 20 epochs, seeds 1-3: test acc {accuracies}, "
           f"median {np.median(accuracies):.4f} ({', '.join(f'{s:.0f}' for s in seconds)} s)")
