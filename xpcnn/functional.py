@@ -232,12 +232,13 @@ def check_label_range(t: Any, num_classes: int) -> None:
         raise ShapeError(f"labels: class indices must be in 0..{num_classes - 1}, got values from {t.min()} to {t.max()}")
 
 
-def as_one_hot(t: Any, like: Any) -> Any:
-    """Labels `t` as one-hot rows matching scores `like` ``(N, K)``.
+def check_labels(xp: Any, t: Any, like: Any) -> Any:
+    """Validate labels `t` for scores `like` ``(N, K)``; return them ready for a loss.
 
-    Accepts ``(N,)`` integer class labels or ``(N, K)`` one-hot rows (the book's form).
+    ``(N,)`` integer class indices are returned as they are (range-checked where reading them
+    is free); ``(N, K)`` one-hot rows are returned in the scores' dtype. Anything else is a
+    `ShapeError` saying what was expected.
     """
-    xp = namespace_of(t, like)
     n, k = like.shape
     if t.ndim == 1:
         if t.shape[0] != n:
@@ -245,12 +246,21 @@ def as_one_hot(t: Any, like: Any) -> Any:
         if not xp.isdtype(t.dtype, "integral"):
             raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
         check_label_range(t, k)
-        return one_hot(t, k, like.dtype)
+        return t
     if t.ndim == 2:
         if tuple(t.shape) != (n, k):
             raise ShapeError(f"labels: one-hot labels must have shape {(n, k)}, got {tuple(t.shape)}")
         return t if t.dtype == like.dtype else xp.astype(t, like.dtype)
     raise ShapeError(f"labels: expected (N,) class indices or (N, K) one-hot rows, got shape {tuple(t.shape)}")
+
+
+def as_one_hot(t: Any, like: Any) -> Any:
+    """Labels `t` as one-hot rows matching scores `like` ``(N, K)``.
+
+    Accepts ``(N,)`` integer class labels or ``(N, K)`` one-hot rows (the book's form).
+    """
+    t = check_labels(namespace_of(t, like), t, like)
+    return one_hot(t, like.shape[1], like.dtype) if t.ndim == 1 else t
 
 
 def cross_entropy_error(y: Any, t: Any) -> Any:
@@ -264,14 +274,3 @@ def cross_entropy_error(y: Any, t: Any) -> Any:
         t = xp.reshape(t, (1, -1)) if t.ndim == 1 and t.shape[0] == y.shape[1] else xp.reshape(t, (1,))
     t_hot = as_one_hot(t, y)
     return -xp.sum(t_hot * xp.log(y + 1e-7)) / y.shape[0]
-
-
-def softmax_cross_entropy(x: Any, t_hot: Any) -> tuple[Any, Any]:
-    """Mean cross-entropy of scores `x` ``(N, K)`` against one-hot `t_hot`, and softmax(x).
-
-    Uses log-softmax, so the loss is exact where the book's ``log(y + 1e-7)`` would clip.
-    """
-    xp = namespace_of(x)
-    log_y = log_softmax(x)
-    loss = -xp.sum(t_hot * log_y) / x.shape[0]
-    return loss, xp.exp(log_y)

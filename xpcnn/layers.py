@@ -21,7 +21,7 @@ import array_api_compat
 
 from .backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
 from .errors import ConfigError, DTypeError, ShapeError
-from .functional import check_label_range, check_rank, check_stride_pad, conv_output_size, positive_int
+from .functional import check_labels, check_rank, check_stride_pad, conv_output_size, positive_int
 from .ops import Ops, ops_for
 
 
@@ -226,20 +226,7 @@ class SoftmaxWithLoss(_OpsFromInput):
             namespace_of(x, t)
         if not xp.isdtype(x.dtype, "real floating"):
             raise DTypeError(f"SoftmaxWithLoss: expected float32 or float64 scores, got {dtype_name(x.dtype)}")
-        n, k = x.shape
-        if t.ndim == 1:
-            if t.shape[0] != n:
-                raise ShapeError(f"labels: expected {n} labels for {n} samples, got {t.shape[0]}")
-            if not xp.isdtype(t.dtype, "integral"):
-                raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
-            check_label_range(t, k)
-        elif t.ndim == 2:
-            if tuple(t.shape) != (n, k):
-                raise ShapeError(f"labels: one-hot labels must have shape {(n, k)}, got {tuple(t.shape)}")
-            if t.dtype != x.dtype:
-                t = xp.astype(t, x.dtype)
-        else:
-            raise ShapeError(f"labels: expected (N,) class indices or (N, K) one-hot rows, got shape {tuple(t.shape)}")
+        t = check_labels(xp, t, x)
         self.loss, self.cache = ops.softmax_cross_entropy_forward(x, t)
         return self.loss
 
