@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend
-from .errors import ConfigError, ShapeError
+from .errors import ShapeError
 from .functional import conv_output_size, positive_int
 from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
-from .network import Network
+from .network import Network, merge_conv_param
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 
@@ -50,12 +50,7 @@ class SimpleConvNet(Network):
                  hidden_size: int = 100, output_size: int = 10, weight_init_std: float = 0.01,
                  *, backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
                  reference: bool = False):
-        conv = dict(DEFAULT_CONV_PARAM)
-        if conv_param:
-            unknown = set(conv_param) - set(conv)
-            if unknown:
-                raise ConfigError(f"SimpleConvNet: unknown conv_param keys {sorted(unknown)}; expected {sorted(conv)}")
-            conv.update(conv_param)
+        conv = merge_conv_param(conv_param, DEFAULT_CONV_PARAM, "SimpleConvNet")
         if len(input_dim) != 3:
             raise ShapeError(f"SimpleConvNet: input_dim must be (C, H, W), got {tuple(input_dim)}")
         channels, height, width = (_positive_int("input_dim", v) for v in input_dim)

@@ -20,7 +20,7 @@ from .functional import conv_output_size, positive_int
 from .layers import (
     Affine, BatchNormalization, Convolution, Dropout, Pooling, ReLU, Sigmoid, SoftmaxWithLoss, check_dropout_ratio,
 )
-from .network import Network
+from .network import Network, merge_conv_param
 
 DEEP_CONV_PARAMS = (
     {"filter_num": 16, "filter_size": 3, "pad": 1, "stride": 1},
@@ -33,12 +33,7 @@ DEEP_CONV_PARAMS = (
 
 
 def _conv_param(given: dict | None, default: dict, index: int) -> dict:
-    conv = dict(default)
-    if given:
-        unknown = set(given) - set(conv)
-        if unknown:
-            raise ConfigError(f"DeepConvNet: unknown conv_param_{index} keys {sorted(unknown)}; expected {sorted(conv)}")
-        conv.update(given)
+    conv = merge_conv_param(given, default, "DeepConvNet", f"conv_param_{index}")
     for key in ("filter_num", "filter_size", "stride"):
         conv[key] = positive_int(conv[key], f"conv_param_{index}['{key}']", "DeepConvNet")
     return conv

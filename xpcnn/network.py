@@ -41,6 +41,18 @@ def derived_seed(seed: int | None, stream: int) -> int | None:
 DROPOUT_STREAM = 1
 
 
+def merge_conv_param(given: dict | None, default: dict, what: str, name: str = "conv_param") -> dict:
+    """`default` updated with `given` (the book's ``conv_param`` dicts); `ConfigError` naming
+    any key the convolution does not have."""
+    conv = dict(default)
+    if given:
+        unknown = set(given) - set(conv)
+        if unknown:
+            raise ConfigError(f"{what}: unknown {name} keys {sorted(unknown)}; expected {sorted(conv)}")
+        conv.update(given)
+    return conv
+
+
 class Network:
     """Base class: see the module docstring. Attributes: ``backend``, ``dtype``, ``params``,
     ``config``, ``layers``, ``last_layer``, ``grad_sources``, ``rng`` (or None)."""
