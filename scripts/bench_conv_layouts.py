@@ -46,7 +46,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     print("| layer | input | per-image fwd | per-image bwd | whole-batch fwd | whole-batch bwd | torch fwd | torch fwd+bwd |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    chooser = ops.batch_major_wins
+    chooser = ops.per_image_layout_wins
     for name, c, hw, fn, pad in SHAPES:
         x = rng.standard_normal((100, c, hw, hw), dtype=np.float32)
         W = (rng.standard_normal((fn, c, 3, 3)) * 0.1).astype(np.float32)
@@ -57,7 +57,7 @@ def main() -> int:
         results = {}
 
         def run(key, per_image):
-            ops.batch_major_wins = (lambda channels: True) if per_image else chooser
+            ops.per_image_layout_wins = (lambda channels: True) if per_image else chooser
             t0 = time.perf_counter()
             out, cache = ops.conv2d_forward(xp, x, W, b, 1, pad, oh, oh)
             t1 = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> int:
             run("whole-batch", False)
             if torch is not None:
                 run_torch()
-        ops.batch_major_wins = chooser
+        ops.per_image_layout_wins = chooser
         for a, bb in zip(results["per-image"], results["whole-batch"]):
             np.testing.assert_allclose(a, bb, rtol=1e-3, atol=1e-3)
         best = {k: min(v[1:]) * 1e3 for k, v in timings.items()}

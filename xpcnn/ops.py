@@ -59,8 +59,9 @@ def _store(out: Any, value: Any) -> Any:
 
 # ------------------------------------------------------------------------ convolution
 
-def batch_major_wins(channels: int) -> bool:
-    """Which im2col layout the reference convolution uses (measured: docs/performance.md,
+def per_image_layout_wins(channels: int) -> bool:
+    """Whether the reference convolution uses the per-image im2col layout (True) or the
+    whole-batch one (False) for `channels` input channels (measured: docs/performance.md,
     "DeepConvNet on the CPU").
 
     One input channel (SimpleConvNet, DeepConvNet's first layer): the per-image layout, whose
@@ -77,7 +78,7 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     n, channels = x.shape[0], x.shape[1]
     filter_num, _, filter_h, filter_w = W.shape
     w_mat = xp.reshape(W, (filter_num, -1))
-    if batch_major_wins(channels):
+    if per_image_layout_wins(channels):
         col = im2col_nchw(x, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp)  # (N, C*FH*FW, OH*OW)
         # (FN, C*FH*FW) @ (N, C*FH*FW, OH*OW) lands in NCHW order: no transpose on the way out.
         out = w_mat @ col
@@ -97,7 +98,7 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     col, x_shape = cache
     filter_num, channels, filter_h, filter_w = W.shape
     n, _, out_h, out_w = dout.shape
-    if batch_major_wins(channels):
+    if per_image_layout_wins(channels):
         dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
         db = _store(db_out, xp.sum(dout_mat, axis=(0, 2)))
         dW = _store(dW_out, xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape))
