@@ -4,6 +4,7 @@ revision's, interleaved in ONE process (so both see the same machine load).
 
     python scripts/ab_step.py --base ea602f6            # CPU, float32, batch 100
     python scripts/ab_step.py --base HEAD~3 --rounds 40 --threads 1
+    python scripts/ab_step.py --base 9cae339 --model deep      # DeepConvNet + Adam (dropout 0.5)
 
 The base revision is checked out with `git worktree` into a temporary folder and imported
 as the package ``xpcnn_base`` (xpcnn's modules import each other relatively, so both
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="git revision to compare against (e.g. a commit before a change)")
+    p.add_argument("--model", choices=["simple", "deep"], default="simple",
+                   help="simple: SimpleConvNet + AdaGrad lr 0.06 (default); deep: DeepConvNet + Adam lr 0.001")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--eval-images", type=int, default=2000)
@@ -66,7 +69,10 @@ def main() -> int:
             t_eval = rng.integers(0, 10, args.eval_images)
             runs = {}
             for name, pkg in versions.items():
-                net, opt = pkg.SimpleConvNet(seed=0), pkg.AdaGrad(lr=0.06)
+                if args.model == "deep":
+                    net, opt = pkg.DeepConvNet(seed=0), pkg.Adam(lr=0.001)
+                else:
+                    net, opt = pkg.SimpleConvNet(seed=0), pkg.AdaGrad(lr=0.06)
                 for _ in range(3):
                     opt.update(net.params, net.gradient(x, t))
                 runs[name] = (net, opt)
@@ -83,7 +89,7 @@ def main() -> int:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)], check=False)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"this checkout ({head}, working tree) vs base {args.base}; {args.rounds} interleaved rounds, "
+    print(f"{args.model} model: this checkout ({head}, working tree) vs base {args.base}; {args.rounds} interleaved rounds, "
           f"batch {args.batch_size}, scoring {args.eval_images} images at batch {args.eval_batch_size}, "
           f"BLAS threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.2f}")
     print("| what | this ms (median) | base ms (median) | this / base |")

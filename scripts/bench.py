@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run xpcnn on the array-API reference code (no fast paths of the backend)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds of pause before each timed sample, so the previous contender's idle "
+                        "worker threads (OpenBLAS and OpenMP spin for up to ~0.1-0.2 s after a call) stop "
+                        "taking the cores (default: 0.3 on the CPU, 0 on a GPU)")
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch_size", "repeats", "eval_images", "eval_repeats"):
@@ -82,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.eval_batch_size) < 1:
         p.error(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    if args.settle is not None and args.settle < 0:
+        p.error(f"--settle must be >= 0, got {args.settle}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
@@ -730,9 +736,15 @@ def steps_per_sample(c: Contender, target_s: float) -> int:
     return max(1, min(100, int(target_s / max(once, 1e-6))))
 
 
-def time_samples(c: Contender, steps: int) -> float:
-    """Seconds per step over one sample of `steps` steps (device synchronised)."""
+def time_samples(c: Contender, steps: int, settle: float = 0.0) -> float:
+    """Seconds per step over one sample of `steps` steps (device synchronised), after a
+    pause of `settle` seconds and one untimed step (so each contender's own worker threads
+    are awake, as in a training loop, and the other's are parked)."""
     c.sync()
+    if settle:
+        time.sleep(settle)
+        c.step()
+        c.sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         c.step()
@@ -934,7 +946,9 @@ def main(args) -> int:
             c.step()
         c.sync()
     per_sample = {c.name: steps_per_sample(c, 0.02 if device_kind(args) != "cpu" else 0.0) for c in contenders}
-    samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name]))
+    settle = args.settle if args.settle is not None else (0.3 if device_kind(args) == "cpu" else 0.0)
+    info["settle_s"] = settle
+    samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name], settle))
     step = {name: summarize(v) for name, v in samples.items()}
 
     evaluators = [c for c in contenders if c.can_evaluate()]
@@ -944,6 +958,8 @@ def main(args) -> int:
 
     def run_eval(c):
         c.sync()
+        if settle:
+            time.sleep(settle)
         t0 = time.perf_counter()
         c.evaluate()
         c.sync()
@@ -966,7 +982,7 @@ def main(args) -> int:
     for key in ("date", "command", "cpu", "cores", "cores_usable", "python", "numpy", "blas",
                 "numpy_blas_threads", "numpy_blas_threads_source", "torch", "torch_threads",
                 "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_backend", "dtype", "batch_size",
-                "load_average_at_start", "load_average_after_timing"):
+                "load_average_at_start", "load_average_after_timing", "settle_s"):
         if key in info:
             print(f"{key:26s} {info[key]}")
     print(f"{'initial loss':26s} " + ", ".join(f"{k} {v:.6f}" for k, v in first_loss.items()))

@@ -43,7 +43,7 @@ if [ -d data/fashion-mnist ]; then
   export XPCNN_DATA_DIR=$PWD/data      # the suite's real-data tests look here too
 fi
 # Fast kernels against the reference, call counts, CPU/GPU agreement, out-of-memory lines.
-phase fast_vs_reference python3 -m pytest -q -s -p no:cacheprovider tests/test_fast_cupy.py \
+phase fast_vs_reference python3 -m pytest -q -s -p no:cacheprovider tests/test_fast_ops.py \
   tests/test_counting.py tests/test_gpu.py
 phase tests python3 -m pytest -q -ra -m "not slow" -p no:cacheprovider -n 8 tests
 if [ -f scripts/bench.py ]; then

@@ -153,35 +153,31 @@ def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: 
                       out_h: int, out_w: int) -> tuple[Any, Any]:
     """``(N, C, H, W) -> (N, C, OH, OW)``: the elementwise maximum of the window slices.
 
-    Padding is -inf, so it never wins. The cache keeps the slices (views) and the maxima.
+    Padding is -inf, so it never wins. The cache keeps the input, the slices (views) and the
+    maxima. Only slicing and elementwise operations: the result keeps the input's memory
+    layout (on NumPy a channels-last input gives a channels-last output, see `fast_numpy`).
     """
-    n, c = x.shape[0], x.shape[1]
-    offsets = list(window_offsets(pool_h, pool_w))
-    if _pool_tiles(tuple(x.shape), pool_h, pool_w, stride, pad):
-        # Non-overlapping windows: a reshape exposes them without slicing with steps.
-        x6 = xp.reshape(x, (n, c, out_h, pool_h, out_w, pool_w))
-        windows = [x6[:, :, :, i, :, j] for i, j in offsets]
-    else:
-        x_pad = pad_nchw(x, pad, fill=-math.inf)
-        windows = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
-                   for i, j in offsets]
+    x_pad = pad_nchw(x, pad, fill=-math.inf)
+    windows = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
+               for i, j in window_offsets(pool_h, pool_w)]
     out = windows[0]
     for window in windows[1:]:
         out = xp.maximum(out, window)
-    return out, (windows, out, tuple(x.shape), pool_h, pool_w, stride, pad)
+    return out, (x, windows, out, pool_h, pool_w, stride, pad)
 
 
 def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
     """``dout (N, C, OH, OW) -> dx (N, C, H, W)``: each window's gradient goes to its first max."""
-    windows, out, (n, c, h, w), pool_h, pool_w, stride, pad = cache
+    x, windows, out, pool_h, pool_w, stride, pad = cache
+    n, c, h, w = x.shape
     _, _, out_h, out_w = dout.shape
-    device = array_api_compat.device(dout)
     tiles = _pool_tiles((n, c, h, w), pool_h, pool_w, stride, pad)
     if tiles:
-        # Every input pixel is in exactly one window: each is written once, no zero fill.
-        dx = xp.empty((n, c, out_h, pool_h, out_w, pool_w), dtype=dout.dtype, device=device)
+        # Every input pixel is in exactly one window: each is written once, no zero fill,
+        # and dx takes the input's memory layout.
+        dx = xp.empty_like(x, dtype=dout.dtype)
     else:
-        dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dout.dtype, device=device)
+        dx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dout.dtype, device=array_api_compat.device(dout))
     remaining = dout  # gradient of windows whose max has not been found yet
     last = len(windows) - 1
     for k, (i, j) in enumerate(window_offsets(pool_h, pool_w)):
@@ -197,12 +193,11 @@ def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
                 remaining = dout - grad  # never write into the caller's dout
             else:
                 remaining -= grad
+        target = (slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)
         if tiles:
-            dx[:, :, :, i, :, j] = grad
+            dx[target] = grad
         else:
-            dx[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)] += grad
-    if tiles:
-        return xp.reshape(dx, (n, c, h, w))
+            dx[target] += grad
     return dx[:, :, pad:pad + h, pad:pad + w] if pad else dx
 
 
@@ -321,6 +316,10 @@ def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
         from . import fast_cupy
 
         return fast_cupy.fast_ops()
+    if array_api_compat.is_numpy_namespace(xp):
+        from . import fast_numpy
+
+        return fast_numpy.fast_ops()
     return {}
 
 

@@ -1,16 +1,22 @@
-"""CuPy's fast operations against the array-API reference, on a GPU (skipped without one).
+"""Each backend's fast operations against the array-API reference: NumPy's
+(`xpcnn/fast_numpy.py`, the channels-last convolution) always, CuPy's (`xpcnn/fast_cupy.py`)
+on a GPU (skipped without one).
 
-Every entry of CuPy's table (`xpcnn/fast_cupy.py`) against the same entry of the reference
-table on the same device: float64 within 1e-12 relative, float32 within 1e-5, on shapes with
-stride 2, pad 1 and 2, non-square inputs and filters, C > 1, N = 1, and pooling ties (the
-first maximum wins). Then whole training steps, fast against reference, and determinism.
+Every entry a backend replaces, against the same entry of the reference table on the same
+device: float64 within 1e-12 relative, float32 within 1e-5, on shapes with stride 2, pad 1
+and 2, non-square inputs and filters, C > 1, N = 1, inputs in every memory layout the layers
+hand on, and pooling ties (the first maximum wins). Entries a backend does not replace skip
+with that reason. Then whole training steps of SimpleConvNet and DeepConvNet, fast against
+reference, and determinism.
 """
 
 import numpy as np
 import pytest
 
-from xpcnn import AdaGrad, SimpleConvNet
+from xpcnn import AdaGrad, Adam, DeepConvNet, SimpleConvNet
 from xpcnn.ops import ops_for
+
+FAST_BACKENDS = ["numpy", "cupy"]
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
@@ -19,6 +25,9 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
     (1, 2, 8, 8, 5, 3, 3, 1, 2),
     (2, 16, 14, 14, 32, 3, 3, 1, 1),
     (1, 4, 11, 6, 3, 5, 3, 2, 2),
+    (7, 16, 28, 28, 16, 3, 3, 1, 1),   # several chunks on NumPy, the last one short
+    (2, 32, 14, 14, 32, 3, 3, 1, 2),   # DeepConvNet's fourth convolution
+    (2, 3, 6, 6, 2, 3, 3, 1, 3),       # pad >= filter: the input gradient by col2im
 ]
 POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (2, 3, 24, 24, 2, 2, 2, 0),
@@ -33,9 +42,22 @@ def dtype(request):
     return request.param
 
 
-def _tables(backend):
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request):
+    """Each backend with a fast table (CuPy skipped with the reason where it is missing)."""
+    if request.param == "cupy":
+        return request.getfixturevalue("gpu_backend")
+    from xpcnn.backend import get_backend
+    return get_backend(request.param)
+
+
+def _tables(backend, *names):
+    """(fast table, reference table); skips unless the backend replaces every one of `names`."""
     fast, ref = ops_for(backend.xp), ops_for(backend.xp, reference=True)
     assert not fast.reference and ref.reference, fast
+    missing = [name for name in names if name not in fast.fast_names]
+    if missing:
+        pytest.skip(f"{backend.name} has no fast {', '.join(missing)} (the reference is its path)")
     return fast, ref
 
 
@@ -51,17 +73,31 @@ def _out(size, filt, stride, pad):
     return (size + 2 * pad - filt) // stride + 1
 
 
+def _in_layout(backend, host, dtype, layout):
+    """The host array (N, C, H, W) on the device as the previous layer may hand it on:
+    contiguous NCHW, a view of channels-last or of (C, N, H, W) memory, or a strided slice."""
+    xp = backend.xp
+    if layout == "channels-last":
+        return xp.permute_dims(backend.asarray(np.ascontiguousarray(host.transpose(0, 2, 3, 1)), dtype), (0, 3, 1, 2))
+    if layout == "cnhw":
+        return xp.permute_dims(backend.asarray(np.ascontiguousarray(host.transpose(1, 0, 2, 3)), dtype), (1, 0, 2, 3))
+    if layout == "sliced":           # every other column of an array twice as wide
+        return backend.asarray(np.repeat(host, 2, axis=3), dtype)[:, :, :, 0::2]
+    return backend.asarray(host, dtype)
+
+
 @pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
 @pytest.mark.parametrize("need_input_grad", [True, False])
-def test_conv2d_matches_reference(gpu_backend, rng, dtype, geometry, need_input_grad):
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "cnhw", "sliced"])
+def test_conv2d_matches_reference(fast_backend, rng, dtype, geometry, need_input_grad, layout):
     n, c, h, w, fn, fh, fw, stride, pad = geometry
     oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
-    be = gpu_backend
-    x = be.asarray(rng.standard_normal((n, c, h, w)), dtype)
+    be = fast_backend
+    x = _in_layout(be, rng.standard_normal((n, c, h, w)), dtype, layout)
     W = be.asarray(rng.standard_normal((fn, c, fh, fw)), dtype)
     b = be.asarray(rng.standard_normal(fn), dtype)
-    dout = be.asarray(rng.standard_normal((n, fn, oh, ow)), dtype)
-    fast, ref = _tables(be)
+    dout = _in_layout(be, rng.standard_normal((n, fn, oh, ow)), dtype, layout)
+    fast, ref = _tables(be, "conv2d_forward", "conv2d_backward")
     out_f, cache_f = fast.conv2d_forward(x, W, b, stride, pad, oh, ow)
     out_r, cache_r = ref.conv2d_forward(x, W, b, stride, pad, oh, ow)
     _close(be, out_f, out_r, dtype, "conv forward")
@@ -76,9 +112,9 @@ def test_conv2d_matches_reference(gpu_backend, rng, dtype, geometry, need_input_
 
 
 @pytest.mark.parametrize("into_buffers", [False, True])
-def test_affine_matches_reference(gpu_backend, rng, dtype, into_buffers):
-    be = gpu_backend
-    fast, ref = _tables(be)
+def test_affine_matches_reference(fast_backend, rng, dtype, into_buffers):
+    be = fast_backend
+    fast, ref = _tables(be, "affine_forward", "affine_backward")
     x = be.asarray(rng.standard_normal((7, 12)), dtype)
     W = be.asarray(rng.standard_normal((12, 5)), dtype)
     b = be.asarray(rng.standard_normal(5), dtype)
@@ -97,16 +133,16 @@ def test_affine_matches_reference(gpu_backend, rng, dtype, into_buffers):
 
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_maxpool_matches_reference_ties_included(gpu_backend, rng, dtype, geometry, ties):
+def test_maxpool_matches_reference_ties_included(fast_backend, rng, dtype, geometry, ties):
     n, c, h, w, ph, pw, stride, pad = geometry
     oh, ow = _out(h, ph, stride, pad), _out(w, pw, stride, pad)
     host = rng.standard_normal((n, c, h, w))
     if ties:  # as after a ReLU: many equal maxima, whole windows of zeros
         host = np.round(np.maximum(host, 0.0))
-    be = gpu_backend
+    be = fast_backend
     x = be.asarray(host, dtype)
     dout = be.asarray(rng.standard_normal((n, c, oh, ow)), dtype)
-    fast, ref = _tables(be)
+    fast, ref = _tables(be, "maxpool2d_forward", "maxpool2d_backward")
     out_f, cache_f = fast.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
     out_r, cache_r = ref.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
     np.testing.assert_array_equal(be.to_numpy(out_f), be.to_numpy(out_r))
@@ -114,9 +150,10 @@ def test_maxpool_matches_reference_ties_included(gpu_backend, rng, dtype, geomet
                                   be.to_numpy(ref.maxpool2d_backward(dout, cache_r)))
 
 
-def test_relu_softmax_and_scoring_match_reference(gpu_backend, rng, dtype):
-    be = gpu_backend
-    fast, ref = _tables(be)
+def test_relu_softmax_and_scoring_match_reference(fast_backend, rng, dtype):
+    be = fast_backend
+    fast, ref = _tables(be, "relu_forward", "relu_backward", "softmax_cross_entropy_forward",
+                        "softmax_cross_entropy_backward", "count_correct")
     x = be.asarray(rng.standard_normal((7, 5, 3)), dtype)
     dout = be.asarray(rng.standard_normal((7, 5, 3)), dtype)
     out = fast.relu_forward(x)
@@ -138,9 +175,9 @@ def test_relu_softmax_and_scoring_match_reference(gpu_backend, rng, dtype):
 
 @pytest.mark.parametrize("name, args", [("sgd_update", (0.1,)), ("momentum_update", (0.1, 0.9)),
                                         ("adagrad_update", (0.06, 1e-7)), ("adam_update", (0.001, 0.9, 0.999, 1e-8))])
-def test_optimizer_kernels_match_reference(gpu_backend, rng, dtype, name, args):
-    be = gpu_backend
-    fast, ref = _tables(be)
+def test_optimizer_kernels_match_reference(fast_backend, rng, dtype, name, args):
+    be = fast_backend
+    fast, ref = _tables(be, name)
     n_state = {"sgd_update": 0, "momentum_update": 1, "adagrad_update": 1, "adam_update": 2}[name]
     host = [rng.standard_normal(1000) for _ in range(2 + n_state)]
     host[2:] = [np.abs(h) for h in host[2:]]
@@ -155,12 +192,17 @@ def test_optimizer_kernels_match_reference(gpu_backend, rng, dtype, name, args):
         _close(be, got, want, dtype, name)
 
 
-def _train(backend, dtype, steps, x_host, t_host, reference):
-    """(gradients of the first step, weights after `steps` AdaGrad steps), as host arrays."""
-    net = SimpleConvNet(backend=backend, dtype=dtype, seed=3, reference=reference)
+def _make(model, backend, dtype, reference):
+    if model == "deep":   # small images keep it quick; every layer shape kind is still there
+        return DeepConvNet(input_dim=(1, 12, 12), backend=backend, dtype=dtype, seed=3, reference=reference), Adam(lr=0.001)
+    return SimpleConvNet(backend=backend, dtype=dtype, seed=3, reference=reference), AdaGrad(lr=0.06)
+
+
+def _train(model, backend, dtype, steps, x_host, t_host, reference):
+    """(gradients of the first step, weights after `steps` optimizer steps), as host arrays."""
+    net, optimizer = _make(model, backend, dtype, reference)
     be = net.backend
     x, t = be.asarray(x_host, dtype), be.asarray(t_host)
-    optimizer = AdaGrad(lr=0.06)
     order = np.random.default_rng(1)
     first_grads = None
     for _ in range(steps):
@@ -172,23 +214,53 @@ def _train(backend, dtype, steps, x_host, t_host, reference):
     return first_grads, {k: be.to_numpy(v) for k, v in net.params.items()}
 
 
-@pytest.mark.parametrize("dtype, steps, tol", [("float32", 1, 1e-5), ("float64", 50, 1e-10)])
-def test_whole_training_steps_fast_equal_reference(gpu_backend, dtype, steps, tol):
-    """float32: gradients of one step from identical weights; float64: weights after 50 steps."""
+def _images(model):
     rng = np.random.default_rng(0)
-    x_host, t_host = rng.random((200, 1, 28, 28)), rng.integers(0, 10, 200)
-    fast = _train(gpu_backend, dtype, steps, x_host, t_host, reference=False)
-    ref = _train(gpu_backend, dtype, steps, x_host, t_host, reference=True)
+    size = 12 if model == "deep" else 28
+    return rng.random((200, 1, size, size)), rng.integers(0, 10, 200)
+
+
+def _needs_fast_convolution(backend):
+    _tables(backend, "conv2d_forward", "conv2d_backward")
+
+
+@pytest.mark.parametrize("model", ["simple", "deep"])
+@pytest.mark.parametrize("dtype, steps, tol", [("float32", 1, 1e-5), ("float64", 50, 1e-10)])
+def test_whole_training_steps_fast_equal_reference(fast_backend, model, dtype, steps, tol):
+    """float32: gradients of one step from identical weights; float64: weights after 50 steps."""
+    _needs_fast_convolution(fast_backend)
+    x_host, t_host = _images(model)
+    fast = _train(model, fast_backend, dtype, steps, x_host, t_host, reference=False)
+    ref = _train(model, fast_backend, dtype, steps, x_host, t_host, reference=True)
     got, want = (fast[0], ref[0]) if steps == 1 else (fast[1], ref[1])
     for key in want:
         diff = float(np.linalg.norm(got[key] - want[key]) / (np.linalg.norm(want[key]) or 1.0))
         assert diff <= tol, f"{key}: {diff:.2e} > {tol}"
 
 
-def test_two_gpu_runs_are_bit_identical(gpu_backend):
-    rng = np.random.default_rng(0)
-    x_host, t_host = rng.random((200, 1, 28, 28)), rng.integers(0, 10, 200)
-    _, first = _train(gpu_backend, "float32", 20, x_host, t_host, reference=False)
-    _, second = _train(gpu_backend, "float32", 20, x_host, t_host, reference=False)
+@pytest.mark.parametrize("model", ["simple", "deep"])
+def test_two_runs_are_bit_identical(fast_backend, model):
+    _needs_fast_convolution(fast_backend)
+    x_host, t_host = _images(model)
+    _, first = _train(model, fast_backend, "float32", 20, x_host, t_host, reference=False)
+    _, second = _train(model, fast_backend, "float32", 20, x_host, t_host, reference=False)
     for key in first:
         np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_numpy_layers_hand_on_channels_last_memory(rng):
+    """The point of NumPy's fast convolution: its output, and the ReLU and pooling after it,
+    stay views of channels-last memory, so no layer between two convolutions transposes."""
+    from xpcnn import Convolution, Pooling, ReLU
+    from xpcnn.backend import get_backend
+
+    be = get_backend("numpy")
+    x = be.asarray(rng.standard_normal((4, 16, 8, 8)), "float32")
+    conv = Convolution(be.asarray(rng.standard_normal((8, 16, 3, 3)), "float32"), be.asarray(np.zeros(8), "float32"), pad=1)
+    relu, pool = ReLU(), Pooling(2, 2, stride=2)
+    out = pool.forward(relu.forward(conv.forward(x)))
+    for name, array in (("convolution", conv.forward(x)), ("relu", relu.out), ("pooling", out)):
+        assert np.transpose(array, (0, 2, 3, 1)).flags.c_contiguous, f"{name} output is not channels-last"
+    dx = conv.backward(relu.backward(pool.backward(np.ones_like(out))))
+    assert np.transpose(dx, (0, 2, 3, 1)).flags.c_contiguous
+    assert conv.dW.flags.c_contiguous and conv.dW.shape == (8, 16, 3, 3)

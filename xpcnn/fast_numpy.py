@@ -1,0 +1,183 @@
+"""NumPy fast path for the convolution of `xpcnn.ops`: channels-last, in cache-sized chunks.
+
+The reference convolution (`ops.conv2d_forward`) builds the whole batch's im2col matrix
+(for DeepConvNet's second layer 45 MB, larger than the L3 cache), writes it to memory and
+reads it back for the matrix product. This version keeps the activations *channels-last*
+in memory (``(N, H, W, C)``) and handles a few images at a time:
+
+* the windows of a chunk of images are one strided view of the padded ``(N, H, W, C)``
+  input; copying it gives the chunk's im2col rows ``(n, oh, ow) x (i, j, c)``, whose inner
+  ``(j, c)`` run is contiguous in the input, and it stays in cache for the product;
+* the product ``(rows, FH*FW*C) @ (FH*FW*C, FN)`` lands in ``(N, OH, OW, FN)`` order, which
+  is channels-last again, so nothing is transposed between layers: the result is handed on
+  as an ``(N, FN, OH, OW)`` *view* of that memory. ReLU, pooling (`ops.maxpool2d_forward`
+  keeps its input's layout) and the next convolution read it as it lies;
+* backward recomputes each chunk's windows (cheaper than keeping 45 MB) for ``dW``, and for
+  stride 1 gets ``dx`` as a convolution of the padded ``dout`` with the flipped filters,
+  chunk by chunk; other strides scatter the columns back (col2im) per chunk.
+
+Measured in docs/performance.md ("DeepConvNet on the CPU"). Results equal the reference
+within float rounding (tests/test_fast_ops.py); the chunks are summed in a fixed order, so
+runs are deterministic. Registered for NumPy in `ops._fast_table`; `reference=True` turns
+it off.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from . import ops as reference
+from .ops import _store
+
+#: About how many bytes of im2col rows one chunk holds: a few images, well inside the
+#: L3 cache (and near the L2 of one core), so the copy and the product meet in cache.
+CHUNK_BYTES = 2 << 20
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W) -> (N, H, W, C)``, a view (contiguous if the memory is channels-last)."""
+    return x.transpose(0, 2, 3, 1)
+
+
+def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
+    """``(N, H, W, C)`` zero-padded on the two spatial axes, C-contiguous (one copy at most)."""
+    if pad_h == 0 and pad_w == 0:
+        return np.ascontiguousarray(x_last)
+    n, h, w, c = x_last.shape
+    out = np.zeros((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=x_last.dtype)
+    out[:, pad_h:pad_h + h, pad_w:pad_w + w, :] = x_last
+    return out
+
+
+def _windows(x_pad: np.ndarray, filter_h: int, filter_w: int, stride: int,
+             out_h: int, out_w: int) -> np.ndarray:
+    """Read-only ``(N, OH, OW, FH, FW, C)`` view: ``[n, oh, ow, i, j, c] = x_pad[n, oh*stride + i, ow*stride + j, c]``."""
+    s_n, s_h, s_w, s_c = x_pad.strides
+    shape = (x_pad.shape[0], out_h, out_w, filter_h, filter_w, x_pad.shape[3])
+    return as_strided(x_pad, shape, (s_n, s_h * stride, s_w * stride, s_h, s_w, s_c), writeable=False)
+
+
+def _chunk_size(n: int, rows_per_image: int, row_len: int, itemsize: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // max(1, rows_per_image * row_len * itemsize)))
+
+
+def _chunks(n: int, size: int):
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _each_chunk_of_columns(windows: np.ndarray, work: Callable[[int, int, np.ndarray], None]) -> None:
+    """Call ``work(start, end, columns)`` for the batch in chunks; `columns` is the chunk's
+    im2col matrix ``(images*OH*OW, FH*FW*C)``, copied into one reused buffer."""
+    n, out_h, out_w, filter_h, filter_w, c = windows.shape
+    row_len = filter_h * filter_w * c
+    size = _chunk_size(n, out_h * out_w, row_len, windows.itemsize)
+    buffer = np.empty((size,) + windows.shape[1:], dtype=windows.dtype)
+    for start, end in _chunks(n, size):
+        chunk = buffer[:end - start]
+        np.copyto(chunk, windows[start:end])
+        work(start, end, chunk.reshape(-1, row_len))
+
+
+def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
+                   out_h: int, out_w: int) -> tuple[Any, Any]:
+    """``(N, C, H, W) -> (N, FN, OH, OW)``, a view of channels-last memory (see module doc).
+
+    One input channel: the reference's per-image layout, which is faster there (rows of
+    FH*FW single floats copy slowly) and lands in NCHW directly.
+    """
+    filter_num, channels, filter_h, filter_w = W.shape
+    if reference.per_image_layout_wins(channels):
+        return reference.conv2d_forward(xp, x, W, b, stride, pad, out_h, out_w)
+    x_pad = _padded(_channels_last(x), pad, pad)
+    w_cols = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, filter_num)   # rows (i, j, c)
+    out = np.empty((x.shape[0], out_h, out_w, filter_num), dtype=x.dtype)
+    out_rows = out.reshape(-1, filter_num)
+    rows_per_image = out_h * out_w
+
+    def product(start: int, end: int, columns: np.ndarray) -> None:
+        rows = out_rows[start * rows_per_image:end * rows_per_image]
+        np.matmul(columns, w_cols, out=rows)
+        rows += b
+
+    _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), product)
+    return out.transpose(0, 3, 1, 2), (x_pad, tuple(x.shape))
+
+
+def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
+                    need_input_grad: bool, dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
+    """``dout (N, FN, OH, OW) -> (dx (N, C, H, W) or None, dW, db)``; dx is a view of
+    channels-last memory."""
+    filter_num, channels, filter_h, filter_w = W.shape
+    if reference.per_image_layout_wins(channels):
+        return reference.conv2d_backward(xp, dout, cache, W, stride, pad, need_input_grad, dW_out, db_out)
+    x_pad, (n, _, height, width) = cache
+    _, _, out_h, out_w = dout.shape
+    dout_last = np.ascontiguousarray(_channels_last(dout))          # (N, OH, OW, FN)
+    dout_rows = dout_last.reshape(-1, filter_num)
+    rows_per_image = out_h * out_w
+    # A product with a vector of ones: BLAS, where NumPy's sum over the long axis of a
+    # narrow matrix is several times slower.
+    db = _store(db_out, np.ones(dout_rows.shape[0], dtype=dout.dtype) @ dout_rows)
+
+    dW_cols = np.zeros((filter_h * filter_w * channels, filter_num), dtype=dout.dtype)
+    partial = np.empty_like(dW_cols)
+
+    def weight_gradient(start: int, end: int, columns: np.ndarray) -> None:
+        np.matmul(columns.T, dout_rows[start * rows_per_image:end * rows_per_image], out=partial)
+        np.add(dW_cols, partial, out=dW_cols)      # chunk by chunk, in order: deterministic
+
+    _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
+    dW = _store(dW_out, np.ascontiguousarray(dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)))
+    if not need_input_grad:
+        return None, dW, db
+    if stride == 1 and pad < filter_h and pad < filter_w:
+        dx_last = _input_gradient_as_convolution(dout_last, W, pad, height, width)
+    else:
+        dx_last = _input_gradient_by_col2im(dout_rows, W, stride, pad, (n, height, width, channels), out_h, out_w)
+    return dx_last.transpose(0, 3, 1, 2), dW, db
+
+
+def _input_gradient_as_convolution(dout_last: np.ndarray, W: np.ndarray, pad: int,
+                                   height: int, width: int) -> np.ndarray:
+    """Stride 1: ``dx = dout (padded by FH-1-pad) convolved with the flipped, transposed
+    filters``, ``(N, H, W, C)``."""
+    filter_num, channels, filter_h, filter_w = W.shape
+    dout_pad = _padded(dout_last, filter_h - 1 - pad, filter_w - 1 - pad)
+    flipped_cols = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, channels)
+    dx = np.empty((dout_last.shape[0], height, width, channels), dtype=dout_last.dtype)
+    dx_rows = dx.reshape(-1, channels)
+    rows_per_image = height * width
+
+    def product(start: int, end: int, columns: np.ndarray) -> None:
+        np.matmul(columns, flipped_cols, out=dx_rows[start * rows_per_image:end * rows_per_image])
+
+    _each_chunk_of_columns(_windows(dout_pad, filter_h, filter_w, 1, height, width), product)
+    return dx
+
+
+def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int, pad: int,
+                              input_shape: tuple, out_h: int, out_w: int) -> np.ndarray:
+    """Any stride: each chunk's columns ``dout @ W`` added back into its windows, ``(N, H, W, C)``."""
+    n, height, width, channels = input_shape
+    filter_num, _, filter_h, filter_w = W.shape
+    w_rows = np.ascontiguousarray(W.transpose(0, 2, 3, 1)).reshape(filter_num, -1)   # columns (i, j, c)
+    dx_pad = np.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=dout_rows.dtype)
+    rows_per_image = out_h * out_w
+    size = _chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout_rows.itemsize)
+    for start, end in _chunks(n, size):
+        columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
+        columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
+        for i in range(filter_h):
+            for j in range(filter_w):
+                dx_pad[start:end, i:i + stride * (out_h - 1) + 1:stride,
+                       j:j + stride * (out_w - 1) + 1:stride, :] += columns[:, :, :, i, j, :]
+    return dx_pad[:, pad:pad + height, pad:pad + width, :]
+
+
+def fast_ops() -> dict[str, Callable[..., Any]]:
+    """NumPy's entries for the operation table (`xpcnn.ops`)."""
+    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward}
