@@ -31,6 +31,11 @@ def test_out_of_memory_is_recognised():
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"))  # torch's kind
     assert not is_out_of_memory(ValueError("x"))
+    # PyTorch on Apple GPUs raises a plain RuntimeError with this wording (a MacBook's MPS
+    # allocator; no such machine here, so the exception is built from the message).
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: "
+                                         "1.00 GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool."))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_out_of_memory_in_a_training_step_names_the_batch_size(tmp_path, rng, monkeypatch):

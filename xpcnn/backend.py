@@ -360,10 +360,16 @@ def backend_of(array: Any) -> Backend:
     return Backend(getattr(xp, "__name__", "unknown"), xp, array_api_compat.device(array))
 
 
+#: How PyTorch's Apple-GPU (MPS) allocator words its failure; it raises a plain RuntimeError.
+_MPS_OUT_OF_MEMORY = "MPS backend out of memory"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an allocation failure: NumPy's MemoryError, CuPy's OutOfMemoryError
-    (a MemoryError), or an accelerator library's ``OutOfMemoryError`` of another base."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    (a MemoryError), an accelerator library's ``OutOfMemoryError`` of another base (PyTorch's
+    CUDA), or the RuntimeError of PyTorch's MPS allocator."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (type(exc) is RuntimeError and str(exc).startswith(_MPS_OUT_OF_MEMORY)))
 
 
 def out_of_memory_message(exc: BaseException) -> str:
