@@ -11,7 +11,11 @@ whole-batch:   reference with the whole-batch layout, (C*FH*FW, N*OH*OW) columns
 channels-last: NumPy's fast path (`xpcnn/fast_numpy.py`): (N, H, W, C) memory, the columns
                of a few images at a time, stride-1 input gradient as a convolution;
 torch:         F.conv2d forward (no_grad), and forward + backward (input, weight and bias
-               gradients) for "fwd+bwd".
+               gradients) for "fwd+bwd";
+products:      only the three matrix products of channels-last's forward and backward
+               (columns @ filters, columns.T @ dout for dW, dout's columns @ flipped filters
+               for dx) on prebuilt columns: what NumPy's BLAS needs for the arithmetic alone,
+               a floor for any im2col convolution on it.
 Each input is given in the layout its contender produces for the next layer. Each figure
 is the minimum over interleaved repeats, in ms (forward; backward with the input gradient,
 except for conv1, the network's first layer, whose input gradient nobody needs). Before
@@ -61,8 +65,9 @@ def main() -> int:
     except ImportError:
         torch = None
     rng = np.random.default_rng(0)
-    print("| layer | input | " + " | ".join(f"{k} fwd | {k} bwd" for k in LAYOUTS) + " | torch fwd | torch fwd+bwd |")
-    print("| --- | --- |" + " ---: |" * (2 * len(LAYOUTS) + 2))
+    print("| layer | input | " + " | ".join(f"{k} fwd | {k} bwd" for k in LAYOUTS + ("products",))
+          + " | torch fwd | torch fwd+bwd |")
+    print("| --- | --- |" + " ---: |" * (2 * len(LAYOUTS) + 4))
     totals: dict[str, float] = {}
     for name, c, hw, fn, pad in SHAPES:
         x = rng.standard_normal((100, c, hw, hw), dtype=np.float32)
@@ -109,11 +114,34 @@ def main() -> int:
             timings.setdefault("torch fwd", []).append(t1 - t0)
             timings.setdefault("torch fwd+bwd", []).append(t2 - t1)
 
+        # The floor: the products alone, on columns built beforehand (whole batch at once).
+        x_pad = fast_numpy._padded(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), pad, pad)
+        columns = np.ascontiguousarray(fast_numpy._windows(x_pad, 3, 3, 1, oh, oh)).reshape(-1, 9 * c)
+        d_rows = np.ascontiguousarray(dout.transpose(0, 2, 3, 1)).reshape(-1, fn)
+        d_pad = fast_numpy._padded(np.ascontiguousarray(dout.transpose(0, 2, 3, 1)), 2 - pad, 2 - pad)
+        d_columns = (np.ascontiguousarray(fast_numpy._windows(d_pad, 3, 3, 1, hw, hw)).reshape(-1, 9 * fn)
+                     if need_input_grad and pad < 3 else None)
+        w_cols = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, fn)
+        flipped = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, c)
+
+        def run_products():
+            time.sleep(args.settle)
+            t0 = time.perf_counter()
+            np.matmul(columns, w_cols)
+            t1 = time.perf_counter()
+            np.matmul(columns.T, d_rows)
+            if d_columns is not None:
+                np.matmul(d_columns, flipped)
+            t2 = time.perf_counter()
+            timings.setdefault("products fwd", []).append(t1 - t0)
+            timings.setdefault("products bwd", []).append(t2 - t1)
+
         chooser = ops.per_image_layout_wins
         try:
             for _ in range(args.repeats + 1):          # the first round is a warm-up
                 for layout in LAYOUTS:
                     run(layout)
+                run_products()
                 if torch is not None:
                     run_torch()
         finally:
@@ -125,12 +153,12 @@ def main() -> int:
         best = {k: min(v[1:]) * 1e3 for k, v in timings.items()}
         for k, v in best.items():
             totals[k] = totals.get(k, 0.0) + v
-        keys = [f"{k} {p}" for k in LAYOUTS for p in ("fwd", "bwd")] + ["torch fwd", "torch fwd+bwd"]
+        keys = [f"{k} {p}" for k in LAYOUTS + ("products",) for p in ("fwd", "bwd")] + ["torch fwd", "torch fwd+bwd"]
         cells = [f"{best.get(k, float('nan')):.1f}" for k in keys]
         print(f"| {name} | {c}x{hw}x{hw} -> {fn}, pad {pad} | " + " | ".join(cells) + " |", flush=True)
-    keys = [f"{k} {p}" for k in LAYOUTS for p in ("fwd", "bwd")] + ["torch fwd", "torch fwd+bwd"]
+    keys = [f"{k} {p}" for k in LAYOUTS + ("products",) for p in ("fwd", "bwd")] + ["torch fwd", "torch fwd+bwd"]
     print("| sum | | " + " | ".join(f"{totals.get(k, float('nan')):.1f}" for k in keys) + " |")
-    for layout in LAYOUTS:
+    for layout in LAYOUTS + ("products",):
         both = totals[f"{layout} fwd"] + totals[f"{layout} bwd"]
         line = f"{layout}: forward + backward {both:.1f} ms"
         if "torch fwd+bwd" in totals:
