@@ -258,8 +258,9 @@ def test_numpy_layers_hand_on_channels_last_memory(rng):
     x = be.asarray(rng.standard_normal((4, 16, 8, 8)), "float32")
     conv = Convolution(be.asarray(rng.standard_normal((8, 16, 3, 3)), "float32"), be.asarray(np.zeros(8), "float32"), pad=1)
     relu, pool = ReLU(), Pooling(2, 2, stride=2)
-    out = pool.forward(relu.forward(conv.forward(x)))
-    for name, array in (("convolution", conv.forward(x)), ("relu", relu.out), ("pooling", out)):
+    conv_out = conv.forward(x)
+    out = pool.forward(relu.forward(conv_out))
+    for name, array in (("convolution", conv_out), ("relu", relu.out), ("pooling", out)):
         assert np.transpose(array, (0, 2, 3, 1)).flags.c_contiguous, f"{name} output is not channels-last"
     dx = conv.backward(relu.backward(pool.backward(np.ones_like(out))))
     assert np.transpose(dx, (0, 2, 3, 1)).flags.c_contiguous

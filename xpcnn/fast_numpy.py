@@ -31,7 +31,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import ops as reference
-from .ops import _store
+from .functional import spatial_slices, window_offsets
+from .ops import store_gradient
 
 #: About how many bytes of im2col rows one chunk holds: a few images, well inside the
 #: L3 cache (and near the L2 of one core), so the copy and the product meet in cache.
@@ -121,7 +122,7 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     rows_per_image = out_h * out_w
     # A product with a vector of ones: BLAS, where NumPy's sum over the long axis of a
     # narrow matrix is several times slower.
-    db = _store(db_out, np.ones(dout_rows.shape[0], dtype=dout.dtype) @ dout_rows)
+    db = store_gradient(db_out, np.ones(dout_rows.shape[0], dtype=dout.dtype) @ dout_rows)
 
     dW_cols = np.zeros((filter_h * filter_w * channels, filter_num), dtype=dout.dtype)
     partial = np.empty_like(dW_cols)
@@ -131,7 +132,8 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
         np.add(dW_cols, partial, out=dW_cols)      # chunk by chunk, in order: deterministic
 
     _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
-    dW = _store(dW_out, np.ascontiguousarray(dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)))
+    dW_view = dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)
+    dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
     if not need_input_grad:
         return None, dW, db
     if stride == 1 and pad < filter_h and pad < filter_w:
@@ -171,10 +173,8 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
     for start, end in _chunks(n, size):
         columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
         columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
-        for i in range(filter_h):
-            for j in range(filter_w):
-                dx_pad[start:end, i:i + stride * (out_h - 1) + 1:stride,
-                       j:j + stride * (out_w - 1) + 1:stride, :] += columns[:, :, :, i, j, :]
+        for i, j in window_offsets(filter_h, filter_w):
+            dx_pad[(slice(start, end),) + spatial_slices(i, j, stride, out_h, out_w)] += columns[:, :, :, i, j, :]
     return dx_pad[:, pad:pad + height, pad:pad + width, :]
 
 

@@ -49,7 +49,7 @@ OP_SIGNATURES = {
 }
 
 
-def _store(out: Any, value: Any) -> Any:
+def store_gradient(out: Any, value: Any) -> Any:
     """`value`, written into `out` when one is given (a view of a gradient buffer)."""
     if out is None:
         return value
@@ -100,15 +100,15 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     n, _, out_h, out_w = dout.shape
     if per_image_layout_wins(channels):
         dout_mat = xp.reshape(dout, (n, filter_num, out_h * out_w))
-        db = _store(db_out, xp.sum(dout_mat, axis=(0, 2)))
-        dW = _store(dW_out, xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape))
+        db = store_gradient(db_out, xp.sum(dout_mat, axis=(0, 2)))
+        dW = store_gradient(dW_out, xp.reshape(xp.sum(dout_mat @ xp.matrix_transpose(col), axis=0), W.shape))
         if not need_input_grad:
             return None, dW, db
         dcol = xp.matrix_transpose(xp.reshape(W, (filter_num, -1))) @ dout_mat
         return col2im_nchw(dcol, x_shape, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp), dW, db
     dout_mat = xp.reshape(xp.permute_dims(dout, (1, 0, 2, 3)), (filter_num, n * out_h * out_w))
-    db = _store(db_out, xp.sum(dout_mat, axis=1))
-    dW = _store(dW_out, xp.reshape(dout_mat @ xp.matrix_transpose(col), W.shape))
+    db = store_gradient(db_out, xp.sum(dout_mat, axis=1))
+    dW = store_gradient(dW_out, xp.reshape(dout_mat @ xp.matrix_transpose(col), W.shape))
     if not need_input_grad:
         return None, dW, db
     height, width = x_shape[2], x_shape[3]
@@ -134,8 +134,8 @@ def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
 def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: bool,
                     dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
     """``dout (N, out) -> (dx (N, in) or None, dW (in, out), db (out,))``."""
-    dW = _store(dW_out, xp.matrix_transpose(x) @ dout)
-    db = _store(db_out, xp.sum(dout, axis=0))
+    dW = store_gradient(dW_out, xp.matrix_transpose(x) @ dout)
+    db = store_gradient(db_out, xp.sum(dout, axis=0))
     if not need_input_grad:
         return None, dW, db
     return dout @ xp.matrix_transpose(W), dW, db
