@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xpcnn import SimpleConvNet, Trainer, load_dataset  # noqa: E402
 from xpcnn.backend import RandomSource, get_backend  # noqa: E402
-from xpcnn.nets import DeepConvNet  # noqa: E402
-from xpcnn.network import DROPOUT_STREAM, derived_seed  # noqa: E402
-from xpcnn.optim import Adam  # noqa: E402
+from xpcnn.models import DeepConvNet  # noqa: E402
+from xpcnn.nn.network import DROPOUT_STREAM, derived_seed  # noqa: E402
+from xpcnn.nn.optim import Adam  # noqa: E402
 
 
 def deep_xpcnn_run(seed: int, data, epochs: int, batch_size: int, lr: float, label: str) -> list[float]:

@@ -128,7 +128,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
-from xpcnn.optim import AdaGrad  # noqa: E402
+from xpcnn.nn.optim import AdaGrad  # noqa: E402
 
 LR = 0.06
 
@@ -351,8 +351,8 @@ class XpcnnContender(Contender):
         self.backend = get_backend(backend_name or args.backend, reference=args.reference)
         self.note = f"xpcnn on {self.backend} {args.dtype}" + (" (reference path)" if args.reference else "")
         if args.model == "deep":
-            from xpcnn.nets import DeepConvNet
-            from xpcnn.optim import Adam
+            from xpcnn.models import DeepConvNet
+            from xpcnn.nn.optim import Adam
 
             self.net = DeepConvNet(backend=self.backend, dtype=args.dtype, seed=args.seed)
             self.opt = Adam(lr=0.001)
@@ -439,7 +439,7 @@ class TorchContender(Contender):
         sys.path.insert(0, str(ROOT / "scripts"))
         from torch_models import TorchDeepConvNet
         from xpcnn.backend import RandomSource, get_backend
-        from xpcnn.network import DROPOUT_STREAM, derived_seed
+        from xpcnn.nn.network import DROPOUT_STREAM, derived_seed
 
         masks = RandomSource(get_backend("cpu"), derived_seed(args.seed, DROPOUT_STREAM))
         twin = TorchDeepConvNet({k: v.astype(args.dtype) for k, v in host_params.items()}, dropout_ratio=0.5,
@@ -585,7 +585,7 @@ def make_data(args) -> tuple:
 def initial_params(args) -> dict:
     """xpcnn's initial weights (host float64), which every contender starts from."""
     if args.model == "deep":
-        from xpcnn.nets import DeepConvNet
+        from xpcnn.models import DeepConvNet
 
         net = DeepConvNet(backend="cpu", dtype="float64", seed=args.seed)
     else:
@@ -796,8 +796,8 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
 
 def count_step_calls(args, host_params, data) -> int:
     """Array-library calls of one xpcnn training step (after a warm-up step), counted by
-    wrapping the backend's namespace (`xpcnn.counting`); CuPy kernels count their own."""
-    from xpcnn.counting import count_calls, counting_backend
+    wrapping the backend's namespace (`xpcnn.backend.counting`); CuPy kernels count their own."""
+    from xpcnn.backend.counting import count_calls, counting_backend
 
     x, t, _, _ = data
     backend = counting_backend(get_backend(args.backend, reference=args.reference))

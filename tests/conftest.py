@@ -6,10 +6,15 @@ given a strict array raises instead of silently converting it, so any NumPy-only
 the library fails the strict run.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from helpers import FASHION_FILES, make_learnable_set
+from xpcnn import data
 from xpcnn.backend import get_backend
+from xpcnn.data import write_idx
 from xpcnn.errors import BackendUnavailable
 
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
@@ -38,3 +43,28 @@ def gpu_backend():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def fashion_like_dir(tmp_path_factory):
+    """A --data-dir with generated 28x28 IDX files under Fashion-MNIST's file names."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("data")
+    arrays = []
+    for n in (600, 200):
+        x, t = make_learnable_set(rng, n, size=28)
+        arrays += [np.clip(x[:, 0] * 120 + 60, 0, 255).astype(np.uint8), t.astype(np.uint8)]
+    for name, array in zip(FASHION_FILES, arrays):
+        write_idx(root / name, array)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MNIST-named dataset (40 train / 10 test images, 28x28) for CLI runs."""
+    folder = tmp_path_factory.mktemp("cli-data")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        data.write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
+    return folder

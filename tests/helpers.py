@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,47 @@ def tie_free(rng, shape) -> np.ndarray:
     """Float64 values that are all distinct and well separated (for max pooling checks)."""
     values = rng.permutation(int(np.prod(shape))).astype(np.float64)
     return (values / values.size - 0.5).reshape(shape) * 4.0
+
+
+def _find_mnist_dir() -> Path:
+    """The real MNIST test set in the ``shared/`` folder beside the checkout (or above it)."""
+    for parent in Path(__file__).resolve().parents[1:]:
+        candidate = parent / "shared" / "data" / "mnist"
+        if (candidate / "t10k-images-idx3-ubyte.gz").exists():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+MNIST_DIR = _find_mnist_dir()
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def make_learnable_set(rng, n, size=12):
+    """Four classes: a bright 4x4 square in one of the four quadrants, on noise."""
+    t = rng.integers(0, 4, n)
+    x = rng.normal(0.0, 0.3, (n, 1, size, size)).astype(np.float32)
+    half = size // 2
+    for i, label in enumerate(t):
+        r, c = divmod(int(label), 2)
+        top, left = r * half + rng.integers(0, half - 3), c * half + rng.integers(0, half - 3)
+        x[i, 0, top:top + 4, left:left + 4] += 1.0
+    return x, t
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return isolated_env(tmp_path, PYTHONWARNINGS="ignore")
+
+
+def run_cli(argv: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xpcnn.cli", *argv], capture_output=True, text=True,
+                          env=cli_env(tmp_path), cwd=tmp_path, timeout=timeout)
+
+
+def error_line(stderr: str, exit_code: int) -> str:
+    """The one message line: argparse errors (exit 2) may be preceded by its usage lines."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    if exit_code == 2 and lines and lines[0].startswith("usage:"):
+        lines = [line for line in lines if "error:" in line]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    return lines[0]

@@ -1,30 +1,46 @@
-"""xpcnn: the chapter-7 CNN of "Deep Learning from Scratch", written once for NumPy and CuPy.
+"""xpcnn: the CNNs of "Deep Learning from Scratch" (chapters 6-8), written once against the
+array API, trained the same way on NumPy, CuPy or PyTorch.
 
     >>> from xpcnn import SimpleConvNet, AdaGrad
     >>> net = SimpleConvNet(backend="cpu", seed=0)
     >>> grads = net.gradient(x_batch, t_batch)
     >>> AdaGrad(lr=0.06).update(net.params, grads)
+
+The packages, from the bottom up (each imports only from those above it in this list):
+
+    errors, fileio   exception types; atomic file writes
+    backend/         which array library and device; host <-> device; random numbers
+    ops/             the operations: im2col geometry, softmax/loss, the hot-operation table
+    nn/              layers, parameters, optimizers, the network base, batched inference
+    models/          SimpleConvNet, DeepConvNet, MultiLayerNetExtend and their registry
+    data/            IDX files, datasets, image files
+    training/        Trainer, History, checkpoints
+    app/             the command line, predict, report, plots
 """
 
-from .backend import Backend, get_backend
-from .errors import (
-    BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError,
-    ImageFileError, ShapeError, TrainingError, XpcnnError,
-)
-from .functional import col2im, conv_output_size, cross_entropy_error, im2col, softmax
-from .layers import Affine, BatchNormalization, Convolution, Dropout, Pooling, ReLU, Sigmoid, SoftmaxWithLoss
-from .data import DatasetSpec, load_dataset, load_idx_pair, load_mnist, load_split, read_idx, write_idx
-from .models import SimpleConvNet
-from .nets import DeepConvNet, MultiLayerNetExtend
-from .optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
-from .train import History, Trainer, TrainingInterrupted
-from .checkpoint import load_checkpoint, save_checkpoint
-from .images import load_images
+import sys as _sys
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .app import report
+from .backend import Backend, get_backend
+from .data import DatasetSpec, load_dataset, load_idx_pair, load_images, load_mnist, load_split, read_idx, write_idx
+from .errors import (
+    BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError, ImageFileError,
+    ShapeError, TrainingError, XpcnnError,
+)
+from .models import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
+from .nn import SGD, AdaGrad, Adam, Affine, BatchNormalization, Convolution, Dropout, Momentum, Pooling, ReLU, Sigmoid
+from .nn import SoftmaxWithLoss, make_optimizer
+from .ops import col2im, conv_output_size, cross_entropy_error, im2col, softmax
+from .training import History, Trainer, TrainingInterrupted, checkpoint, load_checkpoint, save_checkpoint
+
+# The module names of xpcnn 0.1's flat layout that its README shows, kept importable:
+# ``import xpcnn.checkpoint``, ``from xpcnn.report import write_report``.
+_sys.modules[__name__ + ".checkpoint"] = checkpoint
+_sys.modules[__name__ + ".report"] = report
 
 __all__ = [
-    "Backend", "get_backend",
+    "__version__", "Backend", "get_backend",
     "XpcnnError", "BackendUnavailable", "BackendMismatch", "ShapeError", "DTypeError", "ConfigError",
     "DatasetError", "CheckpointError", "TrainingError", "ImageFileError", "load_images",
     "im2col", "col2im", "conv_output_size", "softmax", "cross_entropy_error",

@@ -59,3 +59,9 @@ def atomic_write(path: "str | os.PathLike[str]") -> Iterator[BinaryIO]:
             os.unlink(tmp_path)
         raise
     fsync_directory(path.parent)
+
+
+def atomic_write_text(path: "str | os.PathLike[str]", text: str) -> None:
+    """Replace `path` with `text` (UTF-8), atomically (see `atomic_write`)."""
+    with atomic_write(path) as fh:
+        fh.write(text.encode("utf-8"))

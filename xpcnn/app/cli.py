@@ -30,14 +30,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import json
+
 import numpy as np
 
-from . import __version__
-from .recipes import DEFAULT_EPOCHS, MODEL_CLASSES, RUN_KEYS, check_options, model_of_class, run_defaults
-from .errors import (
+from .._version import __version__
+from ..backend import FLOAT_DTYPES, get_backend, out_of_memory_as_error
+from ..data import class_names, get_spec, load_dataset, load_split
+from ..data.images import FIT_CHOICES, INVERT_CHOICES
+from ..errors import (
     BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DeviceMemoryError, DTypeError,
     ImageFileError, OutputError, ShapeError, TrainingError, XpcnnError,
 )
+from ..models import MODELS, build_network, model_entry, model_of_class, run_defaults
+from ..models.multi_layer_net_extend import ACTIVATIONS
+from ..models.registry import RUN_KEYS, check_options
+from ..nn import OPTIMIZERS
+from ..training import (
+    Trainer, TrainingInterrupted, build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint,
+)
+from ..training.trainer import ON_NAN_CHOICES
+from .plots import plot_accuracy, plot_filters, plot_loss
+from .predict import FileFailure, classify_files, input_size
+from .report import evaluate_report, write_report
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
 EXIT_MEMORY = 8
@@ -51,10 +66,6 @@ _EXIT_CODES = [  # most specific first
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
     (ImageFileError, EXIT_INPUT_FILE),
 ]
-
-# The settings that define a run (kept by a checkpoint, fixed on --resume): each model's
-# book recipe (xpcnn/recipes.py) unless given. The seed's recipe is --model simple's.
-RUN_DEFAULTS = run_defaults("simple")
 
 
 def _int_at_least(low: int):
@@ -105,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a model with its book recipe as defaults: simple (SimpleConvNet: AdaGrad lr 0.06, "
                                        "10 epochs), deep (DeepConvNet: Adam lr 0.001, dropout 0.5, He init, 20 epochs), "
                                        "mlp (MultiLayerNetExtend: 4x100 ReLU, He init, SGD lr 0.01, 20 epochs); batch 100.")
-    train.add_argument("--model", choices=sorted(MODEL_CLASSES), default=None,
+    train.add_argument("--model", choices=sorted(MODELS), default=None,
                        help="simple (default), deep or mlp; on --resume, the checkpoint's")
     _add_backend_args(train)
     _add_data_args(train, dataset_default=None)
     train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10, deep/mlp 20; on --resume, the checkpoint's)")
-    # default=None: the seed's values apply (RUN_DEFAULTS), or the checkpoint's on --resume.
+    # default=None: the model's recipe applies (xpcnn/models/registry.py), or the checkpoint's on --resume.
     train.add_argument("--batch-size", type=_int_at_least(1), default=None, help="images per step (default 100)")
-    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default=None, help="default adagrad (deep: adam, mlp: sgd)")
+    train.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default adagrad (deep: adam, mlp: sgd)")
     train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.06; deep 0.001, mlp 0.01)")
     train.add_argument("--weight-init-std", type=_init_std, default=None,
                        help="simple: a number (default 0.01); mlp: he/relu (default), xavier/sigmoid or a number")
@@ -120,14 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=_non_negative_float, default=None, help="mlp: L2 weight decay lambda (default 0)")
     train.add_argument("--batchnorm", action="store_true", default=None, help="mlp: batch normalization after each hidden Affine")
     train.add_argument("--hidden-sizes", type=_int_at_least(1), nargs="+", default=None, help="mlp: hidden layer sizes (default 100 100 100 100)")
-    train.add_argument("--activation", choices=["relu", "sigmoid"], default=None, help="mlp: activation (default relu)")
-    train.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
+    train.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None, help="mlp: activation (default relu)")
+    train.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None, help="default float32")
     train.add_argument("--seed", type=_int_at_least(0), default=None, help="seed for the initial weights and the shuffling (default 0)")
     train.add_argument("--train-size", type=_int_at_least(1), default=None, help="use only the first N training images")
     train.add_argument("--test-size", type=_int_at_least(1), default=None, help="use only the first N test images")
     train.add_argument("--eval-batch-size", type=_int_at_least(1), default=500, help="images per batch when scoring (default 500)")
     train.add_argument("--log-every", type=_int_at_least(1), default=50, help="steps between loss reads from the device (default 50)")
-    train.add_argument("--on-nan", choices=["stop", "skip"], default="stop", help="a NaN/inf loss stops training (default) or skips that step")
+    train.add_argument("--on-nan", choices=list(ON_NAN_CHOICES), default="stop", help="a NaN/inf loss stops training (default) or skips that step")
     train.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
     train.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint.npz")
     train.add_argument("--no-plots", action="store_true", help="do not draw loss.png, accuracy.png, filters.png")
@@ -152,10 +163,10 @@ def _add_predict_parser(sub: Any) -> None:
     predict.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
     predict.add_argument("files", nargs="+", metavar="FILE", help="picture, .npy or IDX files")
     _add_backend_args(predict)
-    predict.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+    predict.add_argument("--invert", choices=list(INVERT_CHOICES), default="auto",
                          help="make pictures light-on-dark like the datasets: auto (default) inverts a picture whose "
                               "border is light; arrays are inverted only with yes")
-    predict.add_argument("--fit", choices=["auto", "fill", "digit", "whole"], default="auto",
+    predict.add_argument("--fit", choices=["auto", *FIT_CHOICES], default="auto",
                          help="how pictures are framed: fill (trim, longest side to the full size: Fashion-MNIST's "
                               "recipe), digit (trim, 20x20 box centred by mass: MNIST's), whole (keep margins); "
                               "auto (default): the checkpoint's dataset's")
@@ -193,8 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_predict(args)
         return run_evaluate(args)
     except XpcnnError as exc:
-        from .train import TrainingInterrupted
-
         if isinstance(exc, TrainingInterrupted):
             print(f"xpcnn: {exc}", file=sys.stderr)
             if getattr(exc, "checkpoint_path", None):
@@ -222,8 +231,6 @@ def _prepare_out_dir(path: str, option: str = "--out") -> Path:
 
 
 def _load_split_pair(args: argparse.Namespace, dataset: str, dtype: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    from .data import load_dataset
-
     return load_dataset(dataset, normalize=True, flatten=False, data_dir=args.data_dir, download=args.download, dtype=dtype)
 
 
@@ -264,11 +271,6 @@ def _save_history_on_failure(trainer: Any, out: Path) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .backend import get_backend
-    from .checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
-    from .recipes import build_network
-    from .train import Trainer
-
     out = _prepare_out_dir(args.out)
     backend = get_backend(args.backend, device=args.device, reference=args.reference)      # fail fast, before loading data
     checkpoint = load_checkpoint(args.resume) if args.resume else None
@@ -283,12 +285,12 @@ def run_train(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         network = build_from_checkpoint(checkpoint, backend)
         optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
-        epochs = args.epochs or int(checkpoint.extra.get("epochs", DEFAULT_EPOCHS[run["model"]]))
+        epochs = args.epochs or int(checkpoint.extra.get("epochs", model_entry(run["model"]).epochs))
         initial_w1 = checkpoint.extra.get("W1_initial")
     else:
         network = build_network(run, tuple(x_train.shape[1:]), 10, backend)
         optimizer = run["optimizer"]
-        epochs = args.epochs or DEFAULT_EPOCHS[run["model"]]
+        epochs = args.epochs or model_entry(run["model"]).epochs
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
@@ -313,8 +315,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise
     history.save(out)
     if not args.no_plots:
-        from .plots import plot_accuracy, plot_filters, plot_loss
-
         plot_loss(history.step_loss, out / "loss.png", steps_per_epoch=trainer.steps_per_epoch)
         plot_accuracy(history.epoch, history.train_acc, history.test_acc, out / "accuracy.png")
         has_filters = initial_w1 is not None and np.ndim(initial_w1) == 4    # a first convolution
@@ -327,10 +327,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .backend import get_backend, is_out_of_memory, out_of_memory_message
-    from .checkpoint import build_from_checkpoint, load_checkpoint
-    from .data import load_split
-
     backend = get_backend(args.backend, device=args.device, reference=args.reference)
     report_dir = _prepare_out_dir(args.report, "--report") if args.report else None     # fail fast
     checkpoint = load_checkpoint(args.checkpoint)
@@ -346,13 +342,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
                               f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()
-    try:
+    with out_of_memory_as_error(backend, lambda: (f"scoring a batch of {args.batch_size} images", "lower --batch-size")):
         accuracy = network.accuracy(x, t, batch_size=args.batch_size)
-    except Exception as exc:
-        if not is_out_of_memory(exc) or isinstance(exc, XpcnnError):
-            raise
-        raise DeviceMemoryError(f"out of memory on {backend} while scoring a batch of {args.batch_size} images "
-                                f"({out_of_memory_message(exc)}); lower --batch-size") from exc
     seconds = time.perf_counter() - started
     print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
           f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")
@@ -363,9 +354,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: Any, dataset: str, epoch: int,
                              out: Path) -> None:
-    from .data import class_names
-    from .report import evaluate_report, write_report
-
     info = {"dataset": dataset, "split": args.split, "checkpoint": str(args.checkpoint), "checkpoint_epoch": epoch,
             "backend": str(network.backend)}
     report = evaluate_report(network, x, t, class_names=class_names(dataset, network.config["output_size"]),
@@ -376,13 +364,6 @@ def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: 
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from .backend import get_backend
-    from .checkpoint import build_from_checkpoint, load_checkpoint
-    from .data import class_names, get_spec
-    from .predict import FileFailure, classify_files, input_size
-
     backend = get_backend(args.backend, device=args.device, reference=args.reference)
     if args.dataset:
         get_spec(args.dataset)                           # an unknown name is refused, not ignored
@@ -425,8 +406,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _picture_fit(dataset: Any) -> str:
-    from .data import get_spec
-
     try:
         return get_spec(dataset).picture_fit if dataset else "fill"
     except DatasetError:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 
 def _pyplot():

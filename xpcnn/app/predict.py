@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .backend import dtype_name
-from .errors import CheckpointError, ImageFileError
-from .images import InputFile, read_input_file
-from .inference import predict_proba, top_k
+from ..backend import dtype_name
+from ..data.images import InputFile, read_input_file
+from ..errors import CheckpointError, ImageFileError
+from ..nn import predict_proba, top_k
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, OutputError, ShapeError
-from .fileio import atomic_write
-from .functional import softmax
-from .inference import device_batches
+from ..backend import values_are_free_to_read
+from ..errors import ConfigError, OutputError
+from ..fileio import atomic_write_text
+from ..nn import device_batches
+from ..ops import host_class_labels, softmax
+from .plots import plot_activations, plot_confusion, plot_image_grid
 
 #: How many of the most confidently wrong images `write_report` shows by default.
 DEFAULT_MISTAKES = 24
@@ -127,18 +129,6 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _host_labels(network: Any, t: Any, n: int, num_classes: int) -> np.ndarray:
-    labels = network.backend.to_numpy(t) if not isinstance(t, np.ndarray) else t
-    if labels.ndim == 2:                      # one-hot rows
-        labels = labels.argmax(axis=1)
-    if labels.shape != (n,) or labels.dtype.kind not in "iu":
-        raise ShapeError(f"report: expected {n} integer labels (N,) or one-hot rows (N, {num_classes}), "
-                         f"got {labels.dtype} {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ShapeError(f"report: labels must lie in 0..{num_classes - 1}, got values from {labels.min()} to {labels.max()}")
-    return labels.astype(np.int64)
-
-
 def evaluate_report(network: Any, x: Any, t: Any, *, class_names: Sequence[str] | None = None,
                     batch_size: int = 500, info: dict[str, Any] | None = None) -> EvaluationReport:
     """Predict every image of ``x (N, C, H, W)`` (host or backend array) against labels ``t``
@@ -151,7 +141,7 @@ def evaluate_report(network: Any, x: Any, t: Any, *, class_names: Sequence[str] 
     names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
     if len(names) != num_classes:
         raise ConfigError(f"report: {len(names)} class names given for a network of {num_classes} classes")
-    labels = _host_labels(network, t, x.shape[0], num_classes)
+    labels = host_class_labels(t if values_are_free_to_read(t) else network.backend.to_numpy(t), num_classes, "report", x.shape[0])
     xp = network.backend.xp
     predicted, confidence = [], []
     for _, batch in device_batches(network, x, batch_size):
@@ -209,11 +199,6 @@ def first_layer_maps(network: Any, image: Any) -> tuple[str, np.ndarray] | None:
 # ---------------------------------------------------------------------------- writing
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    with atomic_write(path) as fh:
-        fh.write(text.encode("utf-8"))
-
-
 def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
@@ -225,7 +210,7 @@ def _host_images(network: Any, x: Any, indices: Sequence[int]) -> np.ndarray:
     images = []
     for i in indices:
         row = x[int(i), ...]
-        row = row if isinstance(row, np.ndarray) else network.backend.to_numpy(row)
+        row = row if values_are_free_to_read(row) else network.backend.to_numpy(row)
         images.append(row[0] if row.ndim == 3 else row)
     return np.stack(images) if images else np.zeros((0, 1, 1), dtype=np.float32)
 
@@ -240,8 +225,6 @@ def write_report(report: EvaluationReport, out_dir: "str | os.PathLike[str]", ne
     Raises:
         OutputError: the folder or a file cannot be written.
     """
-    from .plots import plot_confusion, plot_image_grid
-
     out = Path(out_dir)
     names = report.class_names
     data = report.to_dict(mistakes)
@@ -251,11 +234,11 @@ def write_report(report: EvaluationReport, out_dir: "str | os.PathLike[str]", ne
     try:
         out.mkdir(parents=True, exist_ok=True)
         confusion = report.confusion
-        _atomic_text(out / "confusion.csv", _csv_text(
+        atomic_write_text(out / "confusion.csv", _csv_text(
             [["true \\ predicted", *names], *([names[k], *row] for k, row in enumerate(confusion.tolist()))]))
         plot_confusion(confusion, names, out / "confusion.png",
                        title=f"{where} confusion matrix: accuracy {report.accuracy:.4f} on {report.images} images".strip())
-        _atomic_text(out / "per_class.csv", _csv_text(
+        atomic_write_text(out / "per_class.csv", _csv_text(
             [["class", "label", "precision", "recall", "support"],
              *([k, name, _csv_float(stats["precision"][k]), _csv_float(stats["recall"][k]), int(stats["support"][k])]
                for k, name in enumerate(names)),
@@ -274,7 +257,7 @@ def write_report(report: EvaluationReport, out_dir: "str | os.PathLike[str]", ne
         if "skipped" not in data["activations"]:
             written.append("activations.png")
         data["files"] = [*written, "report.json"]
-        _atomic_text(out / "report.json", _json_text(data))
+        atomic_write_text(out / "report.json", _json_text(data))
     except OSError as exc:
         raise OutputError(f"cannot write the report into {out}: {exc.strerror or exc}"
                           f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}") from exc
@@ -292,8 +275,6 @@ def _csv_float(value: float) -> str:
 
 
 def _write_activations(report: EvaluationReport, out: Path, network: Any, x: Any, index: int, where: str) -> dict[str, Any]:
-    from .plots import plot_activations
-
     if not 0 <= index < report.images:
         raise ConfigError(f"report: activation_index must lie in 0..{report.images - 1}, got {index}")
     found = first_layer_maps(network, x[index, ...])

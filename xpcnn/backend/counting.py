@@ -23,6 +23,8 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any, Iterator
 
+import numpy as np
+
 _STATE = {"active": 0, "calls": 0}
 
 
@@ -160,8 +162,6 @@ class CountedArray:
         self._array[unwrap(key)] = unwrap(value)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
-        import numpy as np
-
         return np.asarray(self._array, dtype=dtype)
 
     def __float__(self) -> float:

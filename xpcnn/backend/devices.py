@@ -1,9 +1,10 @@
-"""Array backends: the one place that knows NumPy, CuPy, PyTorch and array_api_strict apart.
+"""Devices: the one module that knows NumPy, CuPy, PyTorch and array_api_strict apart.
 
-Everything above this module receives an array namespace `xp` (from
-`array_api_compat`) and writes standard array-API code against it. This module
-picks the namespace and device, moves data between the host and that device, and
-holds the only library-specific code (the guarded CuPy and PyTorch imports).
+Everything above the backend package receives an array namespace `xp` (from
+`array_api_compat`) and writes standard array-API code against it. This module picks the
+namespace and device, moves data between the host and that device, turns an allocation
+failure of any library into one `DeviceMemoryError`, and holds the guarded CuPy and PyTorch
+imports (`random.py` beside it draws on their generators).
 
     >>> be = get_backend("cpu")
     >>> x = be.asarray(numpy_images, dtype="float32")   # host -> backend, once
@@ -12,15 +13,16 @@ holds the only library-specific code (the guarded CuPy and PyTorch imports).
 
 from __future__ import annotations
 
-import re
+import contextlib
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import array_api_compat
+import numpy as np
 
-from .errors import BackendMismatch, BackendUnavailable, ConfigError, DTypeError
+from ..errors import BackendUnavailable, ConfigError, DeviceMemoryError, DTypeError, XpcnnError
+from .arrays import FLOAT_DTYPES, _same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
 
 #: Names accepted by `get_backend`, mapped to the canonical backend name.
 BACKEND_ALIASES = {
@@ -37,9 +39,6 @@ BACKEND_ALIASES = {
 
 #: Devices a ``torch:DEVICE`` backend may name (``cuda`` may carry an index: ``cuda:1``).
 TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-#: Floating dtypes a model may compute in.
-FLOAT_DTYPES = ("float32", "float64")
 
 GPU_INSTALL_HINT = (
     "install the GPU extra with `pip install 'xpcnn[gpu]'` (CUDA 12) or "
@@ -74,13 +73,6 @@ class Backend:
     reference: bool = False
     float_dtypes: tuple[str, ...] = FLOAT_DTYPES
 
-    @property
-    def ops(self) -> Any:
-        """The table of hot operations (`xpcnn.ops.Ops`): fast where this library has them."""
-        from .ops import ops_for   # ops sits above this module (it imports functional)
-
-        return ops_for(self.xp, self.reference)
-
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
         resolved = resolve_dtype(self.xp, dtype)
@@ -94,7 +86,7 @@ class Backend:
     def asarray(self, host_array: Any, dtype: Any = None) -> Any:
         """Copy a host (NumPy) array, or anything array-like, onto this backend's device."""
         dtype = None if dtype is None else self.dtype(dtype)
-        if self.name == "torch" and isinstance(host_array, np.ndarray):
+        if self.name == "torch" and values_are_free_to_read(host_array):
             # Cast on the host (MPS cannot even hold the float64 source of a float32 copy),
             # and copy a read-only array (e.g. read from a file) rather than share memory
             # that torch would treat as writable.
@@ -104,10 +96,18 @@ class Backend:
                                    copy=None if host_array.flags.writeable else True)
         return self.xp.asarray(host_array, dtype=dtype, device=self.device)
 
+    def adopt(self, array: Any) -> Any:
+        """A host NumPy array copied onto this backend keeping its float dtype (so a float64
+        batch into a float32 network is the layers' `DTypeError` on every backend, never a
+        silent cast); any other array as given."""
+        if values_are_free_to_read(array) and self.name != "numpy":
+            return self.asarray(array, dtype=array.dtype.name if array.dtype.name in FLOAT_DTYPES else None)
+        return array
+
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
         array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
-        if isinstance(array, np.ndarray):
+        if values_are_free_to_read(array):
             return array
         if self.name == "cupy":
             import cupy
@@ -153,12 +153,6 @@ class Backend:
     def __str__(self) -> str:
         return f"{self.name} ({self.device})"
 
-
-def _same_device(a: Any, b: Any) -> bool:
-    if a == b:
-        return True
-    # CuPy devices compare by id; NumPy reports "cpu".
-    return getattr(a, "id", a) == getattr(b, "id", b)
 
 
 def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
@@ -298,54 +292,6 @@ def _torch_backend(device_part: str, device: Any, reference: bool = False) -> Ba
     return Backend("torch", xp_torch, torch_device, reference, float_dtypes)
 
 
-def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
-    """Map ``"float32"``/``"float64"`` (or a dtype object of `xp`) to `xp`'s dtype object."""
-    if isinstance(dtype, str):
-        if dtype not in FLOAT_DTYPES:
-            raise DTypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-        return getattr(xp, dtype)
-    for name in FLOAT_DTYPES:
-        if dtype == getattr(xp, name):
-            return dtype
-    raise DTypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
-
-
-def dtype_name(dtype: Any) -> str:
-    """``"float32"`` for any namespace's float32 dtype object (and so on)."""
-    text = str(dtype)
-    found = re.search(r"(u?int\d+|float\d+|complex\d+|bool)", text)
-    return found.group(1) if found else text
-
-
-def namespace_of(*arrays: Any) -> ModuleType:
-    """The common array namespace of `arrays`; `BackendMismatch` if they come from different ones."""
-    try:
-        return array_api_compat.array_namespace(*arrays)
-    except TypeError as exc:
-        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
-        raise BackendMismatch(
-            f"arrays from different backends were mixed in one call ({', '.join(kinds)}); "
-            f"move them to one backend first, e.g. with get_backend(...).asarray(x)"
-        ) from exc
-
-
-def values_are_free_to_read(array: Any) -> bool:
-    """Whether reading `array`'s values costs nothing extra: it is a NumPy array in host memory.
-
-    Validation that must look at values (label ranges, NaN checks) runs only where this is
-    true; on a device it would force a host synchronisation every step, so there the Trainer
-    checks the data once, on the host, before moving it.
-    """
-    return isinstance(array, np.ndarray)
-
-
-def check_same_device(x: Any, reference: Any, what: str = "input") -> None:
-    """Raise `BackendMismatch` if `x` is not on the device of `reference` (e.g. a weight)."""
-    dx, dr = array_api_compat.device(x), array_api_compat.device(reference)
-    if not _same_device(dx, dr):
-        raise BackendMismatch(f"{what} is on device {dx}, but the layer's weights are on {dr}")
-
-
 def backend_of(array: Any) -> Backend:
     """The `Backend` an array lives on (namespace and device)."""
     xp = namespace_of(array)
@@ -378,89 +324,18 @@ def out_of_memory_message(exc: BaseException) -> str:
     return f"{type(exc).__module__.split('.')[0]}: {text[0] if text else type(exc).__name__}"
 
 
-class RandomSource:
-    """Seeded uniform random numbers made on a backend's device (the array API has none).
-
-    The host backends draw from a ``numpy.random.Generator`` (PCG64): for NumPy the result is
-    already the array; for array_api_strict it is moved to the strict device. CuPy draws
-    with its own generator on the GPU, and PyTorch with a ``torch.Generator`` on the
-    tensors' device, so a Dropout mask never crosses from host to device.
-
-    `state()` / `set_state()` give a JSON-able snapshot. On the host backends it is the
-    PCG64 state itself (on PyTorch the generator's state bytes), so a resumed run draws
-    exactly the numbers the uninterrupted run would have. CuPy's generator state cannot be
-    read back: there the snapshot holds the seed and the number of draws, and a restore
-    re-seeds from both (a new, still reproducible, stream: a GPU resume is not bit-exact, a
-    CPU resume is).
-    """
-
-    def __init__(self, backend: Backend, seed: int | None = None):
-        self.backend = backend
-        self.seed = seed
-        self.draws = 0
-        self._make(seed)
-
-    def _make(self, seed: Any) -> None:
-        if self.backend.name == "torch":
-            import torch
-
-            self._generator = torch.Generator(device=self.backend.device)
-            if seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(seed))
-        elif self.backend.name == "cupy":
-            import cupy
-
-            with self.backend.device:
-                self._generator = cupy.random.default_rng(seed)
-        else:
-            self._generator = np.random.default_rng(seed)
-
-    def uniform(self, shape: tuple, dtype: Any) -> Any:
-        """Uniform numbers in [0, 1) of `shape` and float `dtype`, on the backend's device."""
-        self.draws += 1
-        name = dtype_name(dtype)
-        if self.backend.name == "torch":
-            import torch
-
-            return torch.rand(shape, generator=self._generator, dtype=getattr(torch, name), device=self.backend.device)
-        if self.backend.name == "cupy":
-            with self.backend.device:
-                return self._generator.random(shape, dtype=name)
-        host = self._generator.random(shape, dtype=name)
-        return host if self.backend.name == "numpy" else self.backend.asarray(host)
-
-    def state(self) -> dict[str, Any]:
-        """A JSON-able snapshot (see the class docstring)."""
-        snapshot: dict[str, Any] = {"seed": self.seed, "draws": self.draws}
-        if self.backend.name == "torch":
-            snapshot["torch_state"] = self._generator.get_state().tolist()
-        elif self.backend.name != "cupy":
-            snapshot["bit_generator"] = self._generator.bit_generator.state
-        return snapshot
-
-    def set_state(self, snapshot: dict[str, Any]) -> None:
-        """Continue from a `state()` snapshot (taken on any backend)."""
-        if not isinstance(snapshot, dict) or "draws" not in snapshot:
-            raise ConfigError(f"RandomSource.set_state: expected a snapshot from state(), got {snapshot!r:.80}")
-        self.seed, self.draws = snapshot.get("seed"), int(snapshot["draws"])
-        host_state = snapshot.get("bit_generator")
-        if self.backend.name == "torch" and snapshot.get("torch_state") is not None:
-            import torch
-
-            self._make(None)
-            try:
-                self._generator.set_state(torch.tensor(snapshot["torch_state"], dtype=torch.uint8))
-            except (RuntimeError, TypeError, ValueError) as exc:
-                raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
-        elif self.backend.name not in ("cupy", "torch") and host_state is not None:
-            bit_generator = np.random.PCG64()
-            try:
-                bit_generator.state = host_state
-            except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
-            self._generator = np.random.Generator(bit_generator)
-        else:
-            # No readable state (CuPy): a stream keyed by the seed and the draws so far.
-            self._make(None if self.seed is None else (int(self.seed) % 2**32) * 2**31 + self.draws % 2**31)
+@contextlib.contextmanager
+def out_of_memory_as_error(backend: Any, describe: Callable[[], tuple[str, str]]) -> Iterator[None]:
+    """Inside the block, an allocation failure of any library becomes one `DeviceMemoryError`:
+    ``out of memory on BACKEND while DOING (the library's words); ADVICE``, where
+    ``describe()`` gives ``(DOING, ADVICE)`` at the moment of the failure. Errors of xpcnn's
+    own pass unchanged."""
+    try:
+        yield
+    except XpcnnError:
+        raise
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        doing, advice = describe()
+        raise DeviceMemoryError(f"out of memory on {backend} while {doing} ({out_of_memory_message(exc)}); {advice}") from exc

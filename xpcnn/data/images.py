@@ -32,14 +32,14 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import DatasetError, ImageFileError
+from ..errors import DatasetError, ImageFileError
+from .idx import GZIP_MAGIC, gunzip, parse_idx
 
 INVERT_CHOICES = ("auto", "yes", "no")
 FIT_CHOICES = ("fill", "digit", "whole")
@@ -52,7 +52,6 @@ MAX_IMAGE_PIXELS = 50_000_000
 MAX_ARRAY_BYTES = 512 * 2 ** 20
 
 _NPY_MAGIC = b"\x93NUMPY"
-_GZIP_MAGIC = b"\x1f\x8b"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -349,24 +348,10 @@ def _read_npy(path: str, size: tuple[int, int], invert: str) -> InputFile:
 
 
 def _read_idx(path: str, raw: bytes, size: tuple[int, int], invert: str) -> InputFile:
-    from .data import parse_idx
-
-    if raw[:2] == _GZIP_MAGIC:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(raw, MAX_ARRAY_BYTES + 1)
-        except zlib.error as exc:
-            raise ImageFileError(f"{path}: corrupted gzip data: {exc}") from exc
-        if len(data) > MAX_ARRAY_BYTES:
-            raise ImageFileError(f"{path}: unpacks to more than {MAX_ARRAY_BYTES / 2 ** 20:.0f} MiB; refusing it "
-                                 f"(a decompression-bomb guard)")
-        if not inflater.eof:
-            raise ImageFileError(f"{path}: truncated gzip data")
+    try:
+        data = gunzip(raw, path, MAX_ARRAY_BYTES) if raw[:2] == GZIP_MAGIC else raw
         if data[:2] != b"\x00\x00":
             raise ImageFileError(f"{path}: a gzip file that does not hold an IDX array")
-    else:
-        data = raw
-    try:
         array = parse_idx(data, path)
     except DatasetError as exc:
         raise ImageFileError(str(exc)) from exc
@@ -396,11 +381,11 @@ def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28,
         with open(file, "rb") as fh:
             head = fh.read(64)
             file_size = os.fstat(fh.fileno()).st_size
-            is_array = head.startswith(_NPY_MAGIC) or head[:2] in (_GZIP_MAGIC, b"\x00\x00")
+            is_array = head.startswith(_NPY_MAGIC) or head[:2] in (GZIP_MAGIC, b"\x00\x00")
             if is_array and file_size > MAX_ARRAY_BYTES:
                 raise ImageFileError(f"{name}: {file_size / 2 ** 20:.0f} MiB, over the limit of "
                                      f"{MAX_ARRAY_BYTES / 2 ** 20:.0f} MiB for array files")
-            raw = head + fh.read() if head[:2] in (_GZIP_MAGIC, b"\x00\x00") else b""
+            raw = head + fh.read() if head[:2] in (GZIP_MAGIC, b"\x00\x00") else b""
     except FileNotFoundError:
         raise ImageFileError(f"{name}: no such file") from None
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""Networks built from the layers. `SimpleConvNet` is the book's chapter-7 network:
+"""The book's `SimpleConvNet` (chapter 7), on any backend:
 
     conv - relu - pool(2x2, stride 2) - affine - relu - affine - softmax
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
-from .errors import ShapeError
-from .functional import conv_output_size, positive_int
-from .layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
-from .network import Network, merge_conv_param
+from ..backend import Backend
+from ..errors import ShapeError
+from ..nn import Affine, Convolution, Network, Pooling, ReLU, SoftmaxWithLoss
+from ..nn.network import merge_conv_param
+from ..ops import conv_output_size, positive_int
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 
@@ -81,7 +81,7 @@ class SimpleConvNet(Network):
         self._build_layers(conv)
 
     def _build_layers(self, conv: dict) -> None:
-        p, ops = self.params, self.backend.ops
+        p, ops = self.params, self.ops
         # The book applies ReLU before the pooling. Max pooling and ReLU commute (max is
         # monotonic: relu(max(w)) == max(relu(w)), and both send a window's gradient to its
         # first maximum, or nowhere when it is <= 0), so pooling first gives identical outputs

@@ -13,18 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ShapeError
-from .functional import positive_int, softmax
-
-
-def _on_backend(network: Any, batch: Any) -> Any:
-    """A host NumPy batch moved to the network's backend, keeping its dtype (a float64 batch
-    into a float32 network is then the layers' DTypeError, as everywhere); others as given."""
-    backend = network.backend
-    if isinstance(batch, np.ndarray) and backend.name != "numpy":
-        keep = batch.dtype.name if batch.dtype.name in ("float32", "float64") else None
-        return backend.asarray(batch, dtype=keep)
-    return batch
+from ..errors import ShapeError
+from ..ops import positive_int, softmax
 
 
 def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
@@ -36,7 +26,7 @@ def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int,
     if n == 0:
         raise ShapeError("predict: no images given (N = 0)")
     for start in range(0, n, batch_size):
-        yield start, _on_backend(network, x[start:min(start + batch_size, n), ...])   # the standard has no out-of-range stops
+        yield start, network.backend.adopt(x[start:min(start + batch_size, n), ...])   # the standard has no out-of-range stops
 
 
 def predict_proba(network: Any, x: Any, batch_size: int = 100) -> Any:

@@ -19,10 +19,9 @@ from typing import Any
 
 import array_api_compat
 
-from .backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
-from .errors import ConfigError, DTypeError, ShapeError
-from .functional import check_labels, check_rank, check_stride_pad, conv_output_size, positive_int
-from .ops import Ops, ops_for
+from ..backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
+from ..errors import ConfigError, DTypeError, ShapeError
+from ..ops import Ops, check_labels, check_rank, check_stride_pad, conv_output_size, ops_for, positive_int
 
 
 def _check_input(x: Any, weight: Any, what: str) -> None:

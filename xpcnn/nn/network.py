@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, RandomSource, get_backend, namespace_of
-from .errors import ConfigError, ShapeError
-from .functional import positive_int
+from ..backend import Backend, RandomSource, get_backend, namespace_of, values_are_free_to_read
+from ..errors import ConfigError, ShapeError
+from ..ops import Ops, host_class_labels, ops_of, positive_int
+from .inference import predict_proba
 from .layers import BatchNormalization, Dropout, check_train_flg
 from .params import make_params
 
@@ -105,6 +106,11 @@ class Network:
     def xp(self):
         return self.backend.xp
 
+    @property
+    def ops(self) -> Ops:
+        """The backend's table of hot operations (its reference table with ``reference=True``)."""
+        return ops_of(self.backend)
+
     # ------------------------------------------------------------ the book's protocol
 
     def predict(self, x: Any, train_flg: bool = False) -> Any:
@@ -146,9 +152,7 @@ class Network:
 
     def predict_proba(self, x: Any, batch_size: int = 100) -> Any:
         """Class probabilities ``(N, output_size)`` (softmax of `predict`, inference mode),
-        `batch_size` images at a time; `x` may be on the host. See `xpcnn.inference.predict_proba`."""
-        from .inference import predict_proba
-
+        `batch_size` images at a time; `x` may be on the host. See `xpcnn.nn.inference.predict_proba`."""
         return predict_proba(self, x, batch_size)
 
     def accuracy(self, x: Any, t: Any, batch_size: int = 100) -> float:
@@ -164,7 +168,7 @@ class Network:
             raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")
         if n == 0:
             raise ShapeError("accuracy: no images given (N = 0)")
-        xp, ops = self.xp, self.backend.ops
+        xp, ops = self.xp, self.ops
         num_classes = self.config["output_size"]
         # Per batch only the correct count, summed on the device (fused on CuPy); pixels and
         # labels are checked once for the whole set; one transfer at the end.
@@ -180,31 +184,26 @@ class Network:
         correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
         if non_finite:
             raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
-        if bad_labels:
-            labels = self.backend.to_numpy(t) if not isinstance(t, np.ndarray) else t
-            labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
-            raise ShapeError(f"accuracy: {bad_labels} labels are outside the classes 0..{num_classes - 1} "
-                             f"(got values from {labels.min()} to {labels.max()})")
+        if bad_labels:                    # counted on the device: say which, from the host copy
+            host_class_labels(self.backend.to_numpy(t), num_classes, "accuracy")
         return correct / n
 
     def _bad_input_counts(self, x: Any, t: Any, num_classes: int) -> list[Any]:
         """[non-finite pixels, labels outside 0..K-1] of a whole set, as 0-d arrays on the backend."""
         xp = self.xp
-        if isinstance(x, np.ndarray) and isinstance(t, np.ndarray):      # host data: free to read here
-            labels = t.argmax(axis=1) if t.ndim == 2 else t
-            counts = [np.count_nonzero(~np.isfinite(x)), np.count_nonzero((labels < 0) | (labels >= num_classes))]
-            return [self.backend.asarray(np.asarray(c, dtype=np.int64)) for c in counts]
+        if values_are_free_to_read(x) and values_are_free_to_read(t):    # host data: checked here, once
+            host_class_labels(t, num_classes, "accuracy")
+            return [self.backend.asarray(np.asarray(np.count_nonzero(~np.isfinite(x)), dtype=np.int64)),
+                    self.backend.asarray(np.asarray(0, dtype=np.int64))]
         x, t = self._on_backend(x), self._on_backend(t)
         labels = xp.argmax(t, axis=1) if t.ndim == 2 else t
         return [xp.sum(xp.astype(xp.logical_not(xp.isfinite(x)), xp.int64)),
                 xp.sum(xp.astype(xp.logical_or(labels < 0, labels >= num_classes), xp.int64))]
 
     def _on_backend(self, array: Any) -> Any:
-        if isinstance(array, np.ndarray) and self.backend.name != "numpy":
-            # The array's own dtype travels (no silent cast), so every backend gives the same
-            # verdict: a float64 batch into a float32 network is a DTypeError everywhere.
-            return self.backend.asarray(array, dtype=array.dtype.name if array.dtype.kind == "f" and array.dtype.name in ("float32", "float64") else None)
-        namespace_of(array, self.params["W1"])  # BackendMismatch on a foreign array
+        """A host batch moved to the backend (keeping its dtype); `BackendMismatch` on a foreign array."""
+        array = self.backend.adopt(array)
+        namespace_of(array, self.params["W1"])
         return array
 
     # ------------------------------------------------------------ state

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from .backend import check_same_device, namespace_of
-from .errors import ConfigError
-from .ops import ops_for
+from ..backend import check_same_device, namespace_of
+from ..errors import ConfigError
+from ..ops import ops_for, ops_of
 from .params import ParamDict
 
 
@@ -59,7 +59,7 @@ class Optimizer:
         if isinstance(params, ParamDict):
             flat_grad = params.gather(grads)              # checks every entry before changing any
             self.iterations += 1
-            self._update(params.backend.ops, "", params.flat, flat_grad, lambda name: self._flat_buffer(name, params))
+            self._update(ops_of(params.backend), "", params.flat, flat_grad, lambda name: self._flat_buffer(name, params))
             return
         for key, param in params.items():               # check all before changing any
             namespace_of(param, grads[key])               # BackendMismatch on mixed backends

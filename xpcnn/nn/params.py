@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import array_api_compat
 import numpy as np
 
-from .backend import Backend, check_same_device, dtype_name, namespace_of
-from .errors import DTypeError, ShapeError
+from ..backend import Backend, check_same_device, dtype_name, namespace_of
+from ..errors import DTypeError, ShapeError
 
 
 class ParamDict(dict):

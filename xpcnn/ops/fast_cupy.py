@@ -1,4 +1,4 @@
-"""CuPy fast paths for the hot operations of `xpcnn.ops` (float32 and float64).
+"""CuPy fast paths for the hot operations of `xpcnn.ops.reference` (float32 and float64).
 
 Each function here replaces one reference operation of the table with one or a few kernel
 launches: where the reference code makes several array-library calls (each a kernel launch
@@ -8,7 +8,7 @@ gradient uses atomics. col2im and the pooling backward are gathers (each input p
 windows that contain it, in a fixed order), and pooling backward uses the window index
 stored by its forward pass, so two runs from the same seed give bit-identical weights.
 
-Imported only when CuPy is in use (`xpcnn.ops._fast_table`).
+Imported only when CuPy is in use (`xpcnn.ops.table._fast_table`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Callable
 import cupy
 import numpy as np
 
-from . import counting
-from . import ops as reference
+from ..backend import counting
+from . import reference
+from .functions import one_hot
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
@@ -313,7 +314,7 @@ def softmax_cross_entropy_backward(xp: ModuleType, cache: Any, dout: Any) -> Any
     if len(cache) != 3 or not isinstance(dout, (int, float)):
         probs, labels = cache[0], cache[1]
         if len(cache) == 3:        # integer labels with an array dout: build the reference's form
-            t_hot = (labels[:, None] == cupy.arange(probs.shape[1])).astype(probs.dtype)
+            t_hot = one_hot(labels, probs.shape[1], probs.dtype, xp=xp)
             return reference.softmax_cross_entropy_backward(xp, (probs, t_hot), dout)
         return reference.softmax_cross_entropy_backward(xp, cache, dout)
     probs, labels, _ = cache

@@ -1,6 +1,6 @@
-"""NumPy fast path for the convolution of `xpcnn.ops`: channels-last, in cache-sized chunks.
+"""NumPy fast path for the convolution of `xpcnn.ops.reference`: channels-last, in cache-sized chunks.
 
-The reference convolution (`ops.conv2d_forward`) builds the whole batch's im2col matrix
+The reference convolution (`reference.conv2d_forward`) builds the whole batch's im2col matrix
 (for DeepConvNet's second layer 45 MB, larger than the L3 cache), writes it to memory and
 reads it back for the matrix product. This version keeps the activations *channels-last*
 in memory (``(N, H, W, C)``) and handles a few images at a time:
@@ -10,7 +10,7 @@ in memory (``(N, H, W, C)``) and handles a few images at a time:
   ``(j, c)`` run is contiguous in the input, and it stays in cache for the product;
 * the product ``(rows, FH*FW*C) @ (FH*FW*C, FN)`` lands in ``(N, OH, OW, FN)`` order, which
   is channels-last again, so nothing is transposed between layers: the result is handed on
-  as an ``(N, FN, OH, OW)`` *view* of that memory. ReLU, pooling (`ops.maxpool2d_forward`
+  as an ``(N, FN, OH, OW)`` *view* of that memory. ReLU, pooling (`reference.maxpool2d_forward`
   keeps its input's layout) and the next convolution read it as it lies;
 * backward recomputes each chunk's windows (cheaper than keeping 45 MB) for ``dW``, and for
   stride 1 gets ``dx`` as a convolution of the padded ``dout`` with the flipped filters,
@@ -18,7 +18,7 @@ in memory (``(N, H, W, C)``) and handles a few images at a time:
 
 Measured in docs/performance.md ("DeepConvNet on the CPU"). Results equal the reference
 within float rounding (tests/test_fast_ops.py); the chunks are summed in a fixed order, so
-runs are deterministic. Registered for NumPy in `ops._fast_table`; `reference=True` turns
+runs are deterministic. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
 it off.
 """
 
@@ -30,9 +30,9 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import ops as reference
-from .functional import spatial_slices, window_offsets
-from .ops import store_gradient
+from . import reference
+from .geometry import spatial_slices, window_offsets
+from .reference import store_gradient
 
 #: About how many bytes of im2col rows one chunk holds: a few images, well inside the
 #: L3 cache (and near the L2 of one core), so the copy and the product meet in cache.
@@ -179,5 +179,5 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
 
 
 def fast_ops() -> dict[str, Callable[..., Any]]:
-    """NumPy's entries for the operation table (`xpcnn.ops`)."""
+    """NumPy's entries for the operation table (`xpcnn.ops.table`)."""
     return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward}

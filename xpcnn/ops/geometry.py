@@ -1,4 +1,5 @@
-"""Pure array functions on any array-API namespace: im2col/col2im, softmax, losses.
+"""The geometry of convolution and pooling on any array-API namespace: output sizes,
+window offsets, padding, im2col/col2im.
 
 Shapes follow the book: images are ``(N, C, H, W)``, filters ``(FN, C, FH, FW)``.
 The layers use a per-image transposed form of im2col, `im2col_nchw`:
@@ -16,8 +17,8 @@ from typing import Any, Iterator
 
 import array_api_compat
 
-from .backend import namespace_of, values_are_free_to_read
-from .errors import ConfigError, ShapeError
+from ..backend import namespace_of
+from ..errors import ConfigError, ShapeError
 
 # ---------------------------------------------------------------------------- geometry
 
@@ -192,85 +193,3 @@ def col2im(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: i
     xp = namespace_of(col)
     col_per_image = xp.matrix_transpose(xp.reshape(col, (n, out_h * out_w, c * filter_h * filter_w)))
     return col2im_nchw(col_per_image, (n, c, h, w), filter_h, filter_w, stride, pad, out_h, out_w)
-
-
-# ------------------------------------------------------------------ softmax and losses
-
-
-def log_softmax(x: Any) -> Any:
-    """Row-wise ``log(softmax(x))`` of ``(N, K)`` scores, computed stably."""
-    xp = namespace_of(x)
-    shifted = x - xp.max(x, axis=-1, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
-
-
-def softmax(x: Any) -> Any:
-    """Row-wise softmax of ``(N, K)`` (or ``(K,)``) scores."""
-    xp = namespace_of(x)
-    shifted = x - xp.max(x, axis=-1, keepdims=True)
-    e = xp.exp(shifted)
-    return e / xp.sum(e, axis=-1, keepdims=True)
-
-
-def one_hot(t: Any, num_classes: int, dtype: Any) -> Any:
-    """``(N,)`` integer labels -> ``(N, num_classes)`` one-hot rows of `dtype`.
-
-    Built by comparison with ``arange`` (no integer scatter, which is slow on GPUs).
-    """
-    xp = namespace_of(t)
-    classes = xp.arange(num_classes, device=array_api_compat.device(t))
-    return xp.astype(xp.reshape(t, (-1, 1)) == classes, dtype)
-
-
-def check_label_range(t: Any, num_classes: int) -> None:
-    """Raise `ShapeError` if host labels fall outside ``0..num_classes-1``.
-
-    Only where reading values is free (host NumPy arrays): on a device this would cost a
-    synchronisation per step; the Trainer checks its labels once before moving them there.
-    """
-    if values_are_free_to_read(t) and t.size and (t.min() < 0 or t.max() >= num_classes):
-        raise ShapeError(f"labels: class indices must be in 0..{num_classes - 1}, got values from {t.min()} to {t.max()}")
-
-
-def check_labels(xp: Any, t: Any, like: Any) -> Any:
-    """Validate labels `t` for scores `like` ``(N, K)``; return them ready for a loss.
-
-    ``(N,)`` integer class indices are returned as they are (range-checked where reading them
-    is free); ``(N, K)`` one-hot rows are returned in the scores' dtype. Anything else is a
-    `ShapeError` saying what was expected.
-    """
-    n, k = like.shape
-    if t.ndim == 1:
-        if t.shape[0] != n:
-            raise ShapeError(f"labels: expected {n} labels for {n} samples, got {t.shape[0]}")
-        if not xp.isdtype(t.dtype, "integral"):
-            raise ShapeError(f"labels: 1-D labels must be integers (class indices), got dtype {t.dtype}")
-        check_label_range(t, k)
-        return t
-    if t.ndim == 2:
-        if tuple(t.shape) != (n, k):
-            raise ShapeError(f"labels: one-hot labels must have shape {(n, k)}, got {tuple(t.shape)}")
-        return t if t.dtype == like.dtype else xp.astype(t, like.dtype)
-    raise ShapeError(f"labels: expected (N,) class indices or (N, K) one-hot rows, got shape {tuple(t.shape)}")
-
-
-def as_one_hot(t: Any, like: Any) -> Any:
-    """Labels `t` as one-hot rows matching scores `like` ``(N, K)``.
-
-    Accepts ``(N,)`` integer class labels or ``(N, K)`` one-hot rows (the book's form).
-    """
-    t = check_labels(namespace_of(t, like), t, like)
-    return one_hot(t, like.shape[1], like.dtype) if t.ndim == 1 else t
-
-
-def cross_entropy_error(y: Any, t: Any) -> Any:
-    """The book's loss on probabilities `y` ``(N, K)``: ``-sum(t * log(y + 1e-7)) / N``.
-
-    `t` is ``(N,)`` class indices or ``(N, K)`` one-hot. Returns a 0-d array.
-    """
-    xp = namespace_of(y)
-    if y.ndim == 1:
-        y = xp.reshape(y, (1, -1))
-        t = xp.reshape(t, (1, -1)) if t.ndim == 1 and t.shape[0] == y.shape[1] else xp.reshape(t, (1,))
-    t_hot = as_one_hot(t, y)
-    return -xp.sum(t_hot * xp.log(y + 1e-7)) / y.shape[0]

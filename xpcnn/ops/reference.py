@@ -1,53 +1,35 @@
-"""The few hot operations of a training step, by name: one table per backend.
+"""The reference implementations of the hot operations, written once against the array API.
 
-The functions in this module are the **reference** implementations, written once against
-the array API (they take the namespace `xp` as their first argument, so nobody resolves a
-namespace per call). Every backend's table starts from them; a backend may override a few
-entries with faster code of its own (CuPy kernels in `fast_cupy.py`), and each fast entry is
-tested against its reference. Layers and optimizers ask their table for an operation by
-name; they never ask which backend they run on.
+Each takes the namespace `xp` as its first argument (so nobody resolves a namespace per call)
+and is the entry of every backend's operation table (`table.py`) that the backend does not
+replace. Faster variants of an operation live in `fast_numpy.py` and `fast_cupy.py` under the
+same name, and each is tested against the function here (tests/ops/test_fast_ops.py):
 
-    >>> ops = ops_for(array_api_compat.numpy)             # the fast table, where one exists
-    >>> out, cache = ops.maxpool2d_forward(x, 2, 2, 2, 0, 14, 14)
-    >>> ops_for(xp, reference=True)                       # the reference path, always
+    operation                     here   fast_numpy   fast_cupy
+    conv2d_forward/backward        yes    yes          yes (im2col kernels + cuBLAS)
+    affine_forward/backward        yes    -            yes (fused bias kernels)
+    maxpool2d_forward/backward     yes    -            yes
+    relu_forward/backward          yes    -            yes
+    softmax_cross_entropy_*        yes    -            yes (one fused kernel)
+    count_correct                  yes    -            yes
+    sgd/momentum/adagrad/adam      yes    -            yes (one kernel over the flat buffer)
 
 A `cache` is whatever the forward pass keeps for its backward pass; only the matching
 backward of the same table reads it. Backward passes take optional `dW_out`/`db_out` arrays:
 given, the parameter gradients are written there (a network's flat gradient buffer, see
-`xpcnn.params`) and those arrays are returned.
+`xpcnn.nn.params`) and those arrays are returned.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat
 
-from . import counting
-from .functional import col2im_cnhw, col2im_nchw, im2col_cnhw, im2col_nchw, pad_nchw, spatial_slices, window_offsets
-
-#: Every operation a table holds, with its signature (after `xp`).
-OP_SIGNATURES = {
-    "conv2d_forward": "(x, W, b, stride, pad, out_h, out_w) -> (out, cache)",
-    "conv2d_backward": "(dout, cache, W, stride, pad, need_input_grad, dW_out, db_out) -> (dx or None, dW, db)",
-    "affine_forward": "(x2d, W, b) -> out",
-    "affine_backward": "(dout, x2d, W, need_input_grad, dW_out, db_out) -> (dx2d or None, dW, db)",
-    "maxpool2d_forward": "(x, pool_h, pool_w, stride, pad, out_h, out_w) -> (out, cache)",
-    "maxpool2d_backward": "(dout, cache) -> dx",
-    "relu_forward": "(x) -> out",
-    "relu_backward": "(out, dout) -> dx",
-    "softmax_cross_entropy_forward": "(scores, t) -> (loss, cache); cache[0] is the softmax",
-    "softmax_cross_entropy_backward": "(cache, dout) -> dscores",
-    "count_correct": "(scores, t) -> 0-d integer count",
-    "sgd_update": "(param, grad, lr) -> None",
-    "momentum_update": "(param, grad, v, lr, momentum) -> None",
-    "adagrad_update": "(param, grad, h, lr, eps) -> None",
-    "adam_update": "(param, grad, m, v, lr_t, beta1, beta2, eps) -> None",
-}
-
+from .functions import log_softmax, one_hot
+from .geometry import col2im_cnhw, col2im_nchw, im2col_cnhw, im2col_nchw, pad_nchw, spatial_slices, window_offsets
 
 def store_gradient(out: Any, value: Any) -> Any:
     """`value`, written into `out` when one is given (a view of a gradient buffer)."""
@@ -224,13 +206,8 @@ def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[
     Uses log-softmax, so the loss is exact where the book's ``log(y + 1e-7)`` would clip.
     Returns the 0-d loss and ``(softmax probabilities, one-hot labels)``.
     """
-    if t.ndim == 1:   # class indices -> one-hot rows by comparison (no integer scatter)
-        classes = xp.arange(scores.shape[1], device=array_api_compat.device(t))
-        t_hot = xp.astype(xp.reshape(t, (-1, 1)) == classes, scores.dtype)
-    else:
-        t_hot = t
-    shifted = scores - xp.max(scores, axis=1, keepdims=True)
-    log_y = shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    t_hot = one_hot(t, scores.shape[1], scores.dtype, xp=xp) if t.ndim == 1 else t
+    log_y = log_softmax(scores, xp=xp)
     loss = -xp.sum(t_hot * log_y) / scores.shape[0]
     return loss, (xp.exp(log_y), t_hot)
 
@@ -273,63 +250,3 @@ def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: flo
     m += (1.0 - beta1) * (grad - m)
     v += (1.0 - beta2) * (grad * grad - v)
     param -= lr_t * m / (xp.sqrt(v) + eps)
-
-
-# ------------------------------------------------------------------------------ tables
-
-_REFERENCE: dict[str, Callable[..., Any]] = {name: globals()[name] for name in OP_SIGNATURES}
-
-
-class Ops:
-    """A table of the hot operations bound to one namespace.
-
-    Attributes:
-        xp: the namespace.
-        reference: True when every entry is the reference implementation.
-        fast_names: the entries a backend replaced with fast code.
-    """
-
-    def __init__(self, xp: ModuleType, fast: dict[str, Callable[..., Any]] | None = None):
-        self.xp = xp
-        fast = dict(fast or {})
-        unknown = set(fast) - set(OP_SIGNATURES)
-        if unknown:
-            raise ValueError(f"unknown fast operations {sorted(unknown)}; known: {sorted(OP_SIGNATURES)}")
-        self.fast_names = tuple(sorted(fast))
-        self.reference = not fast
-        for name, function in {**_REFERENCE, **fast}.items():
-            setattr(self, name, functools.partial(function, xp))
-
-    def __repr__(self) -> str:
-        kind = "reference" if self.reference else f"fast: {', '.join(self.fast_names)}"
-        return f"Ops({getattr(self.xp, '__name__', self.xp)}, {kind})"
-
-
-def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
-    """The fast entries for `xp`'s library (none for libraries without a fast module)."""
-    if isinstance(xp, counting.CountingNamespace):
-        # Measuring: the inner library's fast entries, on unwrapped arrays (they count
-        # their own calls).
-        inner = xp.inner
-        return {name: _counted_fast(function, inner, xp) for name, function in _fast_table(inner).items()}
-    if array_api_compat.is_cupy_namespace(xp):
-        from . import fast_cupy
-
-        return fast_cupy.fast_ops()
-    if array_api_compat.is_numpy_namespace(xp):
-        from . import fast_numpy
-
-        return fast_numpy.fast_ops()
-    return {}
-
-
-def _counted_fast(function: Callable[..., Any], inner: ModuleType, outer: Any) -> Callable[..., Any]:
-    def call(xp: Any, *args: Any) -> Any:
-        return counting._wrap(function(inner, *counting.unwrap(args)), outer)
-    return call
-
-
-@functools.lru_cache(maxsize=None)
-def ops_for(xp: ModuleType, reference: bool = False) -> Ops:
-    """The operation table for namespace `xp`: its fast table, or the reference with `reference=True`."""
-    return Ops(xp, None if reference else _fast_table(xp))

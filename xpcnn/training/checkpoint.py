@@ -31,6 +31,7 @@ killed writer may leave a ``.<name>.<random>.tmp`` file beside it, which is safe
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import zipfile
@@ -39,9 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, dtype_name
-from .errors import BackendUnavailable, CheckpointError, CheckpointWriteError, XpcnnError
-from .fileio import atomic_write
+from .._version import __version__
+from ..backend import Backend, dtype_name
+from ..errors import BackendUnavailable, CheckpointError, CheckpointWriteError, XpcnnError
+from ..fileio import atomic_write
+from ..models import MODELS, model_of_class
+from ..nn import OPTIMIZERS, make_optimizer
 
 #: Version of the on-disk layout; bump it when the layout changes incompatibly.
 FORMAT_VERSION = 1
@@ -182,8 +186,6 @@ def generator_from_state(state: dict[str, Any]) -> np.random.Generator:
 # --------------------------------------------------------------------------- saving
 
 def _optimizer_name(optimizer: Any) -> str:
-    from .optim import OPTIMIZERS  # floor 3; imported late so checkpoint stays low in the stack
-
     for name, cls in OPTIMIZERS.items():
         if type(optimizer) is cls:
             return name
@@ -192,8 +194,6 @@ def _optimizer_name(optimizer: Any) -> str:
 
 def _optimizer_hparams(optimizer: Any) -> dict[str, Any]:
     """The optimizer's constructor arguments, read back from its attributes."""
-    import inspect
-
     hparams = {}
     for name in inspect.signature(type(optimizer).__init__).parameters:
         if name != "self" and hasattr(optimizer, name):
@@ -217,8 +217,6 @@ def _host(backend: Backend, array: Any, what: str) -> np.ndarray:
 def _collect(network: Any, optimizer: Any, *, epoch: int, step: int, rng_state: Any,
              history: Any, extra: dict[str, Any] | None) -> dict[str, np.ndarray]:
     """Every entry of the ``.npz`` file, as host arrays (metadata encoded last)."""
-    from . import __version__
-
     backend: Backend = network.backend
     arrays: dict[str, np.ndarray] = {}
     for key, value in network.params.items():
@@ -556,14 +554,12 @@ def restore(checkpoint: Checkpoint, network: Any, optimizer: Any = None) -> None
 
 def build_from_checkpoint(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> Any:
     """A new network with the checkpoint's class, config, dtype and weights, on `backend`."""
-    from .models import SimpleConvNet
-    from .nets import DeepConvNet, MultiLayerNetExtend
-
-    known = {"SimpleConvNet": SimpleConvNet, "DeepConvNet": DeepConvNet, "MultiLayerNetExtend": MultiLayerNetExtend}
     class_name = checkpoint.metadata["architecture"].get("class", "SimpleConvNet")
-    cls = known.get(class_name)
-    if cls is None:
-        raise CheckpointError(f"checkpoint is a {class_name!r}; this xpcnn can build {sorted(known)}")
+    model = model_of_class(class_name)
+    if model is None:
+        raise CheckpointError(f"checkpoint is a {class_name!r}; this xpcnn can build "
+                              f"{sorted(entry.cls.__name__ for entry in MODELS.values())}")
+    cls = MODELS[model].cls
     config = dict(checkpoint.config)
     if "input_dim" in config:
         config["input_dim"] = tuple(config["input_dim"])
@@ -585,8 +581,6 @@ def make_optimizer_from_checkpoint(checkpoint: Checkpoint, network: Any = None) 
     The state arrays are placed on ``network``'s backend and dtype, so pass the network the
     optimizer will update (e.g. the one from `build_from_checkpoint`).
     """
-    from .optim import make_optimizer
-
     if checkpoint.optimizer_name is None:
         raise CheckpointError("checkpoint holds no optimizer")
     try:

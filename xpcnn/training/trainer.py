@@ -14,28 +14,23 @@ to the host once every `log_every` steps, never every step.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ..backend import out_of_memory_as_error, values_are_free_to_read
+from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
+from ..nn import Optimizer, make_optimizer
+from ..ops import host_class_labels, positive_int
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
-from .backend import is_out_of_memory, out_of_memory_message
-from .errors import (
-    CheckpointError, ConfigError, DeviceMemoryError, DTypeError, OutputError, ShapeError, TrainingError, XpcnnError,
-)
-from .fileio import atomic_write
-from .functional import positive_int
-from .optim import Optimizer, make_optimizer
+from .history import History
 
 ON_NAN_CHOICES = ("stop", "skip")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -48,67 +43,6 @@ class TrainingInterrupted(XpcnnError):
                  signum: int = signal.SIGINT):
         super().__init__(message)
         self.checkpoint_path, self.epoch, self.step, self.signum = checkpoint_path, epoch, step, int(signum)
-
-
-@dataclass
-class History:
-    """What training measured. Per epoch: mean loss, full-set accuracies, time, speed.
-
-    `step_loss` holds every step's loss (gathered from the device at each log point).
-    """
-
-    epoch: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    train_acc: list[float] = field(default_factory=list)
-    test_acc: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    eval_seconds: list[float] = field(default_factory=list)
-    images_per_second: list[float] = field(default_factory=list)
-    step_loss: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
-
-    EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "test_acc", "seconds", "eval_seconds", "images_per_second")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in (*self.EPOCH_COLUMNS, "step_loss", "skipped_steps")}
-
-    def to_json(self) -> str:
-        """Strict JSON: a NaN/inf (the loss of a skipped step) is written as null."""
-        def clean(value: Any) -> Any:
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return None if isinstance(value, float) and not math.isfinite(value) else value
-        return json.dumps({key: clean(value) for key, value in self.to_dict().items()}, indent=1, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "History":
-        history = cls()
-        for key, value in (data or {}).items():
-            if hasattr(history, key):
-                setattr(history, key, list(value) if isinstance(value, list) else value)
-        return history
-
-    def save(self, out_dir: "str | os.PathLike[str]") -> tuple[Path, Path]:
-        """Write ``history.json`` (everything) and ``history.csv`` (one row per epoch) into `out_dir`
-        (created if needed); `OutputError` if they cannot be written."""
-        out = Path(out_dir)
-        json_path, csv_path = out / "history.json", out / "history.csv"
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(self.EPOCH_COLUMNS)
-        writer.writerows(zip(*(getattr(self, c) for c in self.EPOCH_COLUMNS)))
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            _atomic_text(json_path, self.to_json())
-            _atomic_text(csv_path, table.getvalue())
-        except OSError as exc:
-            raise OutputError(f"cannot write the history to {out}: {exc.strerror or exc}") from exc
-        return json_path, csv_path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    with atomic_write(path) as fh:
-        fh.write(text.encode("utf-8"))
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -194,7 +128,7 @@ class Trainer:
         if n == 0:
             raise ShapeError(f"Trainer: {what} set is empty")
         input_dim = tuple(getattr(self.network, "config", {}).get("input_dim", ()))
-        if isinstance(x, np.ndarray):
+        if values_are_free_to_read(x):
             if input_dim and x.ndim == 2 and x.shape[1] == math.prod(input_dim):
                 x = x.reshape((n, *input_dim))
             if input_dim and tuple(x.shape[1:]) != input_dim:
@@ -204,23 +138,11 @@ class Trainer:
                 raise DTypeError(f"Trainer: {what} images must be float32 or float64 (load them with normalize=True), got {x.dtype}")
             if not np.all(np.isfinite(x)):
                 raise ConfigError(f"Trainer: {what} images contain NaN or infinite values")
-            t = self._check_labels_host(np.asarray(t), what, output_size)
+            t = host_class_labels(np.asarray(t), output_size, f"Trainer: {what}")
             return (self.backend.asarray(x, dtype=self.network.dtype), self.backend.asarray(t))
         if not self.backend.owns(x) or not self.backend.owns(t):
             raise ConfigError(f"Trainer: {what} arrays must be host NumPy arrays or live on the network's backend ({self.backend})")
         return x, t
-
-    @staticmethod
-    def _check_labels_host(t: np.ndarray, what: str, output_size: int | None) -> np.ndarray:
-        if t.ndim == 2:
-            if output_size is not None and t.shape[1] != output_size:
-                raise ShapeError(f"Trainer: {what} one-hot labels must have {output_size} columns, got {t.shape[1]}")
-            return t.argmax(axis=1).astype(np.int64)
-        if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
-            raise ShapeError(f"Trainer: {what} labels must be (N,) integers or (N, K) one-hot, got shape {t.shape} dtype {t.dtype}")
-        if output_size is not None and t.size and (t.min() < 0 or t.max() >= output_size):
-            raise ShapeError(f"Trainer: {what} labels must be in 0..{output_size - 1}, got values from {t.min()} to {t.max()}")
-        return t.astype(np.int64, copy=False)
 
     # -------------------------------------------------------------------- resume
 
@@ -267,26 +189,20 @@ class Trainer:
                     self._interrupt(None)     # Ctrl-C during evaluation: the epoch's checkpoint is written
         return self.history
 
-    @contextlib.contextmanager
-    def _out_of_memory_is_one_error(self):
+    def _out_of_memory_is_one_error(self) -> Any:
         """An allocation failure becomes one `DeviceMemoryError` naming the batch size that did
         not fit and the option to lower; the last checkpoint written stays as it was."""
         self._phase = "training"
-        try:
-            yield
-        except XpcnnError:
-            raise
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
+
+        def describe() -> tuple[str, str]:
             if self._phase == "scoring":
                 what, size, option = "scoring", self.eval_batch_size, "eval_batch_size (--eval-batch-size)"
             else:
                 what, size, option = "training", self.batch_size, "mini_batch_size (--batch-size)"
-            raise DeviceMemoryError(
-                f"out of memory on {self.backend} while {what} a batch of {size} images ({out_of_memory_message(exc)}); "
-                f"lower {option}" + (f"; the last checkpoint written ({self.checkpoint_path}) is kept" if self.checkpoint_path else "")
-            ) from exc
+            kept = f"; the last checkpoint written ({self.checkpoint_path}) is kept" if self.checkpoint_path else ""
+            return f"{what} a batch of {size} images", f"lower {option}{kept}"
+
+        return out_of_memory_as_error(self.backend, describe)
 
     def train_step(self, x_batch: Any, t_batch: Any) -> Any:
         """One step on a batch already on the device: gradients, then the update. Returns the loss (0-d, on device)."""

@@ -12,20 +12,7 @@ import pytest
 from xpcnn import SimpleConvNet, Trainer, TrainingInterrupted, load_checkpoint
 from xpcnn.cli import main
 from xpcnn.data import write_idx
-from test_models import make_learnable_set
-
-def _find_mnist_dir() -> Path:
-    """The real MNIST test set in the ``shared/`` folder beside the checkout (or above it)."""
-    for parent in Path(__file__).resolve().parents[1:]:
-        candidate = parent / "shared" / "data" / "mnist"
-        if (candidate / "t10k-images-idx3-ubyte.gz").exists():
-            return candidate
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-MNIST_DIR = _find_mnist_dir()
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-
+from helpers import FASHION_FILES, MNIST_DIR, REPO, make_learnable_set
 
 def tiny_net(seed=0, backend="cpu"):
     return SimpleConvNet((1, 12, 12), {"filter_num": 4, "filter_size": 3, "pad": 1, "stride": 1}, hidden_size=16,
@@ -136,20 +123,6 @@ def test_resume_inside_an_epoch_gives_identical_weights(learnable, tmp_path):
 # ------------------------------------------------------------------------------ CLI
 
 
-@pytest.fixture(scope="module")
-def fashion_like_dir(tmp_path_factory):
-    """A --data-dir with generated 28x28 IDX files under Fashion-MNIST's file names."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("data")
-    arrays = []
-    for n in (600, 200):
-        x, t = make_learnable_set(rng, n, size=28)
-        arrays += [np.clip(x[:, 0] * 120 + 60, 0, 255).astype(np.uint8), t.astype(np.uint8)]
-    for name, array in zip(FASHION_FILES, arrays):
-        write_idx(root / name, array)
-    return root
-
-
 def test_cli_train_writes_every_output_then_resumes_and_evaluates(fashion_like_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--batch-size", "50", "--quiet", "--seed", "2"]
@@ -174,7 +147,7 @@ def test_cli_train_writes_every_output_then_resumes_and_evaluates(fashion_like_d
 
 
 def test_scripts_train_py_runs_the_same_cli():
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    script = REPO / "scripts" / "train.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--backend" in done.stdout and "--resume" in done.stdout
 

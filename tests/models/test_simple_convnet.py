@@ -6,7 +6,7 @@ import pytest
 
 from xpcnn.errors import ConfigError, ShapeError
 from xpcnn.models import SimpleConvNet
-from xpcnn.optim import AdaGrad
+from xpcnn.nn.optim import AdaGrad
 from helpers import MAX_GRAD_ERROR, numerical_gradient, relative_error
 
 NETS = [
@@ -111,18 +111,6 @@ def test_simple_conv_net_rejects_bad_configuration(kwargs, error, words):
         SimpleConvNet(**kwargs)
 
 
-def make_learnable_set(rng, n, size=12):
-    """Four classes: a bright 4x4 square in one of the four quadrants, on noise."""
-    t = rng.integers(0, 4, n)
-    x = rng.normal(0.0, 0.3, (n, 1, size, size)).astype(np.float32)
-    half = size // 2
-    for i, label in enumerate(t):
-        r, c = divmod(int(label), 2)
-        top, left = r * half + rng.integers(0, half - 3), c * half + rng.integers(0, half - 3)
-        x[i, 0, top:top + 4, left:left + 4] += 1.0
-    return x, t
-
-
 @pytest.mark.parametrize("steps", [300])
 def test_small_training_run_learns(backend, rng, steps):
     if backend.name == "array_api_strict":
@@ -154,7 +142,7 @@ def test_zz_report_largest_gradient_error():
 
 def test_pooling_before_relu_equals_the_books_order(rng):
     """SimpleConvNet pools before its first ReLU (they commute): same loss, bit-identical gradients."""
-    from xpcnn.layers import Pooling, ReLU
+    from xpcnn.nn.layers import Pooling, ReLU
 
     net = SimpleConvNet(seed=4, dtype="float64")
     books = SimpleConvNet(seed=4, dtype="float64")

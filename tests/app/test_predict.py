@@ -18,15 +18,15 @@ import pytest
 from PIL import Image
 
 from helpers import isolated_env
-from test_train import MNIST_DIR
+from helpers import MNIST_DIR
 from trained import fashion_test_set, trained_checkpoint
 from xpcnn import SimpleConvNet, Trainer, save_checkpoint
 from xpcnn.cli import main
 from xpcnn.data import write_idx
 from xpcnn.errors import ImageFileError
-from xpcnn.functional import softmax
-from xpcnn.images import border_is_light, fit_into, frame, load_images, prepare_image, read_input_file
-from xpcnn.inference import predict_proba, top_k
+from xpcnn.ops import softmax
+from xpcnn.data.images import border_is_light, fit_into, frame, load_images, prepare_image, read_input_file
+from xpcnn.nn.inference import predict_proba, top_k
 
 
 def _tiny_net(backend="cpu", seed=0, size=12):
@@ -398,7 +398,7 @@ def test_predict_on_gpu_matches_cpu(gpu_backend, untrained_checkpoints, good_pic
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from xpcnn.checkpoint import build_from_checkpoint, load_checkpoint
+    from xpcnn.training.checkpoint import build_from_checkpoint, load_checkpoint
 
     path = trained_checkpoint(tmp_path_factory)
     x, t = fashion_test_set()

@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pytest
 
-import xpcnn.checkpoint as ckpt_mod
-from xpcnn.checkpoint import (
+import xpcnn.training.checkpoint as ckpt_mod
+from xpcnn.training.checkpoint import (
     CheckpointError, build_from_checkpoint, generator_from_state, load_checkpoint,
     make_optimizer_from_checkpoint, restore, save_checkpoint,
 )
 from xpcnn.models import SimpleConvNet
-from xpcnn.optim import make_optimizer
+from xpcnn.nn.optim import make_optimizer
 
 SMALL_CONV = {"filter_num": 4, "filter_size": 3, "pad": 0, "stride": 1}
 OPTIMIZER_NAMES = ["sgd", "momentum", "adagrad", "adam"]
@@ -416,7 +416,7 @@ def test_missing_directory_is_reported(tmp_path):
 _CHILD_PRELUDE = """
 import sys, time
 import numpy as np
-import xpcnn.checkpoint as ck
+import xpcnn.training.checkpoint as ck
 from xpcnn.models import SimpleConvNet
 path = sys.argv[1]
 net = SimpleConvNet(input_dim=(1, 10, 10), conv_param={"filter_num": 4, "filter_size": 3, "pad": 0, "stride": 1},

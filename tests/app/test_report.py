@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_models import make_learnable_set
+from helpers import make_learnable_set
 from trained import FASHION_DIR, fashion_test_set, trained_checkpoint
 from xpcnn import SimpleConvNet, Trainer, save_checkpoint
 from xpcnn.backend import get_backend
 from xpcnn.cli import main
 from xpcnn.errors import ConfigError
-from xpcnn.layers import Affine, Convolution, ReLU
-from xpcnn.report import EvaluationReport, evaluate_report, first_convolution, first_layer_maps, write_report
+from xpcnn.nn.layers import Affine, Convolution, ReLU
+from xpcnn.app.report import EvaluationReport, evaluate_report, first_convolution, first_layer_maps, write_report
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 REPORT_FILES = ["confusion.csv", "confusion.png", "per_class.csv", "mistakes.png", "activations.png", "report.json"]
@@ -46,7 +46,7 @@ def cli_report(tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_memory(cli_report):
     """The trained network, the test set, and its probabilities computed in memory (batch 2000)."""
-    from xpcnn.checkpoint import build_from_checkpoint, load_checkpoint
+    from xpcnn.training.checkpoint import build_from_checkpoint, load_checkpoint
 
     net = build_from_checkpoint(load_checkpoint(cli_report[0]))
     x, t = fashion_test_set()
@@ -237,7 +237,7 @@ def test_report_refuses_bad_labels_and_names(small_trained):
     net, x, t = small_trained
     with pytest.raises(ConfigError, match="3 class names given for a network of 4 classes"):
         evaluate_report(net, x, t, class_names=["a", "b", "c"])
-    with pytest.raises(ShapeError, match="labels must lie in 0..3"):
+    with pytest.raises(ShapeError, match="class indices must lie in 0..3"):
         evaluate_report(net, x, t + 4)
-    with pytest.raises(ShapeError, match="expected 120 integer labels"):
+    with pytest.raises(ShapeError, match="expected 120 labels"):
         evaluate_report(net, x, t[:5])

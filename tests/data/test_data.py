@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import os
 import http.server
 import socket
 import threading
@@ -137,7 +138,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(data.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(DatasetError, match=r"labels\.gz: cannot write file: No space left"):
         data.write_idx(tmp_path / "labels.gz", np.arange(5, dtype=np.uint8))
     assert list(tmp_path.iterdir()) == []
@@ -264,7 +265,7 @@ def test_registry_names_the_standard_files():
 
 
 def test_register_dataset_refuses_silent_override(monkeypatch):
-    monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
+    monkeypatch.setattr(data.datasets, "DATASETS", dict(data.DATASETS))
     spec = toy_spec(toy_arrays())
     data.register_dataset(spec)
     assert data.get_spec("toy") is spec

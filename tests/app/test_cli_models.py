@@ -6,8 +6,8 @@ options a model does not have are one-line errors."""
 import numpy as np
 import pytest
 
-from xpcnn.checkpoint import load_checkpoint
-from test_reliability import cli_dataset, error_line, run_cli  # noqa: F401  (cli_dataset is a fixture)
+from xpcnn.training.checkpoint import load_checkpoint
+from helpers import error_line, run_cli
 
 
 def _train(tmp_path, data, out, *extra):

@@ -25,15 +25,15 @@ import pytest
 
 from helpers import isolated_env
 
-import xpcnn.checkpoint as checkpoint_module
+import xpcnn.training.checkpoint as checkpoint_module
 from xpcnn import data
-from xpcnn.checkpoint import load_checkpoint, save_checkpoint
+from xpcnn.training.checkpoint import load_checkpoint, save_checkpoint
 from xpcnn.errors import CheckpointError, TrainingError
 from xpcnn.models import SimpleConvNet
-from xpcnn.optim import SGD, AdaGrad
-from xpcnn.train import Trainer
+from xpcnn.nn.optim import SGD, AdaGrad
+from xpcnn.training import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POSIX_SIGNALS = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 
@@ -75,9 +75,9 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 KILLED_WRITER = textwrap.dedent("""
     import io, os, sys, time
     import numpy as np
-    import xpcnn.checkpoint as ck
+    import xpcnn.training.checkpoint as ck
     from xpcnn.models import SimpleConvNet
-    from xpcnn.optim import AdaGrad
+    from xpcnn.nn.optim import AdaGrad
 
     path = sys.argv[1]
     net = SimpleConvNet(seed=0)
@@ -352,11 +352,11 @@ def cli_disk_full_run(tiny_tmpfs: Path, digits_dir: Path, tmp_path: Path):
 
 
 def test_cli_disk_full_is_one_clear_line_and_keeps_the_old_checkpoint(cli_disk_full_run) -> None:
-    import xpcnn.cli
+    import xpcnn.app.cli
 
     result, path, before = cli_disk_full_run
     assert result.returncode not in (0, 1), result.stderr
-    assert f"\n{result.returncode} " in (xpcnn.cli.__doc__ or ""), "exit code not in the documented table"
+    assert f"\n{result.returncode} " in (xpcnn.app.cli.__doc__ or ""), "exit code not in the documented table"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert str(path) in lines[0] and "No space left on device" in lines[0], lines[0]

@@ -12,9 +12,9 @@ Each runs on every available backend (NumPy, array_api_strict, CuPy).
 import numpy as np
 import pytest
 
-from xpcnn.functional import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
-from xpcnn import ops as ops_module
-from xpcnn.layers import ReLU
+from xpcnn.ops.geometry import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
+from xpcnn.ops import ops_for, reference as ops_module
+from xpcnn.nn.layers import ReLU
 
 GEOMETRIES = [  # (N, C, H, W, FH, FW, stride, pad)
     (2, 1, 7, 7, 3, 3, 1, 0),
@@ -59,7 +59,7 @@ def test_tiling_pooling_matches_general_path(backend, rng, monkeypatch, shape, s
         x_host = np.maximum(x_host, 0.0)
         x_host[..., ::2, :] = np.round(x_host[..., ::2, :])
     assert ops_module._pool_tiles(shape, size, size, size, 0)
-    ops = ops_module.ops_for(backend.xp, reference=True)
+    ops = ops_for(backend.xp, reference=True)
     x = backend.asarray(x_host, "float32")
     dout = backend.asarray(rng.standard_normal((shape[0], shape[1], shape[2] // size, shape[3] // size)), "float32")
     out_h, out_w = shape[2] // size, shape[3] // size

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from xpcnn import ops
+from xpcnn.ops import reference as ops
 from xpcnn.errors import ConfigError, ShapeError
-from xpcnn.functional import (
+from xpcnn.ops import (
     col2im, conv_output_size, cross_entropy_error, im2col, log_softmax, one_hot, softmax,
 )
 from helpers import naive_im2col

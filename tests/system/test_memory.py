@@ -69,7 +69,8 @@ def test_other_errors_pass_through(tmp_path, rng, monkeypatch):
 
 
 def test_cli_prints_one_line_and_exit_code_8(tmp_path, rng, monkeypatch, capsys):
-    from xpcnn import cli, models
+    from xpcnn import models
+    from xpcnn.app import cli
 
     monkeypatch.setattr(models.SimpleConvNet, "gradient", _raise_oom)
     x = (rng.random((30, 28, 28)) * 255).astype(np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from xpcnn import AdaGrad, SimpleConvNet, get_backend
-from xpcnn.counting import count_calls, counting_backend
+from xpcnn.backend.counting import count_calls, counting_backend
 
 #: Calls of one SimpleConvNet training step (gradient + AdaGrad) on the reference path,
 #: measured when this test was written; lower it when a change removes calls.

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpcnn.checkpoint import build_from_checkpoint, load_checkpoint, restore, save_checkpoint
+from xpcnn.training.checkpoint import build_from_checkpoint, load_checkpoint, restore, save_checkpoint
 from xpcnn.errors import CheckpointError, ConfigError, ShapeError
 from xpcnn.models import SimpleConvNet
-from xpcnn.nets import DeepConvNet, MultiLayerNetExtend
-from xpcnn.optim import Adam
-from helpers import relative_error
+from xpcnn.models import DeepConvNet, MultiLayerNetExtend
+from xpcnn.nn.optim import Adam
+from helpers import REPO, relative_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 
 TOL = 1e-6
 SMALL_CONVS = {f"conv_param_{i}": {"filter_num": n} for i, n in enumerate((3, 3, 4, 4, 5, 5), start=1)}

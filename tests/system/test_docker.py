@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
+from helpers import REPO
+
+DOCKER_DIR = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile.cpu", "gpu": DOCKER_DIR / "Dockerfile.gpu"}
 SMOKE = DOCKER_DIR / "smoke.sh"
 

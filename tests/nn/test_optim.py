@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from xpcnn.errors import ConfigError
-from xpcnn.optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
+from xpcnn.nn.optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
 
 
 def reference_steps(name, p, grads, **hp):

@@ -36,20 +36,20 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import xpcnn
 from xpcnn import data
 from xpcnn.backend import get_backend
-from xpcnn.checkpoint import load_checkpoint, restore, save_checkpoint
+from xpcnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from xpcnn.errors import (
     BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError,
     ShapeError, XpcnnError,
 )
-from xpcnn.functional import col2im, conv_output_size, im2col
-from xpcnn.layers import Affine, Convolution, Pooling, SoftmaxWithLoss
+from xpcnn.ops import col2im, conv_output_size, im2col
+from xpcnn.nn.layers import Affine, Convolution, Pooling, SoftmaxWithLoss
 from xpcnn.models import SimpleConvNet
-from xpcnn.optim import AdaGrad, SGD, make_optimizer
-from xpcnn.train import Trainer
+from xpcnn.nn.optim import AdaGrad, SGD, make_optimizer
+from xpcnn.training import Trainer
 
 from helpers import isolated_env, naive_conv, naive_maxpool, tie_free
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(xpcnn.__file__).resolve().parent
 
 
@@ -495,38 +495,6 @@ CLI_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cli_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny MNIST-named dataset (40 train / 10 test images, 28x28) for CLI runs."""
-    folder = tmp_path_factory.mktemp("cli-data")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 40), ("t10k", 10)):
-        data.write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        data.write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
-    return folder
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    return isolated_env(tmp_path, PYTHONWARNINGS="ignore")
-
-
-def run_cli(argv: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xpcnn.cli", *argv], capture_output=True, text=True,
-                          env=cli_env(tmp_path), cwd=tmp_path, timeout=timeout)
-
-
-def error_line(stderr: str, exit_code: int) -> str:
-    """The one message line: argparse errors (exit 2) may be preceded by its usage lines."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stderr, stderr
-    if exit_code == 2 and lines and lines[0].startswith("usage:"):
-        lines = [line for line in lines if "error:" in line]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
-    return lines[0]
-
-
-
-
 @pytest.mark.parametrize("case", _params(CLI_CASES))
 def test_cli_bad_input(case: CliCase, tmp_path: Path, cli_dataset: Path) -> None:
     (tmp_path / "empty").mkdir()
@@ -549,7 +517,7 @@ def test_cli_bad_input(case: CliCase, tmp_path: Path, cli_dataset: Path) -> None
 
 def test_cli_exit_codes_are_documented() -> None:
     """Every exit code the CLI tests expect appears in the table of cli.py's docstring."""
-    import xpcnn.cli as cli
+    import xpcnn.app.cli as cli
 
     table = {int(line.split()[0]) for line in (cli.__doc__ or "").splitlines()
              if line.strip() and line.split()[0].isdigit()}
@@ -574,7 +542,7 @@ def test_bad_input_suite_passes_under_python_O(tmp_path: Path) -> None:
     env.pop("PYTHONWARNINGS", None)
     result = subprocess.run(
         [sys.executable, "-O", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__)), str(REPO / "tests" / "test_layers.py"), str(REPO / "tests" / "test_functional.py"),
+         str(Path(__file__)), str(REPO / "tests" / "nn" / "test_layers.py"), str(REPO / "tests" / "ops" / "test_functions_and_geometry.py"),
          "-k", "not python_O and not property and not cli"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -6,7 +6,7 @@ import pytest
 
 from xpcnn.errors import BackendMismatch, ConfigError, DTypeError, ShapeError
 from xpcnn.backend import get_backend
-from xpcnn.layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from xpcnn.nn.layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
 from helpers import naive_conv, naive_maxpool, numerical_gradient, relative_error, tie_free
 
 TOL = 1e-6

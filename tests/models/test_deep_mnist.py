@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from xpcnn.nets import DeepConvNet
-from xpcnn.train import Trainer
-from test_train import MNIST_DIR
+from xpcnn.models import DeepConvNet
+from xpcnn.training import Trainer
+from helpers import MNIST_DIR
 
 
 @pytest.mark.slow

@@ -1,0 +1,27 @@
+"""Backends: which array library and device a model runs on, and the helpers around that.
+
+    arrays.py    helpers that name no library: `namespace_of`, dtypes, device checks
+    devices.py   `Backend`, `get_backend` (the only module that names CuPy or PyTorch, with
+                 random.py), host <-> device copies, out-of-memory mapping
+    random.py    `RandomSource`: seeded random numbers made on the backend's device
+    counting.py  counting the array-library calls of a piece of code (for measuring)
+
+    >>> be = get_backend("cpu")
+    >>> x = be.asarray(numpy_images, dtype="float32")   # host -> backend, once
+    >>> be.to_numpy(x)                                   # backend -> host, at the edges
+"""
+
+from .arrays import (
+    FLOAT_DTYPES, check_same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read,
+)
+from .devices import (
+    BACKEND_ALIASES, GPU_INSTALL_HINT, TORCH_DEVICE_TYPES, TORCH_INSTALL_HINT, Backend, backend_of, get_backend,
+    is_out_of_memory, out_of_memory_as_error, out_of_memory_message,
+)
+from .random import RandomSource
+
+__all__ = [
+    "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "values_are_free_to_read",
+    "BACKEND_ALIASES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend", "backend_of",
+    "get_backend", "is_out_of_memory", "out_of_memory_as_error", "out_of_memory_message", "RandomSource",
+]

@@ -1,0 +1,102 @@
+"""The table of hot operations: one per namespace, the reference entries overridden by a
+backend's fast ones.
+
+Layers and optimizers ask their table for an operation by name; they never ask which backend
+they run on. The reference entries are in `reference.py`; NumPy's fast entries in
+`fast_numpy.py`, CuPy's in `fast_cupy.py`. `ops_for(xp, reference=True)` gives the reference
+path on any namespace (the tests and benchmarks check the fast paths against it).
+
+    >>> ops = ops_for(array_api_compat.numpy)             # the fast table, where one exists
+    >>> out, cache = ops.maxpool2d_forward(x, 2, 2, 2, 0, 14, 14)
+    >>> ops_for(xp, reference=True)                       # the reference path, always
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any, Callable
+
+import array_api_compat
+
+from ..backend import counting
+from . import fast_numpy, reference
+
+#: Every operation a table holds, with its signature (after `xp`).
+OP_SIGNATURES = {
+    "conv2d_forward": "(x, W, b, stride, pad, out_h, out_w) -> (out, cache)",
+    "conv2d_backward": "(dout, cache, W, stride, pad, need_input_grad, dW_out, db_out) -> (dx or None, dW, db)",
+    "affine_forward": "(x2d, W, b) -> out",
+    "affine_backward": "(dout, x2d, W, need_input_grad, dW_out, db_out) -> (dx2d or None, dW, db)",
+    "maxpool2d_forward": "(x, pool_h, pool_w, stride, pad, out_h, out_w) -> (out, cache)",
+    "maxpool2d_backward": "(dout, cache) -> dx",
+    "relu_forward": "(x) -> out",
+    "relu_backward": "(out, dout) -> dx",
+    "softmax_cross_entropy_forward": "(scores, t) -> (loss, cache); cache[0] is the softmax",
+    "softmax_cross_entropy_backward": "(cache, dout) -> dscores",
+    "count_correct": "(scores, t) -> 0-d integer count",
+    "sgd_update": "(param, grad, lr) -> None",
+    "momentum_update": "(param, grad, v, lr, momentum) -> None",
+    "adagrad_update": "(param, grad, h, lr, eps) -> None",
+    "adam_update": "(param, grad, m, v, lr_t, beta1, beta2, eps) -> None",
+}
+
+_REFERENCE: dict[str, Callable[..., Any]] = {name: getattr(reference, name) for name in OP_SIGNATURES}
+
+
+class Ops:
+    """A table of the hot operations bound to one namespace.
+
+    Attributes:
+        xp: the namespace.
+        reference: True when every entry is the reference implementation.
+        fast_names: the entries a backend replaced with fast code.
+    """
+
+    def __init__(self, xp: ModuleType, fast: dict[str, Callable[..., Any]] | None = None):
+        self.xp = xp
+        fast = dict(fast or {})
+        unknown = set(fast) - set(OP_SIGNATURES)
+        if unknown:
+            raise ValueError(f"unknown fast operations {sorted(unknown)}; known: {sorted(OP_SIGNATURES)}")
+        self.fast_names = tuple(sorted(fast))
+        self.reference = not fast
+        for name, function in {**_REFERENCE, **fast}.items():
+            setattr(self, name, functools.partial(function, xp))
+
+    def __repr__(self) -> str:
+        kind = "reference" if self.reference else f"fast: {', '.join(self.fast_names)}"
+        return f"Ops({getattr(self.xp, '__name__', self.xp)}, {kind})"
+
+
+def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
+    """The fast entries for `xp`'s library (none for libraries without a fast module)."""
+    if isinstance(xp, counting.CountingNamespace):
+        # Measuring: the inner library's fast entries, on unwrapped arrays (they count
+        # their own calls).
+        inner = xp.inner
+        return {name: _counted_fast(function, inner, xp) for name, function in _fast_table(inner).items()}
+    if array_api_compat.is_cupy_namespace(xp):
+        from . import fast_cupy   # imports CuPy: only where CuPy is in use (an optional library)
+
+        return fast_cupy.fast_ops()
+    if array_api_compat.is_numpy_namespace(xp):
+        return fast_numpy.fast_ops()
+    return {}
+
+
+def _counted_fast(function: Callable[..., Any], inner: ModuleType, outer: Any) -> Callable[..., Any]:
+    def call(xp: Any, *args: Any) -> Any:
+        return counting._wrap(function(inner, *counting.unwrap(args)), outer)
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def ops_for(xp: ModuleType, reference: bool = False) -> Ops:
+    """The operation table for namespace `xp`: its fast table, or the reference with `reference=True`."""
+    return Ops(xp, None if reference else _fast_table(xp))
+
+
+def ops_of(backend: Any) -> Ops:
+    """The operation table of a `Backend` (its reference table when ``backend.reference``)."""
+    return ops_for(backend.xp, backend.reference)
