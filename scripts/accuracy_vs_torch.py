@@ -57,6 +57,7 @@ def deep_xpcnn_run(seed: int, data, epochs: int, batch_size: int, lr: float, lab
 def deep_torch_run(seed: int, data, epochs: int, batch_size: int, lr: float, threads: int, label: str) -> list[float]:
     import torch
     import torch.nn.functional as F
+
     from torch_models import TorchDeepConvNet
 
     torch.set_num_threads(threads)

@@ -128,6 +128,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
+from xpcnn.ops import ops_of  # noqa: E402
 from xpcnn.nn.optim import AdaGrad  # noqa: E402
 
 LR = 0.06
@@ -416,7 +417,6 @@ class TorchContender(Contender):
     def __init__(self, args, host_params, x, t, x_eval, t_eval):
         import torch
         import torch.nn.functional as F
-        from torch import nn
 
         self.torch, self.F = torch, F
         if torch_backend(args):
@@ -437,9 +437,10 @@ class TorchContender(Contender):
 
     def _init_deep(self, args, host_params, dtype):
         sys.path.insert(0, str(ROOT / "scripts"))
-        from torch_models import TorchDeepConvNet
         from xpcnn.backend import RandomSource, get_backend
         from xpcnn.nn.network import DROPOUT_STREAM, derived_seed
+
+        from torch_models import TorchDeepConvNet
 
         masks = RandomSource(get_backend("cpu"), derived_seed(args.seed, DROPOUT_STREAM))
         twin = TorchDeepConvNet({k: v.astype(args.dtype) for k, v in host_params.items()}, dropout_ratio=0.5,
@@ -1018,7 +1019,7 @@ def main(args) -> int:
         print(f"| sum of parts | {total * 1e3:.2f} | |")
         print()
         print(f"array-library calls per xpcnn training step: {step_calls}"
-              + (" (reference path)" if args.reference or get_backend(args.backend).ops.reference else " (fast path)"))
+              + (" (reference path)" if args.reference or ops_of(get_backend(args.backend)).reference else " (fast path)"))
         print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")

@@ -35,7 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import array_api_compat.numpy as xp  # noqa: E402
-from xpcnn.ops import fast_numpy, reference as ops  # noqa: E402
+
+from xpcnn.ops import fast_numpy  # noqa: E402
+from xpcnn.ops import reference as ops  # noqa: E402
 
 SHAPES = [  # (layer, C, H=W, FN, pad) of DeepConvNet on 28x28 images
     ("conv1", 1, 28, 16, 1), ("conv2", 16, 28, 16, 1), ("conv3", 16, 14, 32, 1), ("conv4", 32, 14, 32, 2),

@@ -45,8 +45,8 @@ if [ -d data/fashion-mnist ]; then
   export XPCNN_DATA_DIR=$PWD/data      # the suite's real-data tests look here too
 fi
 # Fast kernels against the reference, call counts, CPU/GPU agreement, out-of-memory lines.
-phase fast_vs_reference 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_fast_ops.py \
-  tests/test_counting.py tests/test_gpu.py
+phase fast_vs_reference 150 python3 -m pytest -q -s -p no:cacheprovider tests/ops/test_fast_ops.py \
+  tests/backend/test_counting.py tests/system/test_gpu.py
 phase bench_gpu_100 90 python3 scripts/bench.py --backend gpu --profile --json "$OUT/bench-gpu-100.json"
 # The seed recipe, 10 epochs with full-set evaluation each epoch, twice: the first run fills
 # CuPy's kernel cache, the second is the timed one (goal: <= 5 s wall).
@@ -63,7 +63,7 @@ phase bench_gpu_reference 60 python3 scripts/bench.py --backend gpu --reference 
 # PyTorch on CUDA (issue 12): agreement with NumPy and checkpoints across backends, one
 # epoch with --backend torch:cuda, and xpcnn-on-torch against torch eager.
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  phase equivalence_torch 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_torch_backend.py \
+  phase equivalence_torch 90 python3 -m pytest -q -s -p no:cacheprovider tests/backend/test_torch_backend.py \
     -k "whole_steps or trainer_on_torch or checkpoint_moves"
   phase train_torch_cuda 60 python3 -m xpcnn.cli train --backend torch:cuda --dataset fashion-mnist "${data_args[@]}" \
     --epochs 1 --quiet --no-plots --out "$OUT/run-torch-cuda"

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import FASHION_FILES, make_learnable_set
 from xpcnn import data
 from xpcnn.backend import get_backend
 from xpcnn.data import write_idx
 from xpcnn.errors import BackendUnavailable
+
+from helpers import FASHION_FILES, make_learnable_set
 
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
 

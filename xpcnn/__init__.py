@@ -25,12 +25,33 @@ from .app import report
 from .backend import Backend, get_backend
 from .data import DatasetSpec, load_dataset, load_idx_pair, load_images, load_mnist, load_split, read_idx, write_idx
 from .errors import (
-    BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError, ImageFileError,
-    ShapeError, TrainingError, XpcnnError,
+    BackendMismatch,
+    BackendUnavailable,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DTypeError,
+    ImageFileError,
+    ShapeError,
+    TrainingError,
+    XpcnnError,
 )
 from .models import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
-from .nn import SGD, AdaGrad, Adam, Affine, BatchNormalization, Convolution, Dropout, Momentum, Pooling, ReLU, Sigmoid
-from .nn import SoftmaxWithLoss, make_optimizer
+from .nn import (
+    SGD,
+    AdaGrad,
+    Adam,
+    Affine,
+    BatchNormalization,
+    Convolution,
+    Dropout,
+    Momentum,
+    Pooling,
+    ReLU,
+    Sigmoid,
+    SoftmaxWithLoss,
+    make_optimizer,
+)
 from .ops import col2im, conv_output_size, cross_entropy_error, im2col, softmax
 from .training import History, Trainer, TrainingInterrupted, checkpoint, load_checkpoint, save_checkpoint
 

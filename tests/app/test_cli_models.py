@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from xpcnn.training.checkpoint import load_checkpoint
+
 from helpers import error_line, run_cli
 
 

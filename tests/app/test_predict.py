@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import isolated_env
-from helpers import MNIST_DIR
-from trained import fashion_test_set, trained_checkpoint
 from xpcnn import SimpleConvNet, Trainer, save_checkpoint
 from xpcnn.cli import main
 from xpcnn.data import write_idx
-from xpcnn.errors import ImageFileError
-from xpcnn.ops import softmax
 from xpcnn.data.images import border_is_light, fit_into, frame, load_images, prepare_image, read_input_file
+from xpcnn.errors import ImageFileError
 from xpcnn.nn.inference import predict_proba, top_k
+from xpcnn.ops import softmax
+
+from helpers import MNIST_DIR, isolated_env
+from trained import fashion_test_set, trained_checkpoint
 
 
 def _tiny_net(backend="cpu", seed=0, size=12):
@@ -138,7 +138,7 @@ def test_framing_follows_each_dataset_recipe():
 
 
 def test_cli_frames_pictures_like_the_checkpoints_dataset():
-    from xpcnn.cli import _picture_fit
+    from xpcnn.app.cli import _picture_fit
 
     assert _picture_fit("mnist") == "digit" and _picture_fit("fashion-mnist") == "fill"
     assert _picture_fit(None) == "fill" and _picture_fit("my-own") == "fill"

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import make_learnable_set
-from trained import FASHION_DIR, fashion_test_set, trained_checkpoint
 from xpcnn import SimpleConvNet, Trainer, save_checkpoint
+from xpcnn.app.report import EvaluationReport, evaluate_report, first_convolution, first_layer_maps, write_report
 from xpcnn.backend import get_backend
 from xpcnn.cli import main
 from xpcnn.errors import ConfigError
 from xpcnn.nn.layers import Affine, Convolution, ReLU
-from xpcnn.app.report import EvaluationReport, evaluate_report, first_convolution, first_layer_maps, write_report
+
+from helpers import make_learnable_set
+from trained import FASHION_DIR, fashion_test_set, trained_checkpoint
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 REPORT_FILES = ["confusion.csv", "confusion.png", "per_class.csv", "mistakes.png", "activations.png", "report.json"]

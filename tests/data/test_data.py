@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import os
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path

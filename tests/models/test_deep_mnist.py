@@ -8,6 +8,7 @@ import pytest
 
 from xpcnn.models import DeepConvNet
 from xpcnn.training import Trainer
+
 from helpers import MNIST_DIR
 
 

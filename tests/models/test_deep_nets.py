@@ -3,16 +3,15 @@ gradient checks (every option on), PyTorch float64 twins from the same weights, 
 Dropout on every backend, checkpoints (running statistics and the mask generator), errors."""
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xpcnn.training.checkpoint import build_from_checkpoint, load_checkpoint, restore, save_checkpoint
 from xpcnn.errors import CheckpointError, ConfigError, ShapeError
-from xpcnn.models import SimpleConvNet
-from xpcnn.models import DeepConvNet, MultiLayerNetExtend
+from xpcnn.models import DeepConvNet, MultiLayerNetExtend, SimpleConvNet
 from xpcnn.nn.optim import Adam
+from xpcnn.training.checkpoint import build_from_checkpoint, load_checkpoint, restore, save_checkpoint
+
 from helpers import REPO, relative_error
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -7,7 +7,8 @@ import pytest
 from xpcnn.errors import ConfigError, ShapeError
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.optim import AdaGrad
-from helpers import MAX_GRAD_ERROR, numerical_gradient, relative_error
+
+from helpers import MAX_GRAD_ERROR, make_learnable_set, numerical_gradient, relative_error
 
 NETS = [
     # input_dim, conv_param

@@ -4,9 +4,10 @@ dtype preservation, no writes into the caller's arrays, and validation errors.""
 import numpy as np
 import pytest
 
-from xpcnn.errors import BackendMismatch, ConfigError, DTypeError, ShapeError
 from xpcnn.backend import get_backend
+from xpcnn.errors import BackendMismatch, ConfigError, DTypeError, ShapeError
 from xpcnn.nn.layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+
 from helpers import naive_conv, naive_maxpool, numerical_gradient, relative_error, tie_free
 
 TOL = 1e-6

@@ -9,6 +9,7 @@ import pytest
 from xpcnn.backend import RandomSource, get_backend
 from xpcnn.errors import ConfigError, DTypeError, ShapeError
 from xpcnn.nn.layers import BatchNormalization, Dropout, Sigmoid
+
 from helpers import numerical_gradient, relative_error
 
 TOL = 1e-6

@@ -12,9 +12,10 @@ Each runs on every available backend (NumPy, array_api_strict, CuPy).
 import numpy as np
 import pytest
 
-from xpcnn.ops.geometry import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
-from xpcnn.ops import ops_for, reference as ops_module
 from xpcnn.nn.layers import ReLU
+from xpcnn.ops import ops_for
+from xpcnn.ops import reference as ops_module
+from xpcnn.ops.geometry import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
 
 GEOMETRIES = [  # (N, C, H, W, FH, FW, stride, pad)
     (2, 1, 7, 7, 3, 3, 1, 0),

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from xpcnn.ops import reference as ops
 from xpcnn.errors import ConfigError, ShapeError
-from xpcnn.ops import (
-    col2im, conv_output_size, cross_entropy_error, im2col, log_softmax, one_hot, softmax,
-)
+from xpcnn.ops import col2im, conv_output_size, cross_entropy_error, im2col, log_softmax, one_hot, softmax
+from xpcnn.ops import reference as ops
+
 from helpers import naive_im2col
 
 GEOMETRIES = [

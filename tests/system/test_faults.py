@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import isolated_env
-
 import xpcnn.training.checkpoint as checkpoint_module
 from xpcnn import data
-from xpcnn.training.checkpoint import load_checkpoint, save_checkpoint
 from xpcnn.errors import CheckpointError, TrainingError
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.optim import SGD, AdaGrad
 from xpcnn.training import Trainer
+from xpcnn.training.checkpoint import load_checkpoint, save_checkpoint
+
+from helpers import isolated_env
 
 REPO = Path(__file__).resolve().parents[2]
 POSIX_SIGNALS = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")

@@ -8,7 +8,6 @@ one step from identical weights - and by the accuracy a short real-data run reac
 is compared weight for weight after 50 steps.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from xpcnn import AdaGrad, SimpleConvNet, Trainer, get_backend
+
 from helpers import REPO, isolated_env
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -31,23 +31,30 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import xpcnn
 from xpcnn import data
 from xpcnn.backend import get_backend
-from xpcnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from xpcnn.errors import (
-    BackendMismatch, BackendUnavailable, CheckpointError, ConfigError, DatasetError, DTypeError,
-    ShapeError, XpcnnError,
+    BackendMismatch,
+    BackendUnavailable,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    DTypeError,
+    ShapeError,
+    XpcnnError,
 )
-from xpcnn.ops import col2im, conv_output_size, im2col
-from xpcnn.nn.layers import Affine, Convolution, Pooling, SoftmaxWithLoss
 from xpcnn.models import SimpleConvNet
-from xpcnn.nn.optim import AdaGrad, SGD, make_optimizer
+from xpcnn.nn.layers import Affine, Convolution, Pooling, SoftmaxWithLoss
+from xpcnn.nn.optim import SGD, AdaGrad, make_optimizer
+from xpcnn.ops import col2im, conv_output_size, im2col
 from xpcnn.training import Trainer
+from xpcnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 
-from helpers import isolated_env, naive_conv, naive_maxpool, tie_free
+from helpers import cli_env, error_line, naive_conv, naive_maxpool, run_cli, tie_free
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(xpcnn.__file__).resolve().parent

@@ -17,12 +17,17 @@ import numpy as np
 import pytest
 
 import xpcnn.training.checkpoint as ckpt_mod
-from xpcnn.training.checkpoint import (
-    CheckpointError, build_from_checkpoint, generator_from_state, load_checkpoint,
-    make_optimizer_from_checkpoint, restore, save_checkpoint,
-)
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.optim import make_optimizer
+from xpcnn.training.checkpoint import (
+    CheckpointError,
+    build_from_checkpoint,
+    generator_from_state,
+    load_checkpoint,
+    make_optimizer_from_checkpoint,
+    restore,
+    save_checkpoint,
+)
 
 SMALL_CONV = {"filter_num": 4, "filter_size": 3, "pad": 0, "stride": 1}
 OPTIMIZER_NAMES = ["sgd", "momentum", "adagrad", "adam"]

@@ -4,15 +4,15 @@ history, outputs, exact resume (between epochs and inside one), and the real-dig
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from xpcnn import SimpleConvNet, Trainer, TrainingInterrupted, load_checkpoint
 from xpcnn.cli import main
-from xpcnn.data import write_idx
-from helpers import FASHION_FILES, MNIST_DIR, REPO, make_learnable_set
+
+from helpers import MNIST_DIR, REPO, make_learnable_set
+
 
 def tiny_net(seed=0, backend="cpu"):
     return SimpleConvNet((1, 12, 12), {"filter_num": 4, "filter_size": 3, "pad": 1, "stride": 1}, hidden_size=16,

@@ -23,14 +23,13 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import json
 
 import numpy as np
 
@@ -39,15 +38,29 @@ from ..backend import FLOAT_DTYPES, get_backend, out_of_memory_as_error
 from ..data import class_names, get_spec, load_dataset, load_split
 from ..data.images import FIT_CHOICES, INVERT_CHOICES
 from ..errors import (
-    BackendUnavailable, CheckpointError, CheckpointWriteError, ConfigError, DatasetError, DeviceMemoryError, DTypeError,
-    ImageFileError, OutputError, ShapeError, TrainingError, XpcnnError,
+    BackendUnavailable,
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DatasetError,
+    DeviceMemoryError,
+    DTypeError,
+    ImageFileError,
+    OutputError,
+    ShapeError,
+    TrainingError,
+    XpcnnError,
 )
 from ..models import MODELS, build_network, model_entry, model_of_class, run_defaults
 from ..models.multi_layer_net_extend import ACTIVATIONS
 from ..models.registry import RUN_KEYS, check_options
 from ..nn import OPTIMIZERS
 from ..training import (
-    Trainer, TrainingInterrupted, build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint,
+    Trainer,
+    TrainingInterrupted,
+    build_from_checkpoint,
+    load_checkpoint,
+    make_optimizer_from_checkpoint,
 )
 from ..training.trainer import ON_NAN_CHOICES
 from .plots import plot_accuracy, plot_filters, plot_loss

@@ -12,7 +12,6 @@ file never stops the others. Works with any network of the book's protocol (``pr
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator

@@ -11,12 +11,18 @@
     >>> be.to_numpy(x)                                   # backend -> host, at the edges
 """
 
-from .arrays import (
-    FLOAT_DTYPES, check_same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read,
-)
+from .arrays import FLOAT_DTYPES, check_same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
 from .devices import (
-    BACKEND_ALIASES, GPU_INSTALL_HINT, TORCH_DEVICE_TYPES, TORCH_INSTALL_HINT, Backend, backend_of, get_backend,
-    is_out_of_memory, out_of_memory_as_error, out_of_memory_message,
+    BACKEND_ALIASES,
+    GPU_INSTALL_HINT,
+    TORCH_DEVICE_TYPES,
+    TORCH_INSTALL_HINT,
+    Backend,
+    backend_of,
+    get_backend,
+    is_out_of_memory,
+    out_of_memory_as_error,
+    out_of_memory_message,
 )
 from .random import RandomSource
 

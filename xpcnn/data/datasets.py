@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DatasetError, DTypeError, ShapeError
+from ..errors import ConfigError, DatasetError
 from .idx import GZIP_MAGIC, atomic_write_bytes, file_md5, gunzip, md5_hex, read_idx, read_idx_bytes
 
 # --------------------------------------------------------------------------------------

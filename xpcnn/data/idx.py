@@ -18,7 +18,6 @@ import numpy as np
 from ..errors import DatasetError, DTypeError, ShapeError
 from ..fileio import atomic_write
 
-
 #: IDX data-type codes and the big-endian NumPy dtype each one stores.
 IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
@@ -55,7 +54,7 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
         raise DatasetError(f"{source}: file has {len(data)} bytes, too short for the 4-byte IDX magic number")
     zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
     if (zero0, zero1) != (0, 0):
-        hint = " (this looks like gzip data: name the file *.gz)" if data[:2] == _GZIP_MAGIC else ""
+        hint = " (this looks like gzip data: name the file *.gz)" if data[:2] == GZIP_MAGIC else ""
         raise DatasetError(
             f"{source}: not an IDX file: the magic number must start with bytes 0x00 0x00, "
             f"got 0x{zero0:02X} 0x{zero1:02X}{hint}"

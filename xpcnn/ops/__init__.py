@@ -14,11 +14,16 @@ Layers ask the table for an operation by name (``ops.conv2d_forward(...)``); the
 which backend they run on.
 """
 
-from .functions import (
-    as_one_hot, check_labels, cross_entropy_error, host_class_labels, log_softmax, one_hot, softmax,
-)
+from .functions import as_one_hot, check_labels, cross_entropy_error, host_class_labels, log_softmax, one_hot, softmax
 from .geometry import (
-    check_rank, check_stride_pad, col2im, conv_output_size, im2col, positive_int, spatial_slices, window_offsets,
+    check_rank,
+    check_stride_pad,
+    col2im,
+    conv_output_size,
+    im2col,
+    positive_int,
+    spatial_slices,
+    window_offsets,
 )
 from .reference import store_gradient
 from .table import OP_SIGNATURES, Ops, ops_for, ops_of

@@ -31,6 +31,7 @@ import array_api_compat
 from .functions import log_softmax, one_hot
 from .geometry import col2im_cnhw, col2im_nchw, im2col_cnhw, im2col_nchw, pad_nchw, spatial_slices, window_offsets
 
+
 def store_gradient(out: Any, value: Any) -> Any:
     """`value`, written into `out` when one is given (a view of a gradient buffer)."""
     if out is None:

@@ -77,7 +77,7 @@ def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
         inner = xp.inner
         return {name: _counted_fast(function, inner, xp) for name, function in _fast_table(inner).items()}
     if array_api_compat.is_cupy_namespace(xp):
-        from . import fast_cupy   # imports CuPy: only where CuPy is in use (an optional library)
+        from . import fast_cupy  # imports CuPy: only where CuPy is in use (an optional library)
 
         return fast_cupy.fast_ops()
     if array_api_compat.is_numpy_namespace(xp):

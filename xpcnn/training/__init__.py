@@ -7,7 +7,12 @@
 """
 
 from .checkpoint import (
-    Checkpoint, build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint, restore, save_checkpoint,
+    Checkpoint,
+    build_from_checkpoint,
+    load_checkpoint,
+    make_optimizer_from_checkpoint,
+    restore,
+    save_checkpoint,
 )
 from .history import History
 from .trainer import Trainer, TrainingInterrupted

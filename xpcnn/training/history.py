@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
-import math
-import os
 import io
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

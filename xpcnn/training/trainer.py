@@ -19,8 +19,6 @@ import os
 import signal
 import threading
 import time
-
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
