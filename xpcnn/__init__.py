@@ -55,7 +55,7 @@ from .nn import (
 from .ops import col2im, conv_output_size, cross_entropy_error, im2col, softmax
 from .training import History, Trainer, TrainingInterrupted, checkpoint, load_checkpoint, save_checkpoint
 
-# The module names of xpcnn 0.1's flat layout that its README shows, kept importable:
+# The module names of the flat layout that the docs show, kept importable:
 # ``import xpcnn.checkpoint``, ``from xpcnn.report import write_report``.
 _sys.modules[__name__ + ".checkpoint"] = checkpoint
 _sys.modules[__name__ + ".report"] = report

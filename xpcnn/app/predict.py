@@ -3,7 +3,7 @@
     >>> for result in classify_files(net, ["shoe.jpg", "bad.png", "batch.npy"]):
     ...     print(result)          # a Prediction per image, a FileFailure per unusable file
 
-Files are read with `xpcnn.images.read_input_file` (pictures fitted to the network's input
+Files are read with `xpcnn.data.images.read_input_file` (pictures fitted to the network's input
 size, arrays taken as they are) and predicted `batch_size` images at a time, in order. A bad
 file never stops the others. Works with any network of the book's protocol (``predict``,
 ``backend``, ``dtype``, ``config["input_dim"]``).

@@ -70,7 +70,7 @@ class DatasetSpec:
         num_classes: labels lie in ``[0, num_classes)``.
         offline_hint: how to get the data without downloading, for the not-found message.
         class_names: the name of each label ``0 .. num_classes-1`` (empty: the numbers).
-        picture_fit: how `xpcnn.images.frame` frames a picture like this dataset's images
+        picture_fit: how `xpcnn.data.images.frame` frames a picture like this dataset's images
             (``"fill"``: Fashion-MNIST's trim-and-fill, ``"digit"``: MNIST's 20x20 box centred
             by mass).
     """

@@ -43,7 +43,7 @@ class SimpleConvNet(Network):
 
     ``params`` holds ``W1 b1`` (convolution), ``W2 b2`` (hidden affine), ``W3 b3`` (output
     affine), shared by reference with the layers so optimizers update them in place; all six
-    are views of one buffer, ``params.flat`` (see `xpcnn.params`).
+    are views of one buffer, ``params.flat`` (see `xpcnn.nn.params`).
     """
 
     def __init__(self, input_dim: tuple = (1, 28, 28), conv_param: dict | None = None,

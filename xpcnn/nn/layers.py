@@ -52,6 +52,9 @@ class _OpsFromInput:
 class Convolution:
     """2-D convolution by im2col: ``(N, C, H, W) -> (N, FN, OH, OW)``.
 
+    Operations: ``conv2d_forward`` / ``conv2d_backward`` of the table (reference in
+    `xpcnn.ops.reference`; fast variants in `xpcnn.ops.fast_numpy` and `xpcnn.ops.fast_cupy`).
+
     Args:
         W: filters ``(FN, C, FH, FW)``.
         b: biases ``(FN,)``.
@@ -102,6 +105,9 @@ class Pooling(_OpsFromInput):
     Padding is filled with -inf, so it never wins the max (pad must be < the window size,
     so every window holds a real pixel). On ties the first maximum in the window (row-major)
     gets the gradient, as with the book's argmax.
+
+    Operations: ``maxpool2d_forward`` / ``maxpool2d_backward`` (`xpcnn.ops.reference`; CuPy's
+    kernels in `xpcnn.ops.fast_cupy`).
     """
 
     def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
@@ -132,6 +138,9 @@ class Pooling(_OpsFromInput):
 
 class Affine:
     """Fully connected layer: ``(N, ...) -> (N, out)``; inputs are flattened per sample.
+
+    Operations: ``affine_forward`` / ``affine_backward`` (`xpcnn.ops.reference`; CuPy's in
+    `xpcnn.ops.fast_cupy`).
 
     Args:
         W: weights ``(in, out)``; ``in`` must equal the product of the input's trailing dims.
@@ -176,7 +185,10 @@ class Affine:
 
 
 class ReLU(_OpsFromInput):
-    """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0."""
+    """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0.
+
+    Operations: ``relu_forward`` / ``relu_backward`` (`xpcnn.ops.reference`; CuPy's kernels
+    in `xpcnn.ops.fast_cupy`)."""
 
     def __init__(self, *, ops: Ops | None = None):
         super().__init__(ops)
@@ -203,6 +215,10 @@ class SoftmaxWithLoss(_OpsFromInput):
     `forward(x, t)` takes scores ``(N, K)`` and labels as ``(N,)`` class indices or
     ``(N, K)`` one-hot rows (the book's form), and returns the loss as a 0-d array (it stays
     on the device; convert with ``float()`` only when you log it).
+
+    Operations: ``softmax_cross_entropy_forward`` / ``softmax_cross_entropy_backward``
+    (`xpcnn.ops.reference`, built on `xpcnn.ops.functions`; one fused CuPy kernel in
+    `xpcnn.ops.fast_cupy`).
     """
 
     def __init__(self, *, ops: Ops | None = None):

@@ -76,7 +76,7 @@ class Network:
 
     def _init_params(self, host: dict[str, np.ndarray]) -> None:
         """The one place parameters are made: host arrays -> views of one flat buffer on the
-        backend, in the model's dtype (see `xpcnn.params`)."""
+        backend, in the model's dtype (see `xpcnn.nn.params`)."""
         self.params = make_params(host, self.backend, self.dtype)
 
     def _bind_gradients(self) -> None:

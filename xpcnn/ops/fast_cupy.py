@@ -3,7 +3,7 @@
 Each function here replaces one reference operation of the table with one or a few kernel
 launches: where the reference code makes several array-library calls (each a kernel launch
 and ~20 us of Python on the host), these make one. The results match the reference within
-rounding (tests/test_fast_ops.py). Deterministic by construction: nothing that feeds a
+rounding (tests/ops/test_fast_ops.py). Deterministic by construction: nothing that feeds a
 gradient uses atomics. col2im and the pooling backward are gathers (each input pixel sums the
 windows that contain it, in a fixed order), and pooling backward uses the window index
 stored by its forward pass, so two runs from the same seed give bit-identical weights.

@@ -17,7 +17,7 @@ in memory (``(N, H, W, C)``) and handles a few images at a time:
   chunk by chunk; other strides scatter the columns back (col2im) per chunk.
 
 Measured in docs/performance.md ("DeepConvNet on the CPU"). Results equal the reference
-within float rounding (tests/test_fast_ops.py); the chunks are summed in a fixed order, so
+within float rounding (tests/ops/test_fast_ops.py); the chunks are summed in a fixed order, so
 runs are deterministic. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
 it off.
 """

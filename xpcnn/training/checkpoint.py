@@ -287,7 +287,7 @@ def save_checkpoint(path: "str | os.PathLike[str]", network: Any, optimizer: Any
             is appended).
         network: a model with ``params``, ``config``, ``dtype`` and ``backend`` (e.g.
             `SimpleConvNet`); arrays are copied to the host with ``network.backend.to_numpy``.
-        optimizer: an optimizer from `xpcnn.optim`, or None.
+        optimizer: an optimizer from `xpcnn.nn.optim`, or None.
         epoch, step: where training stands.
         rng_state: the training RNG: a ``numpy.random.Generator``, a bit generator, or its
             ``.state`` dict (restore with `generator_from_state`).
