@@ -22,7 +22,9 @@ from xpcnn import data
 from xpcnn.data import DatasetSpec, FileSpec
 from xpcnn.errors import ConfigError, DatasetError, DTypeError, ShapeError
 
-REAL_MNIST_DIR = Path("/work/shared/data/mnist")
+from helpers import MNIST_DIR
+
+REAL_MNIST_DIR = MNIST_DIR          # found by searching the folders above the checkout (tests/helpers.py)
 REAL_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 TOY_NAMES = {

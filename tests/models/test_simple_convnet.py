@@ -4,7 +4,7 @@ every backend, batched accuracy, and a small training run that must learn."""
 import numpy as np
 import pytest
 
-from xpcnn.errors import ConfigError, ShapeError
+from xpcnn.errors import ConfigError, DTypeError, ShapeError
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.optim import AdaGrad
 
@@ -105,7 +105,7 @@ def test_accuracy_rejects_bad_arguments(rng):
     ({"input_dim": (28, 28)}, ShapeError, r"input_dim must be \(C, H, W\)"),
     ({"conv_param": {"filters": 3}}, ConfigError, "unknown conv_param keys"),
     ({"hidden_size": 0}, ConfigError, "hidden_size must be an integer >= 1"),
-    ({"dtype": "float16"}, Exception, "dtype must be one of"),
+    ({"dtype": "float16"}, DTypeError, "dtype must be one of"),
 ])
 def test_simple_conv_net_rejects_bad_configuration(kwargs, error, words):
     with pytest.raises(error, match=words):

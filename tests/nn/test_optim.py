@@ -8,10 +8,16 @@ import pytest
 
 from xpcnn.errors import ConfigError
 from xpcnn.nn.optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
+from xpcnn.nn.params import ParamDict, make_params
 
 
 def reference_steps(name, p, grads, **hp):
     """The update rules in plain NumPy float64, step by step."""
+    return reference_steps_and_state(name, p, grads, **hp)[0]
+
+
+def reference_steps_and_state(name, p, grads, **hp):
+    """The parameter after the steps and the optimizer's state arrays, by xpcnn's state names."""
     p = p.copy()
     v = np.zeros_like(p)
     h = np.zeros_like(p)
@@ -30,7 +36,8 @@ def reference_steps(name, p, grads, **hp):
             m += 0.1 * (g - m)
             h += 0.001 * (g * g - h)
             p -= lr_t * m / (np.sqrt(h) + 1e-8)
-    return p
+    state = {"sgd": {}, "momentum": {"v": v}, "adagrad": {"h": h}, "adam": {"m": m, "v": h}}[name]
+    return p, state
 
 
 CASES = [("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.1, "momentum": 0.9}), ("adagrad", {"lr": 0.06}), ("adam", {"lr": 0.01})]
@@ -47,6 +54,33 @@ def test_optimizer_matches_formula_and_updates_in_place(backend, rng, name, hp):
         opt.update(params, {"W": backend.asarray(g, "float64")})
     assert params["W"] is param                      # same array: layers holding it see the update
     np.testing.assert_allclose(backend.to_numpy(param), reference_steps(name, p_host, grads_host, **hp), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("container", ["dict", "flat"])
+@pytest.mark.parametrize("name, hp", CASES)
+def test_every_step_and_state_array_match_the_formula(backend, rng, name, hp, container):
+    """Both update paths: a plain dict of arrays (one update per array) and a network's flat
+    `ParamDict` (one update over the whole buffer): the parameters, the step count (Adam's bias
+    correction reads it) and every state array after three steps."""
+    host = {"W": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    steps = {key: [rng.standard_normal(value.shape) for _ in range(3)] for key, value in host.items()}
+    if container == "flat":
+        params = make_params(host, backend, backend.dtype("float64"))
+        assert isinstance(params, ParamDict)
+    else:
+        params = {key: backend.asarray(value.copy(), "float64") for key, value in host.items()}
+    opt = make_optimizer(name, **hp)
+    for i in range(3):
+        opt.update(params, {key: backend.asarray(steps[key][i], "float64") for key in host})
+        assert opt.iterations == i + 1
+    assert opt.state_dict()["iterations"] == 3
+    for key, value in host.items():
+        expected, state = reference_steps_and_state(name, value, steps[key], **hp)
+        np.testing.assert_allclose(backend.to_numpy(params[key]), expected, rtol=1e-12, atol=1e-14)
+        assert sorted(opt.state) == sorted(state)
+        for state_name, expected_state in state.items():
+            np.testing.assert_allclose(backend.to_numpy(opt.state[state_name][key]), expected_state,
+                                       rtol=1e-12, atol=1e-14, err_msg=f"{name} state {state_name}[{key}]")
 
 
 @pytest.mark.parametrize("name, hp", CASES)
