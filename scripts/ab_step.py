@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_package(name: str, folder: Path):
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -58,7 +59,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="xpcnn-ab-") as tmp:
         base_dir = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_dir), args.base], check=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_dir), args.base],
+                       check=True)
         try:
             versions = {"this": load_package("xpcnn", ROOT / "xpcnn"),
                         "base": load_package("xpcnn_base", base_dir / "xpcnn")}
@@ -88,8 +90,10 @@ def main() -> int:
                     samples[name]["score"].append(time.perf_counter() - start)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)], check=False)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{args.model} model: this checkout ({head}, working tree) vs base {args.base}; {args.rounds} interleaved rounds, "
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    print(f"{args.model} model: this checkout ({head}, working tree) vs base {args.base}; "
+          f"{args.rounds} interleaved rounds, "
           f"batch {args.batch_size}, scoring {args.eval_images} images at batch {args.eval_batch_size}, "
           f"BLAS threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.2f}")
     print("| what | this ms (median) | base ms (median) | this / base |")

@@ -50,7 +50,8 @@ def deep_xpcnn_run(seed: int, data, epochs: int, batch_size: int, lr: float, lab
             idx = order[first:first + batch_size]
             opt.update(net.params, net.gradient(x_train[idx], t_train[idx]))
         accuracies.append(net.accuracy(x_test, t_test, batch_size=500))
-        print(f"{label} seed {seed} epoch {epoch:2d}: test acc xpcnn {accuracies[-1]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{label} seed {seed} epoch {epoch:2d}: test acc xpcnn {accuracies[-1]:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
     return accuracies
 
 
@@ -81,13 +82,16 @@ def deep_torch_run(seed: int, data, epochs: int, batch_size: int, lr: float, thr
             F.cross_entropy(net.forward(xt[idx], train=True), tt[idx]).backward()
             opt.step()
         with torch.no_grad():
-            correct = sum(int((net.forward(xs[i:i + 500]).argmax(1) == ts[i:i + 500]).sum()) for i in range(0, len(xs), 500))
+            correct = sum(int((net.forward(xs[i:i + 500]).argmax(1) == ts[i:i + 500]).sum())
+                          for i in range(0, len(xs), 500))
         accuracies.append(correct / len(xs))
-        print(f"{label} seed {seed} epoch {epoch:2d}: test acc torch {accuracies[-1]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{label} seed {seed} epoch {epoch:2d}: test acc torch {accuracies[-1]:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
     return accuracies
 
 
-def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: float, seed: int, threads: int) -> list[float]:
+def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: float, seed: int,
+              threads: int) -> list[float]:
     import torch
     import torch.nn.functional as F
 
@@ -98,9 +102,12 @@ def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: f
     fc1 = torch.nn.Linear(p["W2"].shape[0], p["W2"].shape[1])
     fc2 = torch.nn.Linear(p["W3"].shape[0], p["W3"].shape[1])
     with torch.no_grad():
-        conv.weight.copy_(p["W1"]); conv.bias.copy_(p["b1"])
-        fc1.weight.copy_(p["W2"].T); fc1.bias.copy_(p["b2"])
-        fc2.weight.copy_(p["W3"].T); fc2.bias.copy_(p["b3"])
+        conv.weight.copy_(p["W1"])
+        conv.bias.copy_(p["b1"])
+        fc1.weight.copy_(p["W2"].T)
+        fc1.bias.copy_(p["b2"])
+        fc2.weight.copy_(p["W3"].T)
+        fc2.bias.copy_(p["b3"])
     modules = torch.nn.ModuleList([conv, fc1, fc2])
 
     def forward(x):
@@ -120,7 +127,8 @@ def torch_run(net_init: SimpleConvNet, data, epochs: int, batch_size: int, lr: f
             F.cross_entropy(forward(xt[idx]), tt[idx]).backward()
             optimizer.step()
         with torch.no_grad():
-            correct = sum(int((forward(xs[i:i + 500]).argmax(1) == ts[i:i + 500]).sum()) for i in range(0, len(xs), 500))
+            correct = sum(int((forward(xs[i:i + 500]).argmax(1) == ts[i:i + 500]).sum())
+                          for i in range(0, len(xs), 500))
         accuracies.append(correct / len(xs))
     return accuracies
 
@@ -163,7 +171,8 @@ def main() -> int:
         for epoch, (a, b) in enumerate(zip(history.test_acc, torch_acc), start=1):
             print(f"seed {seed} epoch {epoch:2d}: test acc xpcnn {a:.4f}  torch {b:.4f}", flush=True)
         results.append({"seed": seed, "xpcnn_test_acc": history.test_acc, "torch_test_acc": torch_acc,
-                        "xpcnn_train_acc": history.train_acc, "xpcnn_seconds": xpcnn_seconds, "torch_seconds": torch_seconds})
+                        "xpcnn_train_acc": history.train_acc, "xpcnn_seconds": xpcnn_seconds,
+                        "torch_seconds": torch_seconds})
     final_x = [r["xpcnn_test_acc"][-1] for r in results]
     final_t = [r["torch_test_acc"][-1] for r in results]
     print(f"final test acc over seeds {args.seeds}: xpcnn {final_x} (median {np.median(final_x):.4f}); "

@@ -128,8 +128,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
-from xpcnn.ops import ops_of  # noqa: E402
 from xpcnn.nn.optim import AdaGrad  # noqa: E402
+from xpcnn.ops import ops_of  # noqa: E402
 
 LR = 0.06
 
@@ -657,10 +657,12 @@ def blas_threads() -> tuple[int | None, str]:
         return os.cpu_count(), "assumed = cores (threadpoolctl not installed)"
     for pool in threadpool_info():
         if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", "") + pool.get("prefix", ""):
-            return int(pool["num_threads"]), f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, {pool.get('architecture')} kernel)"
+            return int(pool["num_threads"]), (f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, "
+                                              f"{pool.get('architecture')} kernel)")
     for pool in threadpool_info():
         if pool.get("user_api") == "blas":
-            return int(pool["num_threads"]), f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, {pool.get('architecture')} kernel)"
+            return int(pool["num_threads"]), (f"threadpoolctl ({pool.get('internal_api')} {pool.get('version')}, "
+                                              f"{pool.get('architecture')} kernel)")
     return None, "no BLAS found by threadpoolctl"
 
 
@@ -1019,7 +1021,8 @@ def main(args) -> int:
         print(f"| sum of parts | {total * 1e3:.2f} | |")
         print()
         print(f"array-library calls per xpcnn training step: {step_calls}"
-              + (" (reference path)" if args.reference or ops_of(get_backend(args.backend)).reference else " (fast path)"))
+              + (" (reference path)" if args.reference or ops_of(get_backend(args.backend)).reference
+                 else " (fast path)"))
         print()
     if memory:
         print("Peak memory, each contender alone in a fresh process (build + warm-up steps + one evaluation)")

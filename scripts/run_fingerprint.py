@@ -35,8 +35,10 @@ def main() -> int:
             weights = hashlib.sha256()
             for key in sorted(net.params):
                 weights.update(key.encode() + np.ascontiguousarray(net.backend.to_numpy(net.params[key])).tobytes())
-            print(f"{name:6s} {dtype}  steps {losses.size}  last loss {losses[-1]:.10f}  test acc {history.test_acc[-1]:.4f}  "
-                  f"losses {hashlib.sha256(losses.tobytes()).hexdigest()[:16]}  weights {weights.hexdigest()[:16]}", flush=True)
+            print(f"{name:6s} {dtype}  steps {losses.size}  last loss {losses[-1]:.10f}  "
+                  f"test acc {history.test_acc[-1]:.4f}  "
+                  f"losses {hashlib.sha256(losses.tobytes()).hexdigest()[:16]}  weights {weights.hexdigest()[:16]}",
+                  flush=True)
     return 0
 
 

@@ -26,7 +26,8 @@ class TorchDeepConvNet:
         self.dtype = getattr(torch, dtype)
         self.params = {k: torch.tensor(np.asarray(v), dtype=self.dtype, device=device).requires_grad_()
                        for k, v in host_params.items()}
-        self.pads, self.ratio, self.mask_source, self.device = tuple(conv_pads), float(dropout_ratio), mask_source, device
+        self.pads, self.ratio, self.mask_source, self.device = (tuple(conv_pads), float(dropout_ratio), mask_source,
+                                                                device)
 
     def _dropout(self, h, train: bool):
         if not self.ratio:

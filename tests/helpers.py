@@ -105,7 +105,8 @@ def _find_mnist_dir() -> Path:
 
 
 MNIST_DIR = _find_mnist_dir()
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
 
 
 def make_learnable_set(rng, n, size=12):

@@ -16,7 +16,8 @@ _CACHE: dict[str, Path] = {}
 
 
 def fashion_available() -> bool:
-    return (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists() and (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
+    return ((FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists()
+            and (FASHION_DIR / "train-images-idx3-ubyte.gz").exists())
 
 
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -26,7 +26,8 @@ def test_deep_recipe_checkpoint_evaluate_and_resume_refusal(tmp_path, cli_datase
     assert ckpt.optimizer_name == "adam" and ckpt.metadata["network_rng"]["draws"] == 8    # 4 steps x 2 Dropout layers
     assert (tmp_path / "deep" / "filters.png").exists()
 
-    evaluated = run_cli(["evaluate", str(tmp_path / "deep" / "checkpoint.npz"), "--data-dir", str(cli_dataset)], tmp_path)
+    evaluated = run_cli(["evaluate", str(tmp_path / "deep" / "checkpoint.npz"), "--data-dir", str(cli_dataset)],
+                        tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert evaluated.stdout.startswith("test acc ")
 

@@ -145,9 +145,11 @@ def test_cli_frames_pictures_like_the_checkpoints_dataset():
 
 
 def test_border_decides_inversion():
-    dark = np.zeros((28, 28)); dark[5:20, 5:20] = 1
+    dark = np.zeros((28, 28))
+    dark[5:20, 5:20] = 1
     assert not border_is_light(dark) and border_is_light(1 - dark)
-    touching = dark.copy(); touching[:, 0] = 1          # an item touching one side: still dark
+    touching = dark.copy()
+    touching[:, 0] = 1          # an item touching one side: still dark
     assert not border_is_light(touching)
     with pytest.raises(ImageFileError, match="invert must be one of"):
         prepare_image(dark, invert="maybe")
@@ -160,7 +162,8 @@ def test_transparent_paper_counts_as_white_and_modes_are_read(tmp_path):
     item = read_input_file(tmp_path / "stroke.png", fit="whole")
     assert item.inverted and item.images[0].max() > 0.9 and item.images[0][:3].max() == 0
     # 16-bit grayscale, palette GIF, BMP and a colour JPEG give the same light-on-dark square
-    square = np.zeros((28, 28), np.uint8); square[8:20, 8:20] = 255
+    square = np.zeros((28, 28), np.uint8)
+    square[8:20, 8:20] = 255
     Image.fromarray(square.astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(square).convert("P").save(tmp_path / "pal.gif")
     Image.fromarray(square).save(tmp_path / "plain.bmp")
@@ -171,7 +174,8 @@ def test_transparent_paper_counts_as_white_and_modes_are_read(tmp_path):
 
 
 def test_phone_photo_rotation_is_applied(tmp_path):
-    pixels = np.zeros((20, 40), np.uint8); pixels[:, :10] = 255          # bright left quarter
+    pixels = np.zeros((20, 40), np.uint8)
+    pixels[:, :10] = 255          # bright left quarter
     picture = Image.fromarray(pixels)
     exif = picture.getexif()
     exif[0x0112] = 6                                                     # "rotate 90 CW to view"
@@ -254,25 +258,37 @@ BAD_FILES = [  # (id, make(tmp_path) -> path, checkpoint, the line must say)
     ("missing", _write("gone.png", None), "net28", "gone.png: no such file"),
     ("directory", _make_dir, "net28", "folder: is a directory; expected a picture, .npy or IDX file"),
     ("empty", _write("empty.png", b""), "net28", "empty.png: the file is empty"),
-    ("not an image", _write("notes.png", b"hello, I am text\n" * 4), "net28", "notes.png: not a picture Pillow can read"),
-    ("truncated png", _write("cut.png", _encoded("PNG")[:3000]), "net28", "cut.png: cannot decode the picture (truncated or corrupted?)"),
-    ("truncated jpeg", _write("cut.jpg", _encoded("JPEG")[:1500]), "net28", "cut.jpg: cannot decode the picture (truncated or corrupted?)"),
-    ("zero width", _write("flat.png", _png_header(0, 28)), "net28", "flat.png: the picture is 0 x 28 pixels (width x height): nothing to classify"),
+    ("not an image", _write("notes.png", b"hello, I am text\n" * 4), "net28",
+     "notes.png: not a picture Pillow can read"),
+    ("truncated png", _write("cut.png", _encoded("PNG")[:3000]), "net28",
+     "cut.png: cannot decode the picture (truncated or corrupted?)"),
+    ("truncated jpeg", _write("cut.jpg", _encoded("JPEG")[:1500]), "net28",
+     "cut.jpg: cannot decode the picture (truncated or corrupted?)"),
+    ("zero width", _write("flat.png", _png_header(0, 28)), "net28",
+     "flat.png: the picture is 0 x 28 pixels (width x height): nothing to classify"),
     ("20000x20000 bomb", _write("bomb.png", _png_header(20000, 20000)), "net28",
-     "bomb.png: the picture is 20000 x 20000 pixels (400 megapixels), over the limit of 50 megapixels; refusing to decode"),
+     "bomb.png: the picture is 20000 x 20000 pixels (400 megapixels), over the limit of 50 megapixels; "
+     "refusing to decode"),
     ("60 MP jpeg", _write("huge.jpg", _jpeg_declaring(10000, 6000)), "net28",
      "huge.jpg: the picture is 10000 x 6000 pixels (60 megapixels), over the limit of 50 megapixels"),
-    ("npy wrong shape", _write("shape.npy", np.zeros((3, 28, 27), np.uint8)), "net28", "shape.npy: holds 28x27 images, but the model takes 28x28"),
-    ("npy 5-d", _write("rank.npy", np.zeros((1, 1, 1, 28, 28), np.uint8)), "net28", "rank.npy: expected an array of images (H, W), (N, H, W)"),
-    ("npy int64", _write("ints.npy", np.zeros((2, 28, 28), np.int64)), "net28", "ints.npy: expected uint8 (0..255) or float (0..1) pixels, got dtype int64"),
-    ("npy 0..255 floats", _write("scale.npy", np.full((2, 28, 28), 200.0)), "net28", "scale.npy: float pixels must lie in [0, 1]"),
-    ("npy NaN", _write("nan.npy", np.full((1, 28, 28), np.nan, np.float32)), "net28", "nan.npy: holds NaN or infinite values"),
-    ("npy pickled objects", _write("objects.npy", np.array([{"a": 1}], dtype=object)), "net28", "objects.npy: not a readable .npy array"),
-    ("npy truncated", _write("short.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (9, 28, 28), }" + b" " * 50 + b"\n" + b"\x00" * 100),
+    ("npy wrong shape", _write("shape.npy", np.zeros((3, 28, 27), np.uint8)), "net28",
+     "shape.npy: holds 28x27 images, but the model takes 28x28"),
+    ("npy 5-d", _write("rank.npy", np.zeros((1, 1, 1, 28, 28), np.uint8)), "net28",
+     "rank.npy: expected an array of images (H, W), (N, H, W)"),
+    ("npy int64", _write("ints.npy", np.zeros((2, 28, 28), np.int64)), "net28",
+     "ints.npy: expected uint8 (0..255) or float (0..1) pixels, got dtype int64"),
+    ("npy 0..255 floats", _write("scale.npy", np.full((2, 28, 28), 200.0)), "net28",
+     "scale.npy: float pixels must lie in [0, 1]"),
+    ("npy NaN", _write("nan.npy", np.full((1, 28, 28), np.nan, np.float32)), "net28",
+     "nan.npy: holds NaN or infinite values"),
+    ("npy pickled objects", _write("objects.npy", np.array([{"a": 1}], dtype=object)), "net28",
+     "objects.npy: not a readable .npy array"),
+    ("npy truncated", _write("short.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, "
+                                          b"'shape': (9, 28, 28), }" + b" " * 50 + b"\n" + b"\x00" * 100),
      "net28", "short.npy: not a readable .npy array"),
     ("idx of labels", _labels_idx, "net28", "labels-idx1-ubyte: expected an array of images"),
-    ("idx truncated", _write("cut-idx3-ubyte", b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + b"\x00" * 100), "net28",
-     "cut-idx3-ubyte: expected 3920 bytes of image data for 5x28x28 uint8"),
+    ("idx truncated", _write("cut-idx3-ubyte", b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + b"\x00" * 100),
+     "net28", "cut-idx3-ubyte: expected 3920 bytes of image data for 5x28x28 uint8"),
     ("gzip corrupted", _write("bad.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 40), "net28", "bad.gz: corrupted gzip data"),
     ("checkpoint of another input size", _write("digits.npy", np.zeros((2, 28, 28), np.uint8)), "net12",
      "digits.npy: holds 28x28 images, but the model takes 12x12"),
@@ -292,13 +308,15 @@ def untrained_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def good_pictures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("good")
-    square = np.zeros((28, 28), np.uint8); square[6:22, 9:19] = 220
+    square = np.zeros((28, 28), np.uint8)
+    square[6:22, 9:19] = 220
     Image.fromarray(square).save(folder / "good1.png")
     Image.fromarray(255 - square).resize((90, 90)).save(folder / "good2.jpg")
     return folder / "good1.png", folder / "good2.jpg"
 
 
-@pytest.mark.parametrize("make, checkpoint, message", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
+@pytest.mark.parametrize("make, checkpoint, message", [case[1:] for case in BAD_FILES],
+                         ids=[case[0] for case in BAD_FILES])
 def test_a_bad_file_among_good_ones_is_one_line_and_the_others_are_classified(
         make, checkpoint, message, untrained_checkpoints, good_pictures, tmp_path, capsys):
     bad = make(tmp_path)
@@ -354,7 +372,8 @@ def test_json_lines_and_top_k(untrained_checkpoints, good_pictures, tmp_path, ca
         top = record["top"]
         assert len(top) == 4 and list(top[0]) == ["class", "label", "prob"]
         assert all(a["prob"] >= b["prob"] for a, b in zip(top, top[1:]))
-        names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
         assert all(item["label"] == names[item["class"]] for item in top)
 
 
@@ -442,7 +461,8 @@ def _proof(checkpoint, net, x, t, tmp_path, capsys, what):
         for fit in ("auto", "whole") if kind == "png280" else ("auto",):
             classes, inverted = _cli_classes(checkpoint, paths, capsys, fit)
             assert all(inverted) if kind != "png28" else not any(inverted)
-            results[f"{kind} {fit}"] = (round(float(np.mean(classes == t)), 4), int(np.count_nonzero(classes != in_memory)))
+            results[f"{kind} {fit}"] = (round(float(np.mean(classes == t)), 4),
+                                        int(np.count_nonzero(classes != in_memory)))
     print(f"\n{x.shape[0]} {what}, in memory acc {memory_acc:.4f}; through files (acc, predictions changed): {results}")
     assert results["png28 auto"][1] == 0                     # 28x28 light-on-dark PNGs: identical classes
     for key, (accuracy, _) in results.items():
@@ -461,7 +481,8 @@ def test_pictures_through_the_cli_give_the_in_memory_predictions_2000(trained, t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST test set not found in {MNIST_DIR}")
+@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"real MNIST test set not found in {MNIST_DIR}")
 def test_digit_pictures_through_the_cli_give_the_in_memory_predictions(tmp_path, capsys):
     """Real digits, framed with MNIST's recipe (--fit auto -> digit for an MNIST checkpoint):
     train on 8,000 of the MNIST test images, render the other 2,000 as files."""

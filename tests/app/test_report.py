@@ -20,7 +20,8 @@ from xpcnn.nn.layers import Affine, Convolution, ReLU
 from helpers import make_learnable_set
 from trained import FASHION_DIR, fashion_test_set, trained_checkpoint
 
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
 REPORT_FILES = ["confusion.csv", "confusion.png", "per_class.csv", "mistakes.png", "activations.png", "report.json"]
 
 
@@ -95,10 +96,12 @@ def test_report_files_agree_with_report_json(cli_report):
         per_class = list(csv.DictReader(fh))
     assert len(per_class) == 11
     for row, expected in zip(per_class, data["per_class"]):
-        assert (int(row["class"]), row["label"], int(row["support"])) == (expected["class"], expected["label"], expected["support"])
+        assert (int(row["class"]), row["label"], int(row["support"])) == (expected["class"], expected["label"],
+                                                                          expected["support"])
         assert float(row["precision"]) == pytest.approx(expected["precision"], abs=1e-6)
         assert float(row["recall"]) == pytest.approx(expected["recall"], abs=1e-6)
-    assert per_class[-1]["label"] == "overall accuracy" and float(per_class[-1]["recall"]) == pytest.approx(data["accuracy"], abs=1e-6)
+    assert per_class[-1]["label"] == "overall accuracy" and float(per_class[-1]["recall"]) == pytest.approx(
+        data["accuracy"], abs=1e-6)
 
     table = printed["report"].splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("class"))
@@ -183,7 +186,8 @@ def test_library_report_on_every_backend(backend, small_trained, tmp_path):
 def test_undefined_precision_and_recall_are_shown_as_such(tmp_path):
     report = EvaluationReport(["a", "b", "c"], np.array([0, 0, 1]), np.array([0, 0, 0]), np.array([0.9, 0.8, 0.7]))
     stats = report.per_class()
-    assert np.isnan(stats["precision"][1]) and np.isnan(stats["recall"][2]) and stats["precision"][0] == pytest.approx(2 / 3)
+    assert (np.isnan(stats["precision"][1]) and np.isnan(stats["recall"][2])
+            and stats["precision"][0] == pytest.approx(2 / 3))
     lines = report.format_table().splitlines()
     assert lines[2].split() == ["1", "b", "-", "0.0000", "1"] and lines[3].split() == ["2", "c", "-", "-", "0"]
     data = report.to_dict()

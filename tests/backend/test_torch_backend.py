@@ -96,7 +96,8 @@ def test_bad_torch_device_names_are_config_errors(name, device, words):
 def test_missing_accelerator_is_reported(name, words):
     import torch
 
-    if (name == "torch:cuda" and torch.cuda.is_available()) or (name == "torch:mps" and torch.backends.mps.is_available()):
+    if ((name == "torch:cuda" and torch.cuda.is_available())
+            or (name == "torch:mps" and torch.backends.mps.is_available())):
         pytest.skip(f"{name} is available here")
     with pytest.raises(BackendUnavailable) as info:
         get_backend(name)
@@ -287,7 +288,8 @@ def relative_differences(actual: dict, expected: dict) -> dict:
                        / (np.linalg.norm(expected[key]) or 1.0)) for key in expected}
 
 
-@pytest.mark.parametrize("dtype, steps, optimizer, rtol", [("float32", 1, "sgd", 1e-5), ("float64", 50, "adagrad", 1e-10)])
+@pytest.mark.parametrize("dtype, steps, optimizer, rtol",
+                         [("float32", 1, "sgd", 1e-5), ("float64", 50, "adagrad", 1e-10)])
 def test_whole_steps_agree_with_numpy(torch_backend, dtype, steps, optimizer, rtol):
     """The same seed and batches give the same weights on NumPy and torch: after one SGD step in
     float32 and after fifty AdaGrad steps in float64 (relative norm of the difference, per
@@ -323,7 +325,8 @@ def test_trainer_on_torch_matches_numpy(torch_backend):
         histories.append(trainer.train())
     numpy_history, torch_history = histories
     assert torch_history.test_acc == numpy_history.test_acc and torch_history.train_acc == numpy_history.train_acc
-    np.testing.assert_allclose(torch_history.step_loss, numpy_history.step_loss, rtol=1e-9 if dtype == "float64" else 1e-4)
+    np.testing.assert_allclose(torch_history.step_loss, numpy_history.step_loss,
+                               rtol=1e-9 if dtype == "float64" else 1e-4)
     assert torch_history.test_acc[-1] > 0.8
 
 
@@ -387,13 +390,15 @@ def test_cli_trains_on_torch_and_numpy_evaluates_the_checkpoint(fashion_like_dir
     assert main(["train", *common, "--backend", "cpu", "--no-plots", "--out", str(reference)]) == 0
     torch_run, numpy_run = np.load(out / "checkpoint.npz"), np.load(reference / "checkpoint.npz")
     keys = [k for k in numpy_run.files if k.startswith("param/")]
-    differences = relative_differences({k: torch_run[k] for k in keys}, {k: numpy_run[k].astype(np.float64) for k in keys})
+    differences = relative_differences({k: torch_run[k] for k in keys},
+                                       {k: numpy_run[k].astype(np.float64) for k in keys})
     assert max(differences.values()) <= 1e-3, differences    # 12 float32 steps on two libraries
 
     capsys.readouterr()
     assert main(["evaluate", str(out / "checkpoint.npz"), "--data-dir", str(fashion_like_dir), "--backend", "cpu"]) == 0
     on_numpy = capsys.readouterr().out
-    assert main(["evaluate", str(out / "checkpoint.npz"), "--data-dir", str(fashion_like_dir), "--backend", "torch"]) == 0
+    assert main(["evaluate", str(out / "checkpoint.npz"), "--data-dir", str(fashion_like_dir),
+                 "--backend", "torch"]) == 0
     on_torch = capsys.readouterr().out
     accuracy = re.compile(r"test acc (\d\.\d{4}) on 200 images")
     assert accuracy.search(on_numpy) and accuracy.search(on_numpy).group(1) == accuracy.search(on_torch).group(1)

@@ -321,7 +321,8 @@ def test_folder_with_three_of_four_files_is_skipped(tmp_path):
     complete = toy_arrays(seed=4, n_train=11, n_test=9)
     complete["train_labels"][:] = 4
     write_toy(dirs["system"], complete)
-    (_, t_train), _ = data.load_dataset(toy_spec(partial), data_dir=dirs["explicit-direct"], system_dirs=[tmp_path / "system"])
+    (_, t_train), _ = data.load_dataset(toy_spec(partial), data_dir=dirs["explicit-direct"],
+                                        system_dirs=[tmp_path / "system"])
     assert set(t_train.tolist()) == {4}
 
 
@@ -534,7 +535,8 @@ def test_real_fashion_mnist_loads_and_matches_registry():
     data.verify_files(data.find_dataset_files("fashion-mnist", data_dir=REAL_FASHION_DIR), "fashion-mnist")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="dataset-fashion-mnist not installed")
 def test_official_size_files_must_have_the_official_checksum(tmp_path):
     """MNIST and Fashion-MNIST files have identical sizes: loading one as the other is refused."""
     from xpcnn.data import load_dataset

@@ -13,7 +13,8 @@ from helpers import MNIST_DIR
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST test set not found in {MNIST_DIR}")
+@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"real MNIST test set not found in {MNIST_DIR}")
 def test_real_mnist_deepconvnet_median_of_three_seeds():
     """20 epochs, Adam lr 0.001, batch 100, He init, dropout 0.5; seeds 1-3, median >= 0.97
     (PyTorch with the same recipe, seed 1: 0.9795)."""

@@ -32,7 +32,8 @@ def _loss_with_fixed_masks(net, x, t):
     def loss(_):
         if snapshot is not None:
             net.rng.set_state(snapshot)
-        return net.backend.to_float(net.loss(x, t) if not isinstance(net, MultiLayerNetExtend) else net.loss(x, t, train_flg=True))
+        return net.backend.to_float(net.loss(x, t) if not isinstance(net, MultiLayerNetExtend)
+                                    else net.loss(x, t, train_flg=True))
     return loss, snapshot
 
 
@@ -50,7 +51,8 @@ def _check_all_gradients(net, x_host, t_host, where, entries=None, tol=TOL):
     for key, param in net.params.items():
         host = be.to_numpy(param).copy()
         flat = host.reshape(-1)
-        chosen = np.arange(flat.size) if entries is None or flat.size <= entries else pick.choice(flat.size, entries, replace=False)
+        chosen = (np.arange(flat.size) if entries is None or flat.size <= entries
+                  else pick.choice(flat.size, entries, replace=False))
         numeric = np.empty(chosen.size)
         for n, i in enumerate(chosen):
             values = []
@@ -73,8 +75,9 @@ def _check_all_gradients(net, x_host, t_host, where, entries=None, tol=TOL):
 def test_deepconvnet_has_the_books_parameters():
     net = DeepConvNet(seed=0)
     shapes = {k: tuple(v.shape) for k, v in net.params.items()}
-    assert shapes == {"W1": (16, 1, 3, 3), "b1": (16,), "W2": (16, 16, 3, 3), "b2": (16,), "W3": (32, 16, 3, 3), "b3": (32,),
-                      "W4": (32, 32, 3, 3), "b4": (32,), "W5": (64, 32, 3, 3), "b5": (64,), "W6": (64, 64, 3, 3), "b6": (64,),
+    assert shapes == {"W1": (16, 1, 3, 3), "b1": (16,), "W2": (16, 16, 3, 3), "b2": (16,),
+                      "W3": (32, 16, 3, 3), "b3": (32,), "W4": (32, 32, 3, 3), "b4": (32,),
+                      "W5": (64, 32, 3, 3), "b5": (64,), "W6": (64, 64, 3, 3), "b6": (64,),
                       "W7": (1024, 50), "b7": (50,), "W8": (50, 10), "b8": (10,)}
     # He initialisation: std sqrt(2 / fan_in), the book's pre_node_nums.
     for key, fan_in in (("W2", 16 * 9), ("W6", 64 * 9), ("W7", 64 * 4 * 4)):
@@ -85,7 +88,8 @@ def test_deepconvnet_has_the_books_parameters():
 
 def test_deepconvnet_gradient_small_input(backend, rng):
     net = small_deep(backend)
-    _check_all_gradients(net, rng.random((3, 1, 12, 12)), np.array([0, 3, 1]), f"DeepConvNet on {backend.name}", entries=8)
+    _check_all_gradients(net, rng.random((3, 1, 12, 12)), np.array([0, 3, 1]), f"DeepConvNet on {backend.name}",
+                         entries=8)
 
 
 def test_deepconvnet_same_weights_and_masks_on_every_backend(backend, rng):
@@ -164,9 +168,11 @@ def test_deepconvnet_trains(rng):
 
 def test_multilayer_net_extend_gradient_every_option_on(backend, rng):
     net = MultiLayerNetExtend(6, [5, 4], 3, activation="relu", weight_init_std="he", weight_decay_lambda=0.1,
-                              use_dropout=True, dropout_ration=0.3, use_batchnorm=True, backend=backend, dtype="float64", seed=2)
+                              use_dropout=True, dropout_ration=0.3, use_batchnorm=True, backend=backend,
+                              dtype="float64", seed=2)
     assert sorted(net.params) == ["W1", "W2", "W3", "b1", "b2", "b3", "beta1", "beta2", "gamma1", "gamma2"]
-    _check_all_gradients(net, rng.standard_normal((5, 6)), np.array([0, 1, 2, 1, 0]), f"MultiLayerNetExtend on {backend.name}")
+    _check_all_gradients(net, rng.standard_normal((5, 6)), np.array([0, 1, 2, 1, 0]),
+                         f"MultiLayerNetExtend on {backend.name}")
 
 
 def test_multilayer_net_extend_sigmoid_gradient(rng):

@@ -21,8 +21,9 @@ NETS = [
 
 def small_net(backend, input_dim=(1, 10, 10), conv_param=None, dtype="float64", seed=0, **kw):
     conv_param = conv_param or {"filter_num": 3, "filter_size": 3, "pad": 0, "stride": 1}
-    return SimpleConvNet(input_dim, conv_param, hidden_size=kw.pop("hidden_size", 6), output_size=kw.pop("output_size", 4),
-                         weight_init_std=kw.pop("weight_init_std", 0.3), backend=backend, dtype=dtype, seed=seed, **kw)
+    return SimpleConvNet(input_dim, conv_param, hidden_size=kw.pop("hidden_size", 6),
+                         output_size=kw.pop("output_size", 4), weight_init_std=kw.pop("weight_init_std", 0.3),
+                         backend=backend, dtype=dtype, seed=seed, **kw)
 
 
 @pytest.mark.parametrize("input_dim, conv_param", NETS)
@@ -41,7 +42,8 @@ def test_simple_conv_net_gradient_check(backend, rng, input_dim, conv_param):
             return float(backend.to_numpy(probe.loss(x, t)))
 
         numeric = numerical_gradient(loss_at, host_params[key].copy())
-        err = relative_error(backend.to_numpy(grads[key]), numeric, f"SimpleConvNet {input_dim} {key} on {backend.name}")
+        err = relative_error(backend.to_numpy(grads[key]), numeric,
+                             f"SimpleConvNet {input_dim} {key} on {backend.name}")
         assert err < 1e-6, f"{key}: relative error {err}"
 
 
@@ -100,7 +102,8 @@ def test_accuracy_rejects_bad_arguments(rng):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    ({"input_dim": (1, 28, 28), "conv_param": {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 2}}, ShapeError, "stride"),
+    ({"input_dim": (1, 28, 28), "conv_param": {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 2}},
+     ShapeError, "stride"),
     ({"input_dim": (1, 27, 27)}, ShapeError, "2x2 pooling"),
     ({"input_dim": (28, 28)}, ShapeError, r"input_dim must be \(C, H, W\)"),
     ({"conv_param": {"filters": 3}}, ConfigError, "unknown conv_param keys"),

@@ -108,7 +108,8 @@ def test_pooling_ties_send_gradient_to_first_max_only(backend):
 
 @pytest.mark.parametrize("x_shape", [(4, 6), (3, 2, 3, 2)])
 def test_affine_gradients(backend, rng, x_shape):
-    x, W, b = rng.standard_normal(x_shape), rng.standard_normal((6 if len(x_shape) == 2 else 12, 5)), rng.standard_normal(5)
+    x, W, b = (rng.standard_normal(x_shape), rng.standard_normal((6 if len(x_shape) == 2 else 12, 5)),
+               rng.standard_normal(5))
     layer = Affine(backend.asarray(W, "float64"), backend.asarray(b, "float64"))
     out = layer.forward(backend.asarray(x, "float64"))
     assert tuple(out.shape) == (x_shape[0], 5)
@@ -199,7 +200,8 @@ def _conv(backend, shape=(2, 1, 3, 3), stride=1, pad=0, dtype="float32"):
     (lambda be: _conv(be), (2, 1, 2, 2), ShapeError, "does not fit"),
     (lambda be: Pooling(2, 2, 2), (1, 1, 5, 5), ShapeError, "not a multiple of stride 2"),
     (lambda be: Pooling(2, 2, 2), (5, 5), ShapeError, "expected a 4-D input"),
-    (lambda be: Affine(be.asarray(np.ones((6, 2)), "float32"), be.asarray(np.zeros(2), "float32")), (3, 5), ShapeError, "5 features per sample"),
+    (lambda be: Affine(be.asarray(np.ones((6, 2)), "float32"), be.asarray(np.zeros(2), "float32")), (3, 5),
+     ShapeError, "5 features per sample"),
 ])
 def test_layer_rejects_bad_geometry(backend, make, x_shape, error, words):
     with pytest.raises(error, match=words):

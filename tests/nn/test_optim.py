@@ -40,7 +40,8 @@ def reference_steps_and_state(name, p, grads, **hp):
     return p, state
 
 
-CASES = [("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.1, "momentum": 0.9}), ("adagrad", {"lr": 0.06}), ("adam", {"lr": 0.01})]
+CASES = [("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.1, "momentum": 0.9}), ("adagrad", {"lr": 0.06}),
+         ("adam", {"lr": 0.01})]
 
 
 @pytest.mark.parametrize("name, hp", CASES)
@@ -53,7 +54,8 @@ def test_optimizer_matches_formula_and_updates_in_place(backend, rng, name, hp):
     for g in grads_host:
         opt.update(params, {"W": backend.asarray(g, "float64")})
     assert params["W"] is param                      # same array: layers holding it see the update
-    np.testing.assert_allclose(backend.to_numpy(param), reference_steps(name, p_host, grads_host, **hp), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(param), reference_steps(name, p_host, grads_host, **hp),
+                               rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("container", ["dict", "flat"])

@@ -107,7 +107,8 @@ def test_sigmoid_gradient(backend, rng):
     out = backend.to_numpy(layer.forward(backend.asarray(x, "float64")))
     np.testing.assert_allclose(out, 1 / (1 + np.exp(-x)), rtol=1e-12)
     dx = backend.to_numpy(layer.backward(backend.asarray(dout, "float64")))
-    num = numerical_gradient(lambda v: _weighted_sum(backend, Sigmoid().forward(backend.asarray(v, "float64")), dout), x.copy())
+    num = numerical_gradient(lambda v: _weighted_sum(backend, Sigmoid().forward(backend.asarray(v, "float64")), dout),
+                             x.copy())
     assert relative_error(dx, num, f"Sigmoid on {backend.name}") < TOL
 
 
@@ -127,7 +128,8 @@ def test_batchnorm_gradients_in_training_mode(backend, rng, shape, per_activatio
     dout = rng.standard_normal(shape)
 
     def make(g, b):
-        return BatchNormalization(backend.asarray(g, "float64"), backend.asarray(b, "float64"), per_activation=per_activation)
+        return BatchNormalization(backend.asarray(g, "float64"), backend.asarray(b, "float64"),
+                                  per_activation=per_activation)
 
     def loss(x_=x, g_=gamma, b_=beta):
         return _weighted_sum(backend, make(g_, b_).forward(backend.asarray(x_, "float64"), True), dout)
@@ -138,8 +140,10 @@ def test_batchnorm_gradients_in_training_mode(backend, rng, shape, per_activatio
     dx = backend.to_numpy(layer.backward(backend.asarray(dout, "float64")))
     where = f"BatchNormalization {shape} per_activation={per_activation} on {backend.name}"
     assert relative_error(dx, numerical_gradient(lambda v: loss(x_=v), x.copy()), where) < TOL
-    assert relative_error(backend.to_numpy(layer.dgamma), numerical_gradient(lambda v: loss(g_=v), gamma.copy()), where) < TOL
-    assert relative_error(backend.to_numpy(layer.dbeta), numerical_gradient(lambda v: loss(b_=v), beta.copy()), where) < TOL
+    assert relative_error(backend.to_numpy(layer.dgamma), numerical_gradient(lambda v: loss(g_=v), gamma.copy()),
+                          where) < TOL
+    assert relative_error(backend.to_numpy(layer.dbeta), numerical_gradient(lambda v: loss(b_=v), beta.copy()),
+                          where) < TOL
 
 
 @pytest.mark.parametrize("shape,per_activation,features", BN_CASES)
@@ -170,8 +174,9 @@ def test_batchnorm_matches_torch_training_and_running_stats(rng, shape, per_acti
     assert not np.allclose(rm, layer.running_mean)
     # Inference uses the running statistics.
     rv_book = layer.running_var
-    expected = F.batch_norm(torch.tensor(x.reshape(shape[0], -1) if per_activation else x), torch.tensor(layer.running_mean),
-                            torch.tensor(rv_book), torch.tensor(gamma), torch.tensor(beta), training=False, eps=1e-5)
+    expected = F.batch_norm(torch.tensor(x.reshape(shape[0], -1) if per_activation else x),
+                            torch.tensor(layer.running_mean), torch.tensor(rv_book), torch.tensor(gamma),
+                            torch.tensor(beta), training=False, eps=1e-5)
     np.testing.assert_allclose(layer.forward(x, False), expected.numpy().reshape(shape), rtol=1e-10, atol=1e-12)
 
 

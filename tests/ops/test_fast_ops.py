@@ -194,7 +194,8 @@ def test_optimizer_kernels_match_reference(fast_backend, rng, dtype, name, args)
 
 def _make(model, backend, dtype, reference):
     if model == "deep":   # small images keep it quick; every layer shape kind is still there
-        return DeepConvNet(input_dim=(1, 12, 12), backend=backend, dtype=dtype, seed=3, reference=reference), Adam(lr=0.001)
+        return (DeepConvNet(input_dim=(1, 12, 12), backend=backend, dtype=dtype, seed=3, reference=reference),
+                Adam(lr=0.001))
     return SimpleConvNet(backend=backend, dtype=dtype, seed=3, reference=reference), AdaGrad(lr=0.06)
 
 
@@ -256,7 +257,8 @@ def test_numpy_layers_hand_on_channels_last_memory(rng):
 
     be = get_backend("numpy")
     x = be.asarray(rng.standard_normal((4, 16, 8, 8)), "float32")
-    conv = Convolution(be.asarray(rng.standard_normal((8, 16, 3, 3)), "float32"), be.asarray(np.zeros(8), "float32"), pad=1)
+    conv = Convolution(be.asarray(rng.standard_normal((8, 16, 3, 3)), "float32"), be.asarray(np.zeros(8), "float32"),
+                       pad=1)
     relu, pool = ReLU(), Pooling(2, 2, stride=2)
     conv_out = conv.forward(x)
     out = pool.forward(relu.forward(conv_out))

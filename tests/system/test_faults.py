@@ -258,8 +258,8 @@ def nan_cli_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
     checkpoint = out / "checkpoint.npz"
     before = _exploding_checkpoint(checkpoint)
     result = subprocess.run(
-        cli("train", "--resume", str(checkpoint), "--out", str(out), "--dataset", "mnist", "--data-dir", str(digits_dir),
-            "--batch-size", "50", "--log-every", "1", "--quiet", "--no-plots"),
+        cli("train", "--resume", str(checkpoint), "--out", str(out), "--dataset", "mnist",
+            "--data-dir", str(digits_dir), "--batch-size", "50", "--log-every", "1", "--quiet", "--no-plots"),
         capture_output=True, text=True, env=child_env(out), timeout=180)
     return result, checkpoint, before
 

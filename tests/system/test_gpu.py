@@ -58,7 +58,8 @@ def test_float64_weights_agree_after_50_steps(gpu_backend):
         optimizer = AdaGrad(lr=0.06)
         for idx in _batches(x_host, t_host, 50):
             index = backend.asarray(idx)
-            optimizer.update(net.params, net.gradient(backend.xp.take(x, index, axis=0), backend.xp.take(t, index, axis=0)))
+            optimizer.update(net.params, net.gradient(backend.xp.take(x, index, axis=0),
+                                                      backend.xp.take(t, index, axis=0)))
         weights.append({k: backend.to_numpy(v) for k, v in net.params.items()})
     for key in weights[0]:
         diff = _relative(weights[1][key], weights[0][key])

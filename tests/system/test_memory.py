@@ -34,7 +34,8 @@ def test_out_of_memory_is_recognised():
     # PyTorch on Apple GPUs raises a plain RuntimeError with this wording (a MacBook's MPS
     # allocator; no such machine here, so the exception is built from the message).
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: "
-                                         "1.00 GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool."))
+                                         "1.00 GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB "
+                                         "on private pool."))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
@@ -45,7 +46,8 @@ def test_out_of_memory_in_a_training_step_names_the_batch_size(tmp_path, rng, mo
     trainer.epochs = 3
     monkeypatch.setattr(trainer.network, "gradient", _raise_oom)
     with pytest.raises(DeviceMemoryError, match=r"while training a batch of 20 images .*cupy: Out of memory "
-                                               r"allocating 1,152,000,000 bytes.*lower mini_batch_size \(--batch-size\)"):
+                                               r"allocating 1,152,000,000 bytes.*lower mini_batch_size "
+                                               r"\(--batch-size\)"):
         trainer.train()
     assert (tmp_path / "ckpt.npz").read_bytes() == before
 
@@ -53,7 +55,8 @@ def test_out_of_memory_in_a_training_step_names_the_batch_size(tmp_path, rng, mo
 def test_out_of_memory_while_scoring_names_the_eval_batch_size(tmp_path, rng, monkeypatch):
     trainer = _trainer(tmp_path, rng)
     monkeypatch.setattr(trainer.network, "accuracy", _raise_oom)
-    with pytest.raises(DeviceMemoryError, match=r"while scoring a batch of 10 images .*lower eval_batch_size \(--eval-batch-size\)"):
+    with pytest.raises(DeviceMemoryError, match=r"while scoring a batch of 10 images .*lower eval_batch_size "
+                                               r"\(--eval-batch-size\)"):
         trainer.train()
     assert not (tmp_path / "ckpt.npz").exists()       # the epoch never finished: nothing half-written
 

@@ -478,12 +478,15 @@ CLI_CASES = [
     CliCase("unknown-backend", ("train", "--backend", "tpu", "--out", "{tmp}/out"), 2, ("'tpu'", "'cpu', 'gpu'")),
     CliCase("gpu-without-cupy", ("train", "--backend", "gpu", "--out", "{tmp}/out"), 3, ("gpu", "CuPy"),
             needs_no_gpu=True),
-    CliCase("missing-dataset-offline", ("train", "--dataset", "mnist", "--data-dir", "{tmp}/empty", "--out", "{tmp}/out"),
+    CliCase("missing-dataset-offline",
+            ("train", "--dataset", "mnist", "--data-dir", "{tmp}/empty", "--out", "{tmp}/out"),
             4, ("'mnist' not found", "{tmp}/empty", "--download")),
-    CliCase("corrupt-dataset-file", ("train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/out"),
+    CliCase("corrupt-dataset-file",
+            ("train", "--dataset", "mnist", "--data-dir", "{tmp}/corrupt", "--out", "{tmp}/out"),
             4, ("truncated", "train-images-idx3-ubyte")),
     CliCase("unknown-dataset", ("train", "--dataset", "cifar", "--out", "{tmp}/out"), 4, ("'cifar'", "fashion-mnist")),
-    CliCase("unwritable-out", ("train", "--out", "{tmp}/afile/out"), 7, ("--out", "{tmp}/afile/out", "Not a directory")),
+    CliCase("unwritable-out", ("train", "--out", "{tmp}/afile/out"), 7,
+            ("--out", "{tmp}/afile/out", "Not a directory")),
     CliCase("epochs-0", ("train", "--epochs", "0", "--out", "{tmp}/out"), 2, ("--epochs", ">= 1", "'0'")),
     CliCase("batch-size-negative", ("train", "--batch-size", "-5", "--out", "{tmp}/out"), 2,
             ("--batch-size", ">= 1", "'-5'")),
@@ -508,7 +511,8 @@ def test_cli_bad_input(case: CliCase, tmp_path: Path, cli_dataset: Path) -> None
     (tmp_path / "afile").write_text("not a checkpoint\n")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
         (corrupt / name).write_bytes((cli_dataset / name).read_bytes()[:-5] if "train-images" in name
                                      else (cli_dataset / name).read_bytes())
     fill = {"tmp": str(tmp_path), "data": str(cli_dataset)}
@@ -549,7 +553,8 @@ def test_bad_input_suite_passes_under_python_O(tmp_path: Path) -> None:
     env.pop("PYTHONWARNINGS", None)
     result = subprocess.run(
         [sys.executable, "-O", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__)), str(REPO / "tests" / "nn" / "test_layers.py"), str(REPO / "tests" / "ops" / "test_functions_and_geometry.py"),
+         str(Path(__file__)), str(REPO / "tests" / "nn" / "test_layers.py"),
+         str(REPO / "tests" / "ops" / "test_functions_and_geometry.py"),
          "-k", "not python_O and not property and not cli"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
@@ -606,7 +611,8 @@ def test_property_im2col_col2im_adjoint(geometry, seed):
     n, c, h, w, _, fh, fw, stride, pad = geometry
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w))
-    y = rng.standard_normal((n * conv_output_size(h, fh, stride, pad) * conv_output_size(w, fw, stride, pad), c * fh * fw))
+    y = rng.standard_normal((n * conv_output_size(h, fh, stride, pad) * conv_output_size(w, fw, stride, pad),
+                             c * fh * fw))
     lhs = float(np.sum(im2col(x, fh, fw, stride, pad) * y))
     rhs = float(np.sum(x * col2im(y, x.shape, fh, fw, stride, pad)))
     assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)

@@ -125,7 +125,8 @@ def test_resume_inside_an_epoch_gives_identical_weights(learnable, tmp_path):
 
 def test_cli_train_writes_every_output_then_resumes_and_evaluates(fashion_like_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--batch-size", "50", "--quiet", "--seed", "2"]
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--batch-size", "50", "--quiet",
+              "--seed", "2"]
     assert main(["train", *common, "--epochs", "1", "--out", str(out)]) == 0
     assert main(["train", *common, "--epochs", "2", "--out", str(out), "--resume", str(out / "checkpoint.npz")]) == 0
     for name in ("checkpoint.npz", "history.json", "history.csv", "loss.png", "accuracy.png", "filters.png"):
@@ -156,7 +157,8 @@ def test_scripts_train_py_runs_the_same_cli():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST test set not found in {MNIST_DIR}")
+@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason=f"real MNIST test set not found in {MNIST_DIR}")
 def test_real_mnist_digits_seed_recipe_median_of_three_seeds():
     """The seed's recipe on real digits: train on 8,000 MNIST test images, score the other 2,000.
 
@@ -189,7 +191,8 @@ def test_resume_refuses_another_batch_size_or_training_set(learnable, tmp_path):
     with pytest.raises(CheckpointError, match="mini_batch_size 30 in the checkpoint, 20 here"):
         other_batch.resume_from(saved)
     x_train, t_train, x_test, t_test = learnable
-    fewer_images = Trainer(tiny_net(), x_train[:300], t_train[:300], x_test, t_test, epochs=2, mini_batch_size=30, verbose=False)
+    fewer_images = Trainer(tiny_net(), x_train[:300], t_train[:300], x_test, t_test, epochs=2, mini_batch_size=30,
+                           verbose=False)
     with pytest.raises(CheckpointError, match="train_size 600 in the checkpoint, 300 here"):
         fewer_images.resume_from(saved)
 
@@ -197,7 +200,8 @@ def test_resume_refuses_another_batch_size_or_training_set(learnable, tmp_path):
 def test_cli_resume_keeps_the_run_settings(fashion_like_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--quiet", "--no-plots"]
-    assert main(["train", *common, "--epochs", "1", "--batch-size", "40", "--train-size", "400", "--out", str(out)]) == 0
+    assert main(["train", *common, "--epochs", "1", "--batch-size", "40", "--train-size", "400",
+                 "--out", str(out)]) == 0
     capsys.readouterr()
     resume = ["train", *common, "--resume", str(out / "checkpoint.npz"), "--out", str(out), "--epochs", "2"]
     assert main([*resume, "--batch-size", "50"]) == 2

@@ -67,7 +67,8 @@ from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size
 from .report import evaluate_report, write_report
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = (
+    0, 1, 2, 3, 4, 5, 6, 7)
 EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
 EXIT_INPUT_FILE = 9
@@ -121,41 +122,55 @@ def _init_std(text: str) -> "float | str":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
 
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
-                           description="Train a model with its book recipe as defaults: simple (SimpleConvNet: AdaGrad lr 0.06, "
-                                       "10 epochs), deep (DeepConvNet: Adam lr 0.001, dropout 0.5, He init, 20 epochs), "
-                                       "mlp (MultiLayerNetExtend: 4x100 ReLU, He init, SGD lr 0.01, 20 epochs); batch 100.")
+                           description="Train a model with its book recipe as defaults: simple "
+                                       "(SimpleConvNet: AdaGrad lr 0.06, 10 epochs), deep (DeepConvNet: Adam "
+                                       "lr 0.001, dropout 0.5, He init, 20 epochs), mlp (MultiLayerNetExtend: "
+                                       "4x100 ReLU, He init, SGD lr 0.01, 20 epochs); batch 100.")
     train.add_argument("--model", choices=sorted(MODELS), default=None,
                        help="simple (default), deep or mlp; on --resume, the checkpoint's")
     _add_backend_args(train)
     _add_data_args(train, dataset_default=None)
-    train.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs in total (default 10, deep/mlp 20; on --resume, the checkpoint's)")
+    train.add_argument("--epochs", type=_int_at_least(1), default=None,
+                       help="epochs in total (default 10, deep/mlp 20; on --resume, the checkpoint's)")
     # default=None: the model's recipe applies (xpcnn/models/registry.py), or the checkpoint's on --resume.
     train.add_argument("--batch-size", type=_int_at_least(1), default=None, help="images per step (default 100)")
-    train.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None, help="default adagrad (deep: adam, mlp: sgd)")
-    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 0.06; deep 0.001, mlp 0.01)")
+    train.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                       help="default adagrad (deep: adam, mlp: sgd)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="learning rate (default 0.06; deep 0.001, mlp 0.01)")
     train.add_argument("--weight-init-std", type=_init_std, default=None,
                        help="simple: a number (default 0.01); mlp: he/relu (default), xavier/sigmoid or a number")
-    train.add_argument("--dropout", type=_dropout_ratio, default=None, help="dropout ratio (deep: default 0.5; mlp: default 0 = off)")
-    train.add_argument("--weight-decay", type=_non_negative_float, default=None, help="mlp: L2 weight decay lambda (default 0)")
-    train.add_argument("--batchnorm", action="store_true", default=None, help="mlp: batch normalization after each hidden Affine")
-    train.add_argument("--hidden-sizes", type=_int_at_least(1), nargs="+", default=None, help="mlp: hidden layer sizes (default 100 100 100 100)")
+    train.add_argument("--dropout", type=_dropout_ratio, default=None,
+                       help="dropout ratio (deep: default 0.5; mlp: default 0 = off)")
+    train.add_argument("--weight-decay", type=_non_negative_float, default=None,
+                       help="mlp: L2 weight decay lambda (default 0)")
+    train.add_argument("--batchnorm", action="store_true", default=None,
+                       help="mlp: batch normalization after each hidden Affine")
+    train.add_argument("--hidden-sizes", type=_int_at_least(1), nargs="+", default=None,
+                       help="mlp: hidden layer sizes (default 100 100 100 100)")
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None, help="mlp: activation (default relu)")
     train.add_argument("--dtype", choices=list(FLOAT_DTYPES), default=None, help="default float32")
-    train.add_argument("--seed", type=_int_at_least(0), default=None, help="seed for the initial weights and the shuffling (default 0)")
+    train.add_argument("--seed", type=_int_at_least(0), default=None,
+                       help="seed for the initial weights and the shuffling (default 0)")
     train.add_argument("--train-size", type=_int_at_least(1), default=None, help="use only the first N training images")
     train.add_argument("--test-size", type=_int_at_least(1), default=None, help="use only the first N test images")
-    train.add_argument("--eval-batch-size", type=_int_at_least(1), default=500, help="images per batch when scoring (default 500)")
-    train.add_argument("--log-every", type=_int_at_least(1), default=50, help="steps between loss reads from the device (default 50)")
-    train.add_argument("--on-nan", choices=list(ON_NAN_CHOICES), default="stop", help="a NaN/inf loss stops training (default) or skips that step")
+    train.add_argument("--eval-batch-size", type=_int_at_least(1), default=500,
+                       help="images per batch when scoring (default 500)")
+    train.add_argument("--log-every", type=_int_at_least(1), default=50,
+                       help="steps between loss reads from the device (default 50)")
+    train.add_argument("--on-nan", choices=list(ON_NAN_CHOICES), default="stop",
+                       help="a NaN/inf loss stops training (default) or skips that step")
     train.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
     train.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint.npz")
     train.add_argument("--no-plots", action="store_true", help="do not draw loss.png, accuracy.png, filters.png")
-    train.add_argument("--quiet", action="store_true", help="no progress bar (the one-line epoch summaries still print)")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bar (the one-line epoch summaries still print)")
 
     evaluate = sub.add_parser("evaluate", help="score a saved checkpoint on a dataset split")
     evaluate.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
@@ -164,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), default=500)
     evaluate.add_argument("--report", metavar="DIR", default=None,
-                          help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, report.json into DIR")
+                          help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
+                               "report.json into DIR")
     _add_predict_parser(sub)
     return parser
 
@@ -185,7 +201,8 @@ def _add_predict_parser(sub: Any) -> None:
                               "auto (default): the checkpoint's dataset's")
     predict.add_argument("--top", type=_int_at_least(1), default=3, help="classes to print per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
-    predict.add_argument("--dataset", default=None, help="whose class names to print (default: the checkpoint's dataset)")
+    predict.add_argument("--dataset", default=None,
+                         help="whose class names to print (default: the checkpoint's dataset)")
     predict.add_argument("--batch-size", type=_int_at_least(1), default=100, help="images per batch (default 100)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -197,14 +214,16 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_int_at_least(0), default=None,
                         help="CUDA device number for --backend gpu or torch:cuda")
     parser.add_argument("--reference", action="store_true",
-                        help="run the array-API reference code for every operation, never a backend's fast path (slower; for checking)")
+                        help="run the array-API reference code for every operation, never a backend's fast path "
+                             "(slower; for checking)")
 
 
 def _add_data_args(parser: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
     parser.add_argument("--dataset", default=dataset_default,
                         help="fashion-mnist (default) or mnist; on --resume or evaluate, the checkpoint's")
     parser.add_argument("--data-dir", default=None, help="folder holding the IDX files (searched first)")
-    parser.add_argument("--download", action="store_true", help="download missing files into the user cache (checksums verified)")
+    parser.add_argument("--download", action="store_true",
+                        help="download missing files into the user cache (checksums verified)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, TrainingInterrupted):
             print(f"xpcnn: {exc}", file=sys.stderr)
             if getattr(exc, "checkpoint_path", None):
-                print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}", file=sys.stderr)
+                print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}",
+                      file=sys.stderr)
             return 128 + getattr(exc, "signum", 2)
         print(f"xpcnn: error: {exc}", file=sys.stderr)
         return next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR)
@@ -239,12 +259,15 @@ def _prepare_out_dir(path: str, option: str = "--out") -> Path:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise OutputError(f"cannot write to {option} {path!r}: {exc.strerror or exc}; choose a writable folder") from exc
+        raise OutputError(f"cannot write to {option} {path!r}: {exc.strerror or exc}; "
+                          f"choose a writable folder") from exc
     return out
 
 
-def _load_split_pair(args: argparse.Namespace, dataset: str, dtype: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    return load_dataset(dataset, normalize=True, flatten=False, data_dir=args.data_dir, download=args.download, dtype=dtype)
+def _load_split_pair(args: argparse.Namespace, dataset: str,
+                     dtype: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    return load_dataset(dataset, normalize=True, flatten=False, data_dir=args.data_dir, download=args.download,
+                        dtype=dtype)
 
 
 def _run_settings(args: argparse.Namespace, checkpoint: Any) -> dict[str, Any]:
@@ -269,7 +292,8 @@ def _run_settings(args: argparse.Namespace, checkpoint: Any) -> dict[str, Any]:
                  for key, value in given.items() if key in saved and value != saved[key]]
     if conflicts:
         raise ConfigError(f"a resumed run keeps the settings it started with, but {', '.join(conflicts)} "
-                          f"differ; drop these options (only --epochs, --backend, --out and display options may change)")
+                          f"differ; drop these options (only --epochs, --backend, --out and display options "
+                          f"may change)")
     return {**run_defaults(saved["model"]), **given, **saved}
 
 
@@ -285,7 +309,8 @@ def _save_history_on_failure(trainer: Any, out: Path) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     out = _prepare_out_dir(args.out)
-    backend = get_backend(args.backend, device=args.device, reference=args.reference)      # fail fast, before loading data
+    # fail fast, before loading data
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = _run_settings(args, checkpoint)
 
@@ -307,15 +332,16 @@ def run_train(args: argparse.Namespace) -> int:
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
-                      optimizer=optimizer, optimizer_param={"lr": run["lr"]}, seed=run["seed"], log_every=args.log_every,
-                      eval_batch_size=args.eval_batch_size, progress=not args.quiet,
+                      optimizer=optimizer, optimizer_param={"lr": run["lr"]}, seed=run["seed"],
+                      log_every=args.log_every, eval_batch_size=args.eval_batch_size, progress=not args.quiet,
                       checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
     trainer.extra_state.update(dataset=run["dataset"], run=run, W1_initial=initial_w1)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
         print(f"resumed from {args.resume}: epoch {checkpoint.epoch}, step {checkpoint.step}", flush=True)
 
-    print(f"xpcnn {__version__}: {type(network).__name__} on {run['dataset']} ({trainer.train_size} train / {x_test.shape[0]} test images), "
+    print(f"xpcnn {__version__}: {type(network).__name__} on {run['dataset']} "
+          f"({trainer.train_size} train / {x_test.shape[0]} test images), "
           f"backend {backend}, {run['dtype']}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
           f"batch {run['batch_size']}, epochs {epochs}", flush=True)
     started = time.perf_counter()
@@ -345,7 +371,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     dataset = args.dataset or checkpoint.extra.get("dataset")
     if not dataset:
-        raise ConfigError("this checkpoint does not say which dataset it was trained on: pass --dataset mnist|fashion-mnist")
+        raise ConfigError("this checkpoint does not say which dataset it was trained on: "
+                          "pass --dataset mnist|fashion-mnist")
     network = build_from_checkpoint(checkpoint, backend)
     x, t = load_split(str(dataset), args.split, normalize=True, flatten=False, data_dir=args.data_dir,
                       download=args.download, dtype=checkpoint.dtype)
@@ -355,7 +382,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CheckpointError(f"the checkpoint's network takes {takes} images, but the {dataset} {args.split} images "
                               f"are {tuple(x.shape[1:])}: evaluate it on the dataset it was trained on")
     started = time.perf_counter()
-    with out_of_memory_as_error(backend, lambda: (f"scoring a batch of {args.batch_size} images", "lower --batch-size")):
+    with out_of_memory_as_error(backend,
+                                lambda: (f"scoring a batch of {args.batch_size} images", "lower --batch-size")):
         accuracy = network.accuracy(x, t, batch_size=args.batch_size)
     seconds = time.perf_counter() - started
     print(f"{args.split} acc {accuracy:.4f} on {x.shape[0]} images of {dataset} "
@@ -389,7 +417,8 @@ def run_predict(args: argparse.Namespace) -> int:
     bar = _files_progress_bar(len(args.files), args.quiet)
     failures = 0
     try:
-        for result in classify_files(network, args.files, invert=args.invert, fit=fit, top=args.top, batch_size=args.batch_size,
+        for result in classify_files(network, args.files, invert=args.invert, fit=fit, top=args.top,
+                                     batch_size=args.batch_size,
                                      on_file=(lambda _path: bar.update(1)) if bar is not None else None):
             if isinstance(result, FileFailure):
                 failures += 1
@@ -406,14 +435,16 @@ def run_predict(args: argparse.Namespace) -> int:
                 line = json.dumps(record)
             else:
                 guesses = ", ".join(f"{names[c]} {p:.3f}" for c, p in zip(result.classes, result.probs))
-                note = ("  (light background: inverted)" if args.invert == "auto" else "  (inverted)") if result.inverted else ""
+                note = (("  (light background: inverted)" if args.invert == "auto" else "  (inverted)")
+                        if result.inverted else "")
                 line = f"{name}: {guesses}{note}"
             _write_above_bar(bar, line, sys.stdout)
     finally:
         if bar is not None:
             bar.close()
     if failures:
-        print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)", file=sys.stderr)
+        print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
+              file=sys.stderr)
         return EXIT_INPUT_FILE
     return EXIT_OK
 

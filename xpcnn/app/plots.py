@@ -60,7 +60,8 @@ def plot_loss(step_loss: Sequence[float], path: "str | os.PathLike[str]", steps_
     top = top if top > 0 else 1.0
     if good.size and good.max() > top:
         peak_step = int(np.argmax(np.where(finite, loss, -np.inf))) + 1
-        ax.set_title(f"Training loss (axis clipped at {top:.2f}; peak {good.max():.1f} at step {peak_step})", fontsize=10)
+        ax.set_title(f"Training loss (axis clipped at {top:.2f}; peak {good.max():.1f} at step {peak_step})",
+                     fontsize=10)
     ax.set_ylim(0, top)
     ax.legend()
     ax.grid(alpha=0.3)

@@ -141,7 +141,8 @@ def evaluate_report(network: Any, x: Any, t: Any, *, class_names: Sequence[str] 
     names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
     if len(names) != num_classes:
         raise ConfigError(f"report: {len(names)} class names given for a network of {num_classes} classes")
-    labels = host_class_labels(t if values_are_free_to_read(t) else network.backend.to_numpy(t), num_classes, "report", x.shape[0])
+    labels = host_class_labels(t if values_are_free_to_read(t) else network.backend.to_numpy(t), num_classes,
+                               "report", x.shape[0])
     xp = network.backend.xp
     predicted, confidence = [], []
     for _, batch in device_batches(network, x, batch_size):
@@ -237,7 +238,8 @@ def write_report(report: EvaluationReport, out_dir: "str | os.PathLike[str]", ne
         atomic_write_text(out / "confusion.csv", _csv_text(
             [["true \\ predicted", *names], *([names[k], *row] for k, row in enumerate(confusion.tolist()))]))
         plot_confusion(confusion, names, out / "confusion.png",
-                       title=f"{where} confusion matrix: accuracy {report.accuracy:.4f} on {report.images} images".strip())
+                       title=(f"{where} confusion matrix: accuracy {report.accuracy:.4f} "
+                              f"on {report.images} images").strip())
         atomic_write_text(out / "per_class.csv", _csv_text(
             [["class", "label", "precision", "recall", "support"],
              *([k, name, _csv_float(stats["precision"][k]), _csv_float(stats["recall"][k]), int(stats["support"][k])]
@@ -246,7 +248,8 @@ def write_report(report: EvaluationReport, out_dir: "str | os.PathLike[str]", ne
         written += ["confusion.csv", "confusion.png", "per_class.csv"]
 
         wrong = report.mistakes(mistakes)
-        titles = [f"#{i} true: {names[report.labels[i]]}\npred: {names[report.predicted[i]]} ({report.confidence[i]:.3f})"
+        titles = [f"#{i} true: {names[report.labels[i]]}\n"
+                  f"pred: {names[report.predicted[i]]} ({report.confidence[i]:.3f})"
                   for i in wrong]
         plot_image_grid(_host_images(network, x, wrong), titles, out / "mistakes.png",
                         title=f"{where + ': ' if where else ''}the {len(wrong)} most confidently wrong images (of "
@@ -274,7 +277,8 @@ def _csv_float(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.6f}"
 
 
-def _write_activations(report: EvaluationReport, out: Path, network: Any, x: Any, index: int, where: str) -> dict[str, Any]:
+def _write_activations(report: EvaluationReport, out: Path, network: Any, x: Any, index: int,
+                       where: str) -> dict[str, Any]:
     if not 0 <= index < report.images:
         raise ConfigError(f"report: activation_index must lie in 0..{report.images - 1}, got {index}")
     found = first_layer_maps(network, x[index, ...])

@@ -194,7 +194,8 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
     setattr(CountedArray, f"__{_dunder}__", _binary(_name))
     if _name not in ("eq", "ne", "lt", "le", "gt", "ge"):
         setattr(CountedArray, f"__r{_dunder}__", _reflected(_name))
-        setattr(CountedArray, f"__i{_dunder}__", _inplace(f"i{_name}" if _name != "and_" and _name != "or_" else f"i{_dunder}"))
+        setattr(CountedArray, f"__i{_dunder}__",
+                _inplace(f"i{_name}" if _name != "and_" and _name != "or_" else f"i{_dunder}"))
 
 
 def counting_backend(backend: Any) -> Any:

@@ -222,7 +222,8 @@ def _cupy_backend(device: Any) -> Backend:
         )
     index = cupy.cuda.runtime.getDevice() if device is None else int(device)
     if not 0 <= index < count:
-        raise BackendUnavailable(f"backend 'gpu': device {index} requested, but only {count} CUDA device(s) found (0..{count - 1})")
+        raise BackendUnavailable(f"backend 'gpu': device {index} requested, but only {count} CUDA device(s) found "
+                                 f"(0..{count - 1})")
     import array_api_compat.cupy as xp_cupy
 
     # array_api_compat honours device= only in asarray; zeros/full/arange use the current
@@ -273,7 +274,8 @@ def _torch_backend(device_part: str, device: Any, reference: bool = False) -> Ba
         count = torch.cuda.device_count()
         index = torch.cuda.current_device() if text == "cuda" else int(text.partition(":")[2])
         if not 0 <= index < count:
-            raise BackendUnavailable(f"{what}: device {index} requested, but only {count} CUDA device(s) found (0..{count - 1})")
+            raise BackendUnavailable(f"{what}: device {index} requested, but only {count} CUDA device(s) found "
+                                     f"(0..{count - 1})")
         text = f"cuda:{index}"
     elif kind == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -338,4 +340,5 @@ def out_of_memory_as_error(backend: Any, describe: Callable[[], tuple[str, str]]
         if not is_out_of_memory(exc):
             raise
         doing, advice = describe()
-        raise DeviceMemoryError(f"out of memory on {backend} while {doing} ({out_of_memory_message(exc)}); {advice}") from exc
+        raise DeviceMemoryError(f"out of memory on {backend} while {doing} ({out_of_memory_message(exc)}); "
+                                f"{advice}") from exc

@@ -144,7 +144,8 @@ FASHION_MNIST = DatasetSpec(
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     offline_hint="`apt-get install dataset-fashion-mnist` installs it in /usr/share/datasets/fashion-mnist",
     # The labels' names from Fashion-MNIST's README, in label order.
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),
 )
 
 #: Registered datasets by name; add your own with `register_dataset`.
@@ -512,7 +513,8 @@ def load_idx_pair(
         )
     x = prepare_images(images, normalize=normalize, flatten=flatten, dtype=out_dtype, source=str(images_path))
     label_dtype = out_dtype if out_dtype.kind == "f" else np.dtype("float32")
-    t = prepare_labels(labels, num_classes=num_classes, one_hot=one_hot_label, dtype=label_dtype, source=str(labels_path))
+    t = prepare_labels(labels, num_classes=num_classes, one_hot=one_hot_label, dtype=label_dtype,
+                       source=str(labels_path))
     return x, t
 
 

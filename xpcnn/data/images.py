@@ -336,7 +336,8 @@ def _read_npy(path: str, size: tuple[int, int], invert: str) -> InputFile:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)       # the header only, for now
     except (ValueError, OSError, EOFError) as exc:
-        raise ImageFileError(f"{path}: not a readable .npy array (truncated, or saved with pickled objects?): {exc}") from exc
+        raise ImageFileError(f"{path}: not a readable .npy array (truncated, or saved with pickled objects?): "
+                             f"{exc}") from exc
     if not isinstance(array, np.ndarray):
         raise ImageFileError(f"{path}: expected one array saved with numpy.save, got {type(array).__name__}")
     if array.nbytes > MAX_ARRAY_BYTES:
@@ -377,7 +378,8 @@ def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28,
     file = Path(name)
     try:
         if file.is_dir():
-            raise ImageFileError(f"{name}: is a directory; expected a picture, .npy or IDX file (use {name}/* for its files)")
+            raise ImageFileError(f"{name}: is a directory; expected a picture, .npy or IDX file "
+                                 f"(use {name}/* for its files)")
         with open(file, "rb") as fh:
             head = fh.read(64)
             file_size = os.fstat(fh.fileno()).st_size

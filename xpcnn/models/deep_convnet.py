@@ -72,8 +72,10 @@ class DeepConvNet(Network):
         # Shapes through the net: every second convolution is followed by a 2x2 pooling.
         shapes, c, h, w = [], channels, height, width
         for i, conv in enumerate(convs, start=1):
-            h = conv_output_size(h, conv["filter_size"], conv["stride"], conv["pad"], what=f"DeepConvNet conv{i} (height)")
-            w = conv_output_size(w, conv["filter_size"], conv["stride"], conv["pad"], what=f"DeepConvNet conv{i} (width)")
+            h = conv_output_size(h, conv["filter_size"], conv["stride"], conv["pad"],
+                                 what=f"DeepConvNet conv{i} (height)")
+            w = conv_output_size(w, conv["filter_size"], conv["stride"], conv["pad"],
+                                 what=f"DeepConvNet conv{i} (width)")
             shapes.append(c)
             c = conv["filter_num"]
             if i % 2 == 0:

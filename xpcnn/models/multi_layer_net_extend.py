@@ -25,10 +25,12 @@ def init_scale(weight_init_std: Any, fan_in: int) -> float:
             return math.sqrt(2.0 / fan_in)
         if name in ("sigmoid", "xavier"):
             return math.sqrt(1.0 / fan_in)
-        raise ConfigError(f"weight_init_std must be 'relu'/'he', 'sigmoid'/'xavier' or a number > 0, got {weight_init_std!r}")
+        raise ConfigError(f"weight_init_std must be 'relu'/'he', 'sigmoid'/'xavier' or a number > 0, "
+                          f"got {weight_init_std!r}")
     if isinstance(weight_init_std, bool) or not isinstance(weight_init_std, (int, float)) or not weight_init_std > 0 \
             or not math.isfinite(weight_init_std):
-        raise ConfigError(f"weight_init_std must be 'relu'/'he', 'sigmoid'/'xavier' or a number > 0, got {weight_init_std!r}")
+        raise ConfigError(f"weight_init_std must be 'relu'/'he', 'sigmoid'/'xavier' or a number > 0, "
+                          f"got {weight_init_std!r}")
     return float(weight_init_std)
 
 
@@ -71,7 +73,8 @@ class MultiLayerNetExtend(Network):
                 or not 0 <= weight_decay_lambda < math.inf:
             raise ConfigError(f"{what}: weight_decay_lambda must be a number >= 0, got {weight_decay_lambda!r}")
         if dropout_ratio is not None and dropout_ration != 0.5 and dropout_ratio != dropout_ration:
-            raise ConfigError(f"{what}: dropout_ration={dropout_ration!r} and dropout_ratio={dropout_ratio!r} differ; give one")
+            raise ConfigError(f"{what}: dropout_ration={dropout_ration!r} and dropout_ratio={dropout_ratio!r} "
+                              f"differ; give one")
         ratio = check_dropout_ratio(dropout_ration if dropout_ratio is None else dropout_ratio, what)
         for name, flag in (("use_dropout", use_dropout), ("use_batchnorm", use_batchnorm)):
             if not isinstance(flag, bool):
@@ -82,7 +85,8 @@ class MultiLayerNetExtend(Network):
         rng = self._init_backend(backend, dtype, seed, reference)
         self.input_size, self.hidden_size_list, self.output_size = input_size, hidden, output_size
         self.hidden_layer_num = len(hidden)
-        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = float(weight_decay_lambda), use_dropout, use_batchnorm
+        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = (float(weight_decay_lambda), use_dropout,
+                                                                          use_batchnorm)
         self.config = {"input_size": input_size, "hidden_size_list": hidden, "output_size": output_size,
                        "activation": activation, "weight_init_std": weight_init_std,
                        "weight_decay_lambda": float(weight_decay_lambda), "use_dropout": use_dropout,

@@ -57,7 +57,8 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in (
-    ModelEntry("simple", SimpleConvNet, {"optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01}, 10, _build_simple),
+    ModelEntry("simple", SimpleConvNet, {"optimizer": "adagrad", "lr": 0.06, "weight_init_std": 0.01}, 10,
+               _build_simple),
     ModelEntry("deep", DeepConvNet, {"optimizer": "adam", "lr": 0.001, "dropout": 0.5}, 20, _build_deep),
     ModelEntry("mlp", MultiLayerNetExtend,
                {"optimizer": "sgd", "lr": 0.01, "weight_init_std": "he", "hidden_sizes": [100, 100, 100, 100],
@@ -92,7 +93,8 @@ def check_options(model: str, given: dict[str, Any]) -> None:
     for key in MODEL_OPTIONS:
         if key in given and key not in model_entry(model).recipe:
             owners = [m for m, entry in MODELS.items() if key in entry.recipe]
-            raise ConfigError(f"--{key.replace('_', '-')} is an option of --model {'/'.join(owners)}, not of --model {model}")
+            raise ConfigError(f"--{key.replace('_', '-')} is an option of --model {'/'.join(owners)}, "
+                              f"not of --model {model}")
     if model == "simple" and isinstance(given.get("weight_init_std"), str):
         raise ConfigError(f"--weight-init-std for --model simple must be a number, got {given['weight_init_std']!r}")
 

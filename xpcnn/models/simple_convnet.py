@@ -58,8 +58,10 @@ class SimpleConvNet(Network):
         filter_size = _positive_int("filter_size", conv["filter_size"])
         hidden_size = _positive_int("hidden_size", hidden_size)
         output_size = _positive_int("output_size", output_size)
-        conv_h = conv_output_size(height, filter_size, conv["stride"], conv["pad"], what="SimpleConvNet convolution (height)")
-        conv_w = conv_output_size(width, filter_size, conv["stride"], conv["pad"], what="SimpleConvNet convolution (width)")
+        conv_h = conv_output_size(height, filter_size, conv["stride"], conv["pad"],
+                                  what="SimpleConvNet convolution (height)")
+        conv_w = conv_output_size(width, filter_size, conv["stride"], conv["pad"],
+                                  what="SimpleConvNet convolution (width)")
         pool_h = conv_output_size(conv_h, 2, 2, 0, what="SimpleConvNet 2x2 pooling (height)")
         pool_w = conv_output_size(conv_w, 2, 2, 0, what="SimpleConvNet 2x2 pooling (width)")
         pool_output_size = filter_num * pool_h * pool_w

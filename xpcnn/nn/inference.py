@@ -26,7 +26,8 @@ def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int,
     if n == 0:
         raise ShapeError("predict: no images given (N = 0)")
     for start in range(0, n, batch_size):
-        yield start, network.backend.adopt(x[start:min(start + batch_size, n), ...])   # the standard has no out-of-range stops
+        # the standard has no out-of-range stops
+        yield start, network.backend.adopt(x[start:min(start + batch_size, n), ...])
 
 
 def predict_proba(network: Any, x: Any, batch_size: int = 100) -> Any:

@@ -32,7 +32,8 @@ def _check_input(x: Any, weight: Any, what: str) -> None:
     if x_device is not w_device and x_device != w_device:
         check_same_device(x, weight, f"{what} input")
     if x.dtype != weight.dtype:
-        raise DTypeError(f"{what}: expected {dtype_name(weight.dtype)} input (the layer's dtype), got {dtype_name(x.dtype)}")
+        raise DTypeError(f"{what}: expected {dtype_name(weight.dtype)} input (the layer's dtype), "
+                         f"got {dtype_name(x.dtype)}")
 
 
 class _OpsFromInput:
@@ -82,7 +83,8 @@ class Convolution:
         _, channels, filter_h, filter_w = self.W.shape
         _, c, h, w = x.shape
         if c != channels:
-            raise ShapeError(f"Convolution: input has {c} channels, but the filters expect {channels} (W shape {tuple(self.W.shape)})")
+            raise ShapeError(f"Convolution: input has {c} channels, but the filters expect {channels} "
+                             f"(W shape {tuple(self.W.shape)})")
         out_h = conv_output_size(h, filter_h, self.stride, self.pad, what="Convolution (height)")
         out_w = conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)")
         out, self.cache = self.ops.conv2d_forward(x, self.W, self.b, self.stride, self.pad, out_h, out_w)
@@ -114,7 +116,8 @@ class Pooling(_OpsFromInput):
         pool_h, pool_w = positive_int(pool_h, "pool_h", "Pooling"), positive_int(pool_w, "pool_w", "Pooling")
         check_stride_pad(stride, pad, "Pooling")
         if pad >= min(pool_h, pool_w):
-            raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all padding, got pad {pad}")
+            raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all "
+                              f"padding, got pad {pad}")
         super().__init__(ops)
         self.pool_h, self.pool_w, self.stride, self.pad = pool_h, pool_w, stride, pad
         self.cache: Any = None
@@ -167,7 +170,8 @@ class Affine:
             raise ShapeError(f"Affine: expected input (N, ...) with a batch axis, got shape {tuple(x.shape)}")
         features = math.prod(x.shape[1:])
         if features != self.W.shape[0]:
-            raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), but W expects {self.W.shape[0]}")
+            raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), "
+                             f"but W expects {self.W.shape[0]}")
         self.x_shape = tuple(x.shape)
         self.x = self.ops.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
         return self.ops.affine_forward(self.x, self.W, self.b)
@@ -341,7 +345,8 @@ class BatchNormalization:
         check_same_device(beta, gamma, "BatchNormalization beta")
         for name, value in (("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
             if value is not None and tuple(value.shape) != tuple(gamma.shape):
-                raise ShapeError(f"BatchNormalization: {name} must have gamma's shape {tuple(gamma.shape)}, got {tuple(value.shape)}")
+                raise ShapeError(f"BatchNormalization: {name} must have gamma's shape {tuple(gamma.shape)}, "
+                                 f"got {tuple(value.shape)}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
             raise ConfigError(f"BatchNormalization: momentum must be a number in [0, 1], got {momentum!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -349,8 +354,10 @@ class BatchNormalization:
         device = array_api_compat.device(gamma)
         self.gamma, self.beta, self.momentum, self.eps = gamma, beta, float(momentum), float(eps)
         self.per_activation = bool(per_activation)
-        self.running_mean = xp.zeros(gamma.shape, dtype=gamma.dtype, device=device) if running_mean is None else running_mean
-        self.running_var = xp.ones(gamma.shape, dtype=gamma.dtype, device=device) if running_var is None else running_var
+        self.running_mean = (xp.zeros(gamma.shape, dtype=gamma.dtype, device=device) if running_mean is None
+                             else running_mean)
+        self.running_var = (xp.ones(gamma.shape, dtype=gamma.dtype, device=device) if running_var is None
+                            else running_var)
         self.input_shape: tuple | None = None
         self.axes: tuple = (0,)
         self.xn: Any = None         # normalised input of the last training forward
@@ -364,13 +371,16 @@ class BatchNormalization:
         features = self.gamma.shape[0]
         if x.ndim == 4 and not self.per_activation:
             if x.shape[1] != features:
-                raise ShapeError(f"BatchNormalization: input has {x.shape[1]} channels, gamma has {features} (input shape {tuple(x.shape)})")
+                raise ShapeError(f"BatchNormalization: input has {x.shape[1]} channels, gamma has {features} "
+                                 f"(input shape {tuple(x.shape)})")
             return x, (0, 2, 3), (1, features, 1, 1)
         if x.ndim not in (2, 4):
-            raise ShapeError(f"BatchNormalization: expected a 2-D (N, D) or 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ShapeError(f"BatchNormalization: expected a 2-D (N, D) or 4-D (N, C, H, W) input, "
+                             f"got shape {tuple(x.shape)}")
         x2 = xp.reshape(x, (x.shape[0], -1))
         if x2.shape[1] != features:
-            raise ShapeError(f"BatchNormalization: input has {x2.shape[1]} features per sample (shape {tuple(x.shape)}), gamma has {features}")
+            raise ShapeError(f"BatchNormalization: input has {x2.shape[1]} features per sample "
+                             f"(shape {tuple(x.shape)}), gamma has {features}")
         return x2, (0,), (1, features)
 
     def forward(self, x: Any, train_flg: bool = True) -> Any:
@@ -382,7 +392,8 @@ class BatchNormalization:
         if train_flg:
             count = math.prod(x_in.shape[a] for a in axes)
             if count < 2:
-                raise ShapeError(f"BatchNormalization: training needs at least 2 values per feature, got input shape {tuple(x.shape)}")
+                raise ShapeError(f"BatchNormalization: training needs at least 2 values per feature, "
+                                 f"got input shape {tuple(x.shape)}")
             mu = xp.mean(x_in, axis=axes, keepdims=True)
             xc = x_in - mu
             var = xp.mean(xc * xc, axis=axes, keepdims=True)

@@ -63,7 +63,8 @@ class Network:
     grad_sources: dict[str, tuple[str, str]]
     config: dict[str, Any]
 
-    def _init_backend(self, backend: "str | Backend", dtype: str, seed: Any, reference: bool = False) -> np.random.Generator:
+    def _init_backend(self, backend: "str | Backend", dtype: str, seed: Any,
+                      reference: bool = False) -> np.random.Generator:
         """Set ``backend``, ``dtype`` and ``seed``; returns the host generator for the weights.
 
         `reference` runs the array-API reference code for every hot operation, never a
@@ -183,7 +184,8 @@ class Network:
         counts = xp.stack([correct, *self._bad_input_counts(x, t, num_classes)])
         correct, non_finite, bad_labels = (int(c) for c in self.backend.to_numpy(counts))
         if non_finite:
-            raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; expected finite pixels")
+            raise ConfigError(f"accuracy: the images contain {non_finite} NaN or infinite values; "
+                              f"expected finite pixels")
         if bad_labels:                    # counted on the device: say which, from the host copy
             host_class_labels(self.backend.to_numpy(t), num_classes, "accuracy")
         return correct / n
@@ -235,5 +237,6 @@ class Network:
             raise ConfigError(f"set_buffers: expected {sorted(current)}, got {sorted(buffers)}")
         for key, target in current.items():
             if tuple(buffers[key].shape) != tuple(target.shape):
-                raise ShapeError(f"set_buffers: {key} must have shape {tuple(target.shape)}, got {tuple(buffers[key].shape)}")
+                raise ShapeError(f"set_buffers: {key} must have shape {tuple(target.shape)}, "
+                                 f"got {tuple(buffers[key].shape)}")
             target[...] = self.backend.asarray(self.backend.to_numpy(buffers[key]), dtype=self.dtype)

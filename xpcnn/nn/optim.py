@@ -55,11 +55,13 @@ class Optimizer:
         """Update every array in `params` in place from the matching entry of `grads`."""
         missing = [key for key in params if key not in grads]
         if missing:
-            raise ConfigError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}; grads has {sorted(grads)}")
+            raise ConfigError(f"{type(self).__name__}.update: no gradient for parameter(s) {missing}; "
+                              f"grads has {sorted(grads)}")
         if isinstance(params, ParamDict):
             flat_grad = params.gather(grads)              # checks every entry before changing any
             self.iterations += 1
-            self._update(ops_of(params.backend), "", params.flat, flat_grad, lambda name: self._flat_buffer(name, params))
+            self._update(ops_of(params.backend), "", params.flat, flat_grad,
+                         lambda name: self._flat_buffer(name, params))
             return
         for key, param in params.items():               # check all before changing any
             namespace_of(param, grads[key])               # BackendMismatch on mixed backends
@@ -67,7 +69,8 @@ class Optimizer:
         self.iterations += 1
         for key, param in params.items():
             ops = ops_for(namespace_of(param))
-            self._update(ops, key, param, grads[key], lambda name, key=key, param=param: self._zeros_like(name, key, param))
+            self._update(ops, key, param, grads[key],
+                         lambda name, key=key, param=param: self._zeros_like(name, key, param))
 
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
         """Apply the formula to one array (or the flat buffer); `state(name)` gives its state array."""
@@ -89,7 +92,8 @@ class Optimizer:
         if flat is None:
             xp, slot = params.backend.xp, self.state[name]
             if slot:
-                state = {key: slot[key] if key in slot else xp.zeros(shape, dtype=params.flat.dtype, device=array_api_compat.device(params.flat))
+                state = {key: slot[key] if key in slot else xp.zeros(shape, dtype=params.flat.dtype,
+                                                                     device=array_api_compat.device(params.flat))
                          for key, _, _, shape in params.layout}
                 flat = params.gather(state)
             else:

@@ -303,8 +303,8 @@ def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[
     labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
     probs = cupy.empty_like(scores)
     loss = cupy.empty((), dtype=scores.dtype)
-    _raw_kernel(_SOFTMAX_CE_SOURCE, "xpcnn_softmax_ce", _c_type(scores.dtype))((1,), (256,), (scores, cupy.ascontiguousarray(labels), probs, loss,
-                                                             np.int32(n), np.int32(k)))
+    _raw_kernel(_SOFTMAX_CE_SOURCE, "xpcnn_softmax_ce", _c_type(scores.dtype))(
+        (1,), (256,), (scores, cupy.ascontiguousarray(labels), probs, loss, np.int32(n), np.int32(k)))
     _launched()
     return loss, (probs, labels, "labels")
 
@@ -354,9 +354,8 @@ def count_correct(xp: ModuleType, scores: Any, t: Any) -> Any:
     n, k = scores.shape
     labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
     count = cupy.empty((), dtype=cupy.int64)
-    _raw_kernel(_COUNT_CORRECT_SOURCE, "xpcnn_count_correct", _c_type(scores.dtype))((1,), (256,), (cupy.ascontiguousarray(scores),
-                                                                cupy.ascontiguousarray(labels), count,
-                                                                np.int32(n), np.int32(k)))
+    _raw_kernel(_COUNT_CORRECT_SOURCE, "xpcnn_count_correct", _c_type(scores.dtype))(
+        (1,), (256,), (cupy.ascontiguousarray(scores), cupy.ascontiguousarray(labels), count, np.int32(n), np.int32(k)))
     _launched()
     return count
 
@@ -405,7 +404,7 @@ def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: flo
 def fast_ops() -> dict[str, Callable[..., Any]]:
     """The entries this module replaces in CuPy's operation table."""
     return {name: globals()[name] for name in (
-        "conv2d_forward", "conv2d_backward", "affine_forward", "affine_backward", "maxpool2d_forward", "maxpool2d_backward",
-        "relu_forward", "relu_backward", "softmax_cross_entropy_forward",
+        "conv2d_forward", "conv2d_backward", "affine_forward", "affine_backward", "maxpool2d_forward",
+        "maxpool2d_backward", "relu_forward", "relu_backward", "softmax_cross_entropy_forward",
         "softmax_cross_entropy_backward", "count_correct",
         "sgd_update", "momentum_update", "adagrad_update", "adam_update")}

@@ -56,7 +56,8 @@ def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
 
 def _windows(x_pad: np.ndarray, filter_h: int, filter_w: int, stride: int,
              out_h: int, out_w: int) -> np.ndarray:
-    """Read-only ``(N, OH, OW, FH, FW, C)`` view: ``[n, oh, ow, i, j, c] = x_pad[n, oh*stride + i, ow*stride + j, c]``."""
+    """Read-only ``(N, OH, OW, FH, FW, C)`` view:
+    ``[n, oh, ow, i, j, c] = x_pad[n, oh*stride + i, ow*stride + j, c]``."""
     s_n, s_h, s_w, s_c = x_pad.strides
     shape = (x_pad.shape[0], out_h, out_w, filter_h, filter_w, x_pad.shape[3])
     return as_strided(x_pad, shape, (s_n, s_h * stride, s_w * stride, s_h, s_w, s_c), writeable=False)

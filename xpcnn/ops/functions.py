@@ -47,7 +47,8 @@ def check_label_range(t: Any, num_classes: int, what: str = "labels") -> None:
     synchronisation per step; the Trainer checks its labels once before moving them there.
     """
     if values_are_free_to_read(t) and t.size and (t.min() < 0 or t.max() >= num_classes):
-        raise ShapeError(f"{what}: class indices must lie in 0..{num_classes - 1}, got values from {t.min()} to {t.max()}")
+        raise ShapeError(f"{what}: class indices must lie in 0..{num_classes - 1}, "
+                         f"got values from {t.min()} to {t.max()}")
 
 
 def host_class_labels(t: Any, num_classes: "int | None", what: str, n: "int | None" = None) -> Any:

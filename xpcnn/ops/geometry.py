@@ -189,7 +189,8 @@ def col2im(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: i
     out_w = conv_output_size(w, filter_w, stride, pad, what="col2im (width)")
     expected = (n * out_h * out_w, c * filter_h * filter_w)
     if tuple(col.shape) != expected:
-        raise ShapeError(f"col2im: expected col of shape {expected} for input {tuple(input_shape)}, got {tuple(col.shape)}")
+        raise ShapeError(f"col2im: expected col of shape {expected} for input {tuple(input_shape)}, "
+                         f"got {tuple(col.shape)}")
     xp = namespace_of(col)
     col_per_image = xp.matrix_transpose(xp.reshape(col, (n, out_h * out_w, c * filter_h * filter_w)))
     return col2im_nchw(col_per_image, (n, c, h, w), filter_h, filter_w, stride, pad, out_h, out_w)

@@ -131,13 +131,15 @@ def _to_json_safe(value: Any, where: str) -> Any:
         return _to_json_safe(value.item(), where)
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
-            raise CheckpointError(f"save_checkpoint: {where} holds an object array, which cannot be saved without pickle")
+            raise CheckpointError(f"save_checkpoint: {where} holds an object array, "
+                                  f"which cannot be saved without pickle")
         return {_NDARRAY_TAG: _to_json_safe(value.tolist(), where), "dtype": value.dtype.str}
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise CheckpointError(f"save_checkpoint: {where} has a non-string key {key!r}; JSON keys must be strings")
+                raise CheckpointError(f"save_checkpoint: {where} has a non-string key {key!r}; "
+                                      f"JSON keys must be strings")
             out[key] = _to_json_safe(item, f"{where}[{key!r}]")
         return out
     if isinstance(value, (list, tuple)):
@@ -424,7 +426,8 @@ def _assemble(path: str, entries: dict[str, np.ndarray], metadata: dict[str, Any
     saved_dtype = metadata["dtype"]
     for key, value in params.items():
         if value.dtype.name != saved_dtype:
-            raise CheckpointError(f"checkpoint {path!r}: parameter {key!r} is {value.dtype.name}, metadata says {saved_dtype}")
+            raise CheckpointError(f"checkpoint {path!r}: parameter {key!r} is {value.dtype.name}, "
+                                  f"metadata says {saved_dtype}")
 
     optimizer = metadata.get("optimizer")
     name, hparams = None, {}
@@ -495,10 +498,12 @@ def check_compatible(checkpoint: Checkpoint, network: Any) -> None:
             )
     buffers = network.buffers() if hasattr(network, "buffers") else {}
     if sorted(buffers) != sorted(checkpoint.buffers):
-        raise CheckpointError(f"checkpoint buffers {sorted(checkpoint.buffers)} do not match the network's {sorted(buffers)}")
+        raise CheckpointError(f"checkpoint buffers {sorted(checkpoint.buffers)} do not match "
+                              f"the network's {sorted(buffers)}")
     for key, current in buffers.items():
         if tuple(checkpoint.buffers[key].shape) != tuple(current.shape):
-            raise CheckpointError(f"checkpoint buffer {key} has shape {tuple(checkpoint.buffers[key].shape)}, the network's has {tuple(current.shape)}")
+            raise CheckpointError(f"checkpoint buffer {key} has shape {tuple(checkpoint.buffers[key].shape)}, "
+                                  f"the network's has {tuple(current.shape)}")
 
 
 def _optimizer_state_on(checkpoint: Checkpoint, network: Any, optimizer: Any) -> dict[str, Any]:
@@ -506,9 +511,11 @@ def _optimizer_state_on(checkpoint: Checkpoint, network: Any, optimizer: Any) ->
     saved = checkpoint.optimizer_name
     actual = _optimizer_name(optimizer)
     if saved is None:
-        raise CheckpointError(f"checkpoint holds no optimizer state, but an optimizer ({type(optimizer).__name__}) was given to restore")
+        raise CheckpointError(f"checkpoint holds no optimizer state, but an optimizer ({type(optimizer).__name__}) "
+                              f"was given to restore")
     if saved != actual:
-        raise CheckpointError(f"checkpoint optimizer is {saved!r}, but the optimizer given is {actual!r} ({type(optimizer).__name__})")
+        raise CheckpointError(f"checkpoint optimizer is {saved!r}, but the optimizer given is {actual!r} "
+                              f"({type(optimizer).__name__})")
     backend: Backend = network.backend
     state: dict[str, Any] = {"iterations": int(checkpoint.optimizer_state.get("iterations", 0))}
     for flat_key, host in checkpoint.optimizer_state.items():
@@ -516,9 +523,11 @@ def _optimizer_state_on(checkpoint: Checkpoint, network: Any, optimizer: Any) ->
             continue
         name, _, key = flat_key.partition("/")
         if name not in optimizer.state:
-            raise CheckpointError(f"checkpoint optimizer state {flat_key!r} is unknown to {type(optimizer).__name__} (it keeps {list(optimizer.state)})")
+            raise CheckpointError(f"checkpoint optimizer state {flat_key!r} is unknown to {type(optimizer).__name__} "
+                                  f"(it keeps {list(optimizer.state)})")
         if key not in network.params or tuple(host.shape) != tuple(network.params[key].shape):
-            raise CheckpointError(f"checkpoint optimizer state {flat_key!r} with shape {tuple(host.shape)} matches no network parameter")
+            raise CheckpointError(f"checkpoint optimizer state {flat_key!r} with shape {tuple(host.shape)} "
+                                  f"matches no network parameter")
         state[flat_key] = backend.asarray(host, dtype=network.dtype)
     return state
 
@@ -586,7 +595,8 @@ def make_optimizer_from_checkpoint(checkpoint: Checkpoint, network: Any = None) 
     try:
         optimizer = make_optimizer(checkpoint.optimizer_name, **checkpoint.optimizer_hparams)
     except XpcnnError as exc:
-        raise CheckpointError(f"cannot rebuild the checkpoint's optimizer {checkpoint.optimizer_name!r}: {exc}") from exc
+        raise CheckpointError(f"cannot rebuild the checkpoint's optimizer {checkpoint.optimizer_name!r}: "
+                              f"{exc}") from exc
     if network is not None:
         state = _optimizer_state_on(checkpoint, network, optimizer)
         optimizer.load_state_dict(state)

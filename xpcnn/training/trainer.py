@@ -77,7 +77,8 @@ class Trainer:
                  epochs: int = 10, mini_batch_size: int = 100, optimizer: "str | Optimizer" = "adagrad",
                  optimizer_param: dict | None = None, evaluate_sample_num_per_epoch: int | None = None,
                  verbose: bool = True, *, seed: int | None = 0, log_every: int = 50,
-                 eval_batch_size: int = 500, progress: bool = True, checkpoint_path: "str | os.PathLike[str] | None" = None,
+                 eval_batch_size: int = 500, progress: bool = True,
+                 checkpoint_path: "str | os.PathLike[str] | None" = None,
                  on_nan: str = "stop", print_fn: Callable[[str], None] = print):
         self.network = network
         self.backend = network.backend
@@ -86,7 +87,8 @@ class Trainer:
         self.log_every = _positive_int("log_every", log_every)
         self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
         if evaluate_sample_num_per_epoch is not None:
-            evaluate_sample_num_per_epoch = _positive_int("evaluate_sample_num_per_epoch", evaluate_sample_num_per_epoch)
+            evaluate_sample_num_per_epoch = _positive_int("evaluate_sample_num_per_epoch",
+                                                          evaluate_sample_num_per_epoch)
         self.evaluate_sample_num = evaluate_sample_num_per_epoch
         if on_nan not in ON_NAN_CHOICES:
             raise ConfigError(f"Trainer: on_nan must be one of {ON_NAN_CHOICES}, got {on_nan!r}")
@@ -97,14 +99,16 @@ class Trainer:
         if isinstance(optimizer, Optimizer):
             self.optimizer = optimizer
         else:
-            self.optimizer = make_optimizer(optimizer, **(optimizer_param if optimizer_param is not None else {"lr": 0.01}))
+            self.optimizer = make_optimizer(optimizer,
+                                            **(optimizer_param if optimizer_param is not None else {"lr": 0.01}))
 
         output_size = int(network.config["output_size"]) if hasattr(network, "config") else None
         self.x_train, self.t_train = self._to_device(x_train, t_train, "training", output_size)
         self.x_test, self.t_test = self._to_device(x_test, t_test, "test", output_size)
         self.train_size = int(self.x_train.shape[0])
         if self.batch_size > self.train_size:
-            raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set ({self.train_size} images)")
+            raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set "
+                              f"({self.train_size} images)")
 
         if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
             raise ConfigError(f"Trainer: seed must be None or an integer >= 0, got {seed!r}")
@@ -133,13 +137,15 @@ class Trainer:
                 raise ShapeError(f"Trainer: {what} images must be (N, {', '.join(map(str, input_dim))}), got {x.shape} "
                                  f"(load them with flatten=False)")
             if not np.issubdtype(x.dtype, np.floating):
-                raise DTypeError(f"Trainer: {what} images must be float32 or float64 (load them with normalize=True), got {x.dtype}")
+                raise DTypeError(f"Trainer: {what} images must be float32 or float64 (load them with normalize=True), "
+                                 f"got {x.dtype}")
             if not np.all(np.isfinite(x)):
                 raise ConfigError(f"Trainer: {what} images contain NaN or infinite values")
             t = host_class_labels(np.asarray(t), output_size, f"Trainer: {what}")
             return (self.backend.asarray(x, dtype=self.network.dtype), self.backend.asarray(t))
         if not self.backend.owns(x) or not self.backend.owns(t):
-            raise ConfigError(f"Trainer: {what} arrays must be host NumPy arrays or live on the network's backend ({self.backend})")
+            raise ConfigError(f"Trainer: {what} arrays must be host NumPy arrays or live on the network's backend "
+                              f"({self.backend})")
         return x, t
 
     # -------------------------------------------------------------------- resume
@@ -150,15 +156,17 @@ class Trainer:
         The batch size and training-set size must be the checkpoint's: the saved step and the
         replayed permutation only mean the same batches with the same data.
         """
-        saved = {"mini_batch_size": checkpoint.extra.get("mini_batch_size"), "train_size": checkpoint.extra.get("train_size")}
+        saved = {"mini_batch_size": checkpoint.extra.get("mini_batch_size"),
+                 "train_size": checkpoint.extra.get("train_size")}
         current = {"mini_batch_size": self.batch_size, "train_size": self.train_size}
         differ = [f"{key} {saved[key]} in the checkpoint, {current[key]} here" for key in saved
                   if saved[key] is not None and saved[key] != current[key]]
         if differ:
-            raise CheckpointError(f"cannot resume: {'; '.join(differ)}; resume with the same batch size and training images")
+            raise CheckpointError(f"cannot resume: {'; '.join(differ)}; "
+                                  f"resume with the same batch size and training images")
         if checkpoint.step >= self.steps_per_epoch:
-            raise CheckpointError(f"cannot resume: the checkpoint is at step {checkpoint.step} of an epoch that has only "
-                                  f"{self.steps_per_epoch} steps here")
+            raise CheckpointError(f"cannot resume: the checkpoint is at step {checkpoint.step} of an epoch "
+                                  f"that has only {self.steps_per_epoch} steps here")
         restore(checkpoint, self.network, self.optimizer)
         self.epoch, self.step_in_epoch = checkpoint.epoch, checkpoint.step
         if checkpoint.rng_state is not None:
@@ -291,7 +299,8 @@ class Trainer:
         if self.verbose:
             self.print_fn(
                 f"epoch {self.epoch}/{self.epochs}  loss {h.train_loss[-1]:.4f}  train acc {train_acc:.4f}  "
-                f"test acc {test_acc:.4f}  ({seconds:.1f} s, {h.images_per_second[-1]:.0f} img/s, eval {eval_seconds:.1f} s)"
+                f"test acc {test_acc:.4f}  ({seconds:.1f} s, {h.images_per_second[-1]:.0f} img/s, "
+                f"eval {eval_seconds:.1f} s)"
             )
         if self.checkpoint_path is not None:
             self.save_checkpoint()
