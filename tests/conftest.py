@@ -16,7 +16,7 @@ from xpcnn.backend import get_backend
 from xpcnn.data import write_idx
 from xpcnn.errors import BackendUnavailable
 
-from helpers import FASHION_FILES, make_learnable_set
+from helpers import FASHION_FILES, MAX_GRAD_ERROR, make_learnable_set
 
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
 
@@ -69,3 +69,11 @@ def cli_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data.write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         data.write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
     return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The worst gradient-check relative error of this run (each check asserts its own bound;
+    this says how close to it the worst came). Per process: under xdist, each worker's own."""
+    if MAX_GRAD_ERROR["value"] > 0:
+        terminalreporter.write_line(f"largest gradient-check relative error: {MAX_GRAD_ERROR['value']:.3e} "
+                                    f"({MAX_GRAD_ERROR['where']})")

@@ -89,6 +89,33 @@ def naive_im2col(x, fh, fw, stride, pad):
     return col.reshape(n * oh * ow, -1)
 
 
+def naive_col2im(col, input_shape, fh, fw, stride, pad):
+    """The adjoint of `naive_im2col` by loops: each row's values added back into its window."""
+    n, c, h, w = input_shape
+    oh, ow = (h + 2 * pad - fh) // stride + 1, (w + 2 * pad - fw) // stride + 1
+    out = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=col.dtype)
+    rows = col.reshape(n, oh, ow, c, fh, fw)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i * stride:i * stride + fh, j * stride:j * stride + fw] += rows[:, i, j]
+    return out[:, :, pad:pad + h, pad:pad + w]
+
+
+def naive_maxpool_backward(x, dout, ph, pw, stride, pad):
+    """Each window's gradient to its first maximum (row-major), by loops: dx (N, C, H, W)."""
+    n, c, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    dx = np.zeros(xp.shape, dtype=dout.dtype)
+    for a in range(n):
+        for k in range(c):
+            for i in range(dout.shape[2]):
+                for j in range(dout.shape[3]):
+                    window = xp[a, k, i * stride:i * stride + ph, j * stride:j * stride + pw]
+                    r, q = divmod(int(np.argmax(window)), pw)      # argmax: the first maximum
+                    dx[a, k, i * stride + r, j * stride + q] += dout[a, k, i, j]
+    return dx[:, :, pad:pad + h, pad:pad + w]
+
+
 def tie_free(rng, shape) -> np.ndarray:
     """Float64 values that are all distinct and well separated (for max pooling checks)."""
     values = rng.permutation(int(np.prod(shape))).astype(np.float64)

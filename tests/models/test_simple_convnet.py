@@ -8,7 +8,7 @@ from xpcnn.errors import ConfigError, DTypeError, ShapeError
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.optim import AdaGrad
 
-from helpers import MAX_GRAD_ERROR, make_learnable_set, numerical_gradient, relative_error
+from helpers import make_learnable_set, numerical_gradient, relative_error
 
 NETS = [
     # input_dim, conv_param
@@ -136,12 +136,6 @@ def test_small_training_run_learns(backend, rng, steps):
     assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     acc_after = net.accuracy(x, t)
     assert acc_after > acc_before + 0.2 and acc_after > (0.9 if steps >= 300 else 0.5), (acc_before, acc_after)
-
-
-def test_zz_report_largest_gradient_error():
-    """Runs last in this file: prints the worst gradient-check error of the session (-s shows it)."""
-    print(f"\nlargest gradient-check relative error: {MAX_GRAD_ERROR['value']:.3e} ({MAX_GRAD_ERROR['where']})")
-    assert MAX_GRAD_ERROR["value"] < 1e-6
 
 
 def test_pooling_before_relu_equals_the_books_order(rng):

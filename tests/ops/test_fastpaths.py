@@ -1,9 +1,9 @@
-"""The faster internal paths against the plain ones they replace, on random inputs.
+"""The faster internal paths against loop references and the plain paths they replace.
 
-* `im2col_nchw`/`col2im_nchw` (per-image transposed layout used by `Convolution`) against
-  the public book-layout `im2col`/`col2im`;
-* `Pooling`'s reshape path for windows that tile the input (2x2 stride 2) against its
-  general strided-slice path, forward and backward, ties included;
+* `im2col_nchw`/`col2im_nchw` (per-image transposed layout used by `Convolution`) and the
+  public book-layout `im2col`/`col2im` against loops (`helpers.naive_im2col`, `naive_col2im`);
+* the pooling reference's path for windows that tile the input (2x2 stride 2) and its
+  general strided-slice path, forward and backward, ties included, against loops;
 * `ReLU`'s mask derived from its output against ``x > 0``.
 
 Each runs on every available backend (NumPy, array_api_strict, CuPy).
@@ -16,6 +16,8 @@ from xpcnn.nn.layers import ReLU
 from xpcnn.ops import ops_for
 from xpcnn.ops import reference as ops_module
 from xpcnn.ops.geometry import col2im, col2im_nchw, conv_output_size, im2col, im2col_nchw
+
+from helpers import naive_col2im, naive_im2col, naive_maxpool, naive_maxpool_backward
 
 GEOMETRIES = [  # (N, C, H, W, FH, FW, stride, pad)
     (2, 1, 7, 7, 3, 3, 1, 0),
@@ -38,7 +40,10 @@ def test_im2col_nchw_is_the_book_matrix_per_image(backend, rng, geometry):
     x = backend.asarray(rng.standard_normal((n, c, h, w)), "float64")
     fast = backend.to_numpy(im2col_nchw(x, fh, fw, stride, pad, oh, ow))
     assert fast.shape == (n, c * fh * fw, oh * ow)
-    np.testing.assert_array_equal(_per_image_to_book(fast), backend.to_numpy(im2col(x, fh, fw, stride, pad)))
+    x_host = backend.to_numpy(x)
+    expected = naive_im2col(x_host, fh, fw, stride, pad)
+    np.testing.assert_array_equal(_per_image_to_book(fast), expected)
+    np.testing.assert_array_equal(backend.to_numpy(im2col(x, fh, fw, stride, pad)), expected)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -48,7 +53,9 @@ def test_col2im_nchw_matches_book_col2im(backend, rng, geometry):
     col_host = rng.standard_normal((n, c * fh * fw, oh * ow))
     fast = col2im_nchw(backend.asarray(col_host, "float64"), (n, c, h, w), fh, fw, stride, pad, oh, ow)
     book = col2im(backend.asarray(_per_image_to_book(col_host), "float64"), (n, c, h, w), fh, fw, stride, pad)
-    np.testing.assert_allclose(backend.to_numpy(fast), backend.to_numpy(book), rtol=1e-12, atol=1e-12)
+    expected = naive_col2im(_per_image_to_book(col_host), (n, c, h, w), fh, fw, stride, pad)
+    np.testing.assert_allclose(backend.to_numpy(fast), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(book), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,size", [((2, 3, 8, 6), 2), ((3, 2, 9, 6), 3), ((1, 4, 4, 4), 4)])
@@ -72,8 +79,13 @@ def test_tiling_pooling_matches_general_path(backend, rng, monkeypatch, shape, s
     out_fast, dx_fast = forward_backward()
     monkeypatch.setattr(ops_module, "_pool_tiles", lambda *args: False)   # the general strided-slice path
     out_general, dx_general = forward_backward()
-    np.testing.assert_array_equal(out_fast, out_general)
-    np.testing.assert_array_equal(dx_fast, dx_general)
+    dout_host = backend.to_numpy(dout)
+    x_loops = backend.to_numpy(x)
+    np.testing.assert_array_equal(out_fast, naive_maxpool(x_loops, size, size, size, 0))
+    np.testing.assert_array_equal(out_general, naive_maxpool(x_loops, size, size, size, 0))
+    expected_dx = naive_maxpool_backward(x_loops, dout_host, size, size, size, 0)
+    np.testing.assert_array_equal(dx_fast, expected_dx)
+    np.testing.assert_array_equal(dx_general, expected_dx)
     # Each window passes its whole gradient on, to exactly one pixel (the first max).
     nonzero = (dx_fast != 0).reshape(shape[0], shape[1], shape[2] // size, size, shape[3] // size, size)
     assert nonzero.sum(axis=(3, 5)).max() <= 1
