@@ -16,15 +16,21 @@ from xpcnn.backend import get_backend
 from xpcnn.data import write_idx
 from xpcnn.errors import BackendUnavailable
 
-from helpers import FASHION_FILES, MAX_GRAD_ERROR, make_learnable_set
+from helpers import FASHION_FILES, MAX_GRAD_ERROR, make_learnable_set, unavailable
 
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
+
+
+#: Backends `.ci/run` installs (PyTorch's CPU build): under CI=true they must be usable.
+CI_BACKENDS = ("numpy", "array_api_strict", "torch")
 
 
 def _backend_or_skip(name):
     try:
         return get_backend(name)
     except BackendUnavailable as exc:
+        if name in CI_BACKENDS:
+            unavailable(f"{name} unavailable: {exc}")
         pytest.skip(f"{name} unavailable: {exc}")
 
 

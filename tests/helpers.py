@@ -8,8 +8,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Under CI (``CI=true``, set by the CI runner) what `.ci/run` installs must be there: a test
+#: that would skip for want of it fails instead, so a broken install cannot pass as skips.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, saying why; under CI (where `.ci/run` installs it) fail instead."""
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}: .ci/run should have installed it", pytrace=False)
+    pytest.skip(reason)
 
 
 def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:

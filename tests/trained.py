@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import unavailable
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 _CACHE: dict[str, Path] = {}
 
@@ -23,7 +25,7 @@ def fashion_available() -> bool:
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the shared checkpoint (trained on first call; skips without Fashion-MNIST)."""
     if not fashion_available():
-        pytest.skip(f"Fashion-MNIST not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+        unavailable(f"Fashion-MNIST not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
     if "path" not in _CACHE:
         from xpcnn.cli import main
 

@@ -22,7 +22,7 @@ from xpcnn import data
 from xpcnn.data import DatasetSpec, FileSpec
 from xpcnn.errors import ConfigError, DatasetError, DTypeError, ShapeError
 
-from helpers import MNIST_DIR
+from helpers import IN_CI, MNIST_DIR
 
 REAL_MNIST_DIR = MNIST_DIR          # found by searching the folders above the checkout (tests/helpers.py)
 REAL_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -514,7 +514,8 @@ def test_load_mnist_float64_and_book_uint8(fake_mnist_dir):
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not (REAL_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="real MNIST test set absent")
+@pytest.mark.skipif(not (REAL_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists() and not IN_CI,
+                    reason="real MNIST test set absent")
 def test_real_mnist_test_set_matches_registry():
     images = data.read_idx(REAL_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
     labels = data.read_idx(REAL_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
@@ -526,7 +527,7 @@ def test_real_mnist_test_set_matches_registry():
     assert x.shape == (10000, 1, 28, 28) and x.dtype == np.float32 and t.dtype == np.int64
 
 
-@pytest.mark.skipif(not REAL_FASHION_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not REAL_FASHION_DIR.is_dir() and not IN_CI, reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_loads_and_matches_registry():
     (x_train, t_train), (x_test, t_test) = data.load_dataset("fashion-mnist", data_dir=REAL_FASHION_DIR)
     assert x_train.shape == (60000, 784) and x_test.shape == (10000, 784)
@@ -535,7 +536,7 @@ def test_real_fashion_mnist_loads_and_matches_registry():
     data.verify_files(data.find_dataset_files("fashion-mnist", data_dir=REAL_FASHION_DIR), "fashion-mnist")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir() and not IN_CI,
                     reason="dataset-fashion-mnist not installed")
 def test_official_size_files_must_have_the_official_checksum(tmp_path):
     """MNIST and Fashion-MNIST files have identical sizes: loading one as the other is refused."""

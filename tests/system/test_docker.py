@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, unavailable
 
 DOCKER_DIR = REPO / "docker"
 DOCKERFILES = {"cpu": DOCKER_DIR / "Dockerfile.cpu", "gpu": DOCKER_DIR / "Dockerfile.gpu"}
@@ -161,7 +161,7 @@ def test_smoke_script_syntax() -> None:
 def test_smoke_script_shellcheck() -> None:
     shellcheck = find_tool("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+        unavailable("shellcheck is not installed (apt-get install shellcheck)")
     proc = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
