@@ -42,7 +42,7 @@ def test_trainer_learns_and_records_history(learnable, tmp_path):
     history = trainer.train()
     assert history.epoch == [1, 2, 3]
     assert len(history.step_loss) == 3 * 20                 # every step's loss, gathered at log points
-    assert history.test_acc[-1] > 0.85 and history.train_acc[-1] > 0.85
+    assert history.test_acc[-1] >= 0.99 and history.train_acc[-1] >= 0.99    # 1.0 from the first epoch here
     assert history.train_loss[-1] < history.train_loss[0]
     assert all(v > 0 for v in history.images_per_second)
     assert len(lines) == 3 and "train acc" in lines[0] and "test acc" in lines[0]
@@ -175,7 +175,8 @@ def test_real_mnist_digits_seed_recipe_median_of_three_seeds():
                           optimizer="adagrad", optimizer_param={"lr": 0.06}, seed=seed, verbose=False)
         accuracies.append(trainer.train().test_acc[-1])
     print(f"\nreal MNIST 8000/2000, 5 epochs, seeds 1-3: test acc {accuracies}, median {np.median(accuracies):.4f}")
-    assert np.median(accuracies) >= 0.93, accuracies
+    # Measured: 0.9815, 0.9775, 0.9615 (median 0.9775); a little below it, so a real regression fails.
+    assert np.median(accuracies) >= 0.965, accuracies
 
 
 # ------------------------------------------------------- resume safety and odd runs
