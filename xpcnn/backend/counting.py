@@ -61,6 +61,19 @@ def count_calls() -> Iterator[Counter]:
         _STATE["active"] -= 1
 
 
+def counted(function: Any, xp: Any, *args: Any) -> Any:
+    """``function(xp, *args)`` with its calls counted while a `count_calls` block runs.
+
+    For a fast operation that hands a case back to the reference code: the fast table is
+    called with the library's own namespace and arrays (`ops.table`), so without this the
+    reference's calls would go uncounted. Outside a block it is a plain call.
+    """
+    if not enabled():
+        return function(xp, *args)
+    namespace = CountingNamespace(xp)
+    return unwrap(function(namespace, *_wrap(args, namespace)))
+
+
 def unwrap(value: Any) -> Any:
     """The library's own array(s) behind `value` (recursing into lists, tuples and dicts)."""
     if isinstance(value, CountedArray):

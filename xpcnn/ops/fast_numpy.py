@@ -20,6 +20,12 @@ Measured in docs/performance.md ("DeepConvNet on the CPU"). Results equal the re
 within float rounding (tests/ops/test_fast_ops.py); the chunks are summed in a fixed order, so
 runs are deterministic. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
 it off.
+
+Call counting (`xpcnn.backend.counting`): this code calls NumPy directly, so it reports its
+own calls with `_called(n)` next to them (as `fast_cupy` reports its launches), counting what
+the counting namespace would count on the reference path: every function, operator and index
+that returns an array, views included. The one-channel cases it hands to the reference run
+through `counting.counted`, so their calls are counted too (tests/backend/test_counting.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ..backend import counting
 from . import reference
 from .geometry import spatial_slices, window_offsets
 from .reference import store_gradient
@@ -39,18 +46,26 @@ from .reference import store_gradient
 CHUNK_BYTES = 2 << 20
 
 
+def _called(calls: int = 1) -> None:
+    """Record `calls` NumPy calls for `counting` (while a `count_calls` block runs)."""
+    counting.add(calls)
+
+
 def _channels_last(x: np.ndarray) -> np.ndarray:
     """``(N, C, H, W) -> (N, H, W, C)``, a view (contiguous if the memory is channels-last)."""
+    _called()
     return x.transpose(0, 2, 3, 1)
 
 
 def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
     """``(N, H, W, C)`` zero-padded on the two spatial axes, C-contiguous (one copy at most)."""
     if pad_h == 0 and pad_w == 0:
+        _called()
         return np.ascontiguousarray(x_last)
     n, h, w, c = x_last.shape
     out = np.zeros((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=x_last.dtype)
     out[:, pad_h:pad_h + h, pad_w:pad_w + w, :] = x_last
+    _called(2)
     return out
 
 
@@ -60,6 +75,7 @@ def _windows(x_pad: np.ndarray, filter_h: int, filter_w: int, stride: int,
     ``[n, oh, ow, i, j, c] = x_pad[n, oh*stride + i, ow*stride + j, c]``."""
     s_n, s_h, s_w, s_c = x_pad.strides
     shape = (x_pad.shape[0], out_h, out_w, filter_h, filter_w, x_pad.shape[3])
+    _called()
     return as_strided(x_pad, shape, (s_n, s_h * stride, s_w * stride, s_h, s_w, s_c), writeable=False)
 
 
@@ -78,9 +94,11 @@ def _each_chunk_of_columns(windows: np.ndarray, work: Callable[[int, int, np.nda
     row_len = filter_h * filter_w * c
     size = _chunk_size(n, out_h * out_w, row_len, windows.itemsize)
     buffer = np.empty((size,) + windows.shape[1:], dtype=windows.dtype)
+    _called()
     for start, end in _chunks(n, size):
         chunk = buffer[:end - start]
         np.copyto(chunk, windows[start:end])
+        _called(4)                               # two slices, the copy, the reshape below
         work(start, end, chunk.reshape(-1, row_len))
 
 
@@ -93,19 +111,22 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     """
     filter_num, channels, filter_h, filter_w = W.shape
     if reference.per_image_layout_wins(channels):
-        return reference.conv2d_forward(xp, x, W, b, stride, pad, out_h, out_w)
+        return counting.counted(reference.conv2d_forward, xp, x, W, b, stride, pad, out_h, out_w)
     x_pad = _padded(_channels_last(x), pad, pad)
     w_cols = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, filter_num)   # rows (i, j, c)
     out = np.empty((x.shape[0], out_h, out_w, filter_num), dtype=x.dtype)
     out_rows = out.reshape(-1, filter_num)
+    _called(5)                                   # w_cols (3), out, out_rows
     rows_per_image = out_h * out_w
 
     def product(start: int, end: int, columns: np.ndarray) -> None:
         rows = out_rows[start * rows_per_image:end * rows_per_image]
         np.matmul(columns, w_cols, out=rows)
         rows += b
+        _called(3)
 
     _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), product)
+    _called()
     return out.transpose(0, 3, 1, 2), (x_pad, tuple(x.shape))
 
 
@@ -115,7 +136,8 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     channels-last memory."""
     filter_num, channels, filter_h, filter_w = W.shape
     if reference.per_image_layout_wins(channels):
-        return reference.conv2d_backward(xp, dout, cache, W, stride, pad, need_input_grad, dW_out, db_out)
+        return counting.counted(reference.conv2d_backward, xp, dout, cache, W, stride, pad, need_input_grad,
+                                dW_out, db_out)
     x_pad, (n, _, height, width) = cache
     _, _, out_h, out_w = dout.shape
     dout_last = np.ascontiguousarray(_channels_last(dout))          # (N, OH, OW, FN)
@@ -124,23 +146,28 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     # A product with a vector of ones: BLAS, where NumPy's sum over the long axis of a
     # narrow matrix is several times slower.
     db = store_gradient(db_out, np.ones(dout_rows.shape[0], dtype=dout.dtype) @ dout_rows)
+    _called(4 + (db_out is not None))            # the copy, the reshape, ones, the product (, the store)
 
     dW_cols = np.zeros((filter_h * filter_w * channels, filter_num), dtype=dout.dtype)
     partial = np.empty_like(dW_cols)
+    _called(2)
 
     def weight_gradient(start: int, end: int, columns: np.ndarray) -> None:
         np.matmul(columns.T, dout_rows[start * rows_per_image:end * rows_per_image], out=partial)
         np.add(dW_cols, partial, out=dW_cols)      # chunk by chunk, in order: deterministic
+        _called(4)
 
     _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
     dW_view = dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)
     dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
+    _called(3)                                   # reshape, transpose, the copy or the store
     if not need_input_grad:
         return None, dW, db
     if stride == 1 and pad < filter_h and pad < filter_w:
         dx_last = _input_gradient_as_convolution(dout_last, W, pad, height, width)
     else:
         dx_last = _input_gradient_by_col2im(dout_rows, W, stride, pad, (n, height, width, channels), out_h, out_w)
+    _called()
     return dx_last.transpose(0, 3, 1, 2), dW, db
 
 
@@ -153,10 +180,12 @@ def _input_gradient_as_convolution(dout_last: np.ndarray, W: np.ndarray, pad: in
     flipped_cols = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, channels)
     dx = np.empty((dout_last.shape[0], height, width, channels), dtype=dout_last.dtype)
     dx_rows = dx.reshape(-1, channels)
+    _called(6)                                   # flip, transpose, copy, reshape; dx, dx_rows
     rows_per_image = height * width
 
     def product(start: int, end: int, columns: np.ndarray) -> None:
         np.matmul(columns, flipped_cols, out=dx_rows[start * rows_per_image:end * rows_per_image])
+        _called(2)
 
     _each_chunk_of_columns(_windows(dout_pad, filter_h, filter_w, 1, height, width), product)
     return dx
@@ -169,13 +198,17 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
     filter_num, _, filter_h, filter_w = W.shape
     w_rows = np.ascontiguousarray(W.transpose(0, 2, 3, 1)).reshape(filter_num, -1)   # columns (i, j, c)
     dx_pad = np.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=dout_rows.dtype)
+    _called(4)                                   # w_rows (3), dx_pad
     rows_per_image = out_h * out_w
     size = _chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout_rows.itemsize)
     for start, end in _chunks(n, size):
         columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
         columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
+        _called(3)
         for i, j in window_offsets(filter_h, filter_w):
             dx_pad[(slice(start, end),) + spatial_slices(i, j, stride, out_h, out_w)] += columns[:, :, :, i, j, :]
+            _called(4)                           # two slices, the add, the store
+    _called()
     return dx_pad[:, pad:pad + height, pad:pad + width, :]
 
 
