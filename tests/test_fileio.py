@@ -1,7 +1,10 @@
 """Atomic writes: the order that makes them survive a crash (the file's bytes reach the disk,
 then the rename, then the folder's entry), and a failed write leaves the old file alone."""
 
+import errno
 import os
+import re
+import secrets
 import stat
 
 import pytest
@@ -47,3 +50,66 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, recor
     assert target.read_bytes() == b"old"
     assert "replace" not in recorded
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]
+
+
+def test_temporary_file_is_a_short_hidden_name_next_to_the_target_with_the_usual_mode(tmp_path, monkeypatch):
+    """``.<name>.<12 hex digits>.tmp`` in the target's folder (short: a long target name still
+    fits the file-name limit), created with mode 0o666 minus the umask like any new file."""
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((os.path.basename(src), stat.S_IMODE(os.stat(src).st_mode)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    old_umask = os.umask(0o022)
+    try:
+        fileio.atomic_write_text(tmp_path / "report.csv", "a,b\n")
+    finally:
+        os.umask(old_umask)
+    [(name, mode)] = seen
+    assert re.fullmatch(r"\.report\.csv\.[0-9a-f]{12}\.tmp", name), name
+    assert mode == 0o644, oct(mode)
+    assert stat.S_IMODE(os.stat(tmp_path / "report.csv").st_mode) == 0o644
+
+
+def test_an_existing_temporary_name_is_never_reused(tmp_path, monkeypatch):
+    """The temporary file is created exclusively: a name already there (another writer's) is
+    skipped, its bytes left alone, and the next random name tried."""
+    names = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes: next(names))
+    other = tmp_path / ".model.npz.aaaaaaaaaaaa.tmp"
+    other.write_bytes(b"another writer's")
+    fileio.atomic_write_text(tmp_path / "model.npz", "mine")
+    assert other.read_bytes() == b"another writer's"
+    assert (tmp_path / "model.npz").read_text() == "mine"
+
+
+def test_no_free_temporary_name_after_a_hundred_tries_is_file_exists(tmp_path, monkeypatch):
+    tries = []
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes: tries.append(nbytes) or "cccccccccccc")
+    (tmp_path / ".model.npz.cccccccccccc.tmp").write_bytes(b"")
+    with pytest.raises(FileExistsError) as caught:
+        fileio.atomic_write_text(tmp_path / "model.npz", "mine")
+    assert len(tries) == 100
+    assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+        errno.EEXIST, "could not create a unique temporary file", str(tmp_path))
+    assert not (tmp_path / "model.npz").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="folders cannot be fsync'ed on Windows")
+def test_folder_fsync_ignores_only_the_errors_of_folders_that_cannot_be_synced(tmp_path, monkeypatch):
+    """A file system that cannot fsync a folder (EINVAL and the like) is not an error; a real
+    I/O error is raised, not swallowed."""
+    def failing(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", failing(errno.EINVAL))
+    fileio.fsync_directory(tmp_path)
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO))
+    with pytest.raises(OSError) as caught:
+        fileio.fsync_directory(tmp_path)
+    assert caught.value.errno == errno.EIO
