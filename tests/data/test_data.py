@@ -13,6 +13,7 @@ import http.server
 import os
 import socket
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,85 @@ def test_corrupted_gzip_raises_dataset_error(tmp_path, damage):
 def test_missing_file_raises_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="cannot read file"):
         data.read_idx(tmp_path / "nothing-here.gz")
+
+
+def test_idx_messages_say_exactly_what_is_wrong(tmp_path):
+    """Each refusal's whole message: the default source name, the known codes, the gzip hint
+    only for gzip data, the kind of data by its axes, the read error's own words."""
+    def message(payload, **kwargs):
+        with pytest.raises(DatasetError) as info:
+            data.parse_idx(payload, **kwargs)
+        return str(info.value)
+
+    assert message(b"\x00") == "<bytes>: file has 1 bytes, too short for the 4-byte IDX magic number"
+    assert message(idx_header(0x07, [3]) + b"abc", source="f") == (
+        "f: unknown IDX data type code 0x07 (known: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, "
+        "0x0D float32, 0x0E float64)")
+    assert message(b"\x01\x02\x08\x01abcd", source="f") == (
+        "f: not an IDX file: the magic number must start with bytes 0x00 0x00, got 0x01 0x02")
+    assert message(gzip.compress(b"\x00\x00\x08\x01", mtime=0), source="f").endswith(
+        "got 0x1F 0x8B (this looks like gzip data: name the file *.gz)")
+    assert message(idx_header(0x08, [3, 4]) + bytes(11), source="f") == (
+        "f: expected 12 bytes of data for 3x4 uint8 after the 12-byte header, file has 11 (truncated)")
+    missing = tmp_path / "nothing-here"
+    with pytest.raises(DatasetError) as info:
+        data.read_idx(missing)
+    assert str(info.value) == f"{missing}: cannot read file: No such file or directory"
+
+
+def test_an_empty_idx_array_round_trips():
+    """A header with no data after it is a valid file when a dimension is 0."""
+    for shape in [(0,), (0, 28, 28)]:
+        back = data.parse_idx(data.encode_idx(np.zeros(shape, dtype=np.uint8)))
+        assert back.shape == shape and back.dtype == np.uint8
+
+
+def test_encode_idx_bounds_and_messages():
+    """Dimensions up to 2**32 - 1 are stored (the header's uint32), 2**32 is refused; the
+    messages name what IDX can hold."""
+    assert data.encode_idx(np.zeros(100, dtype=np.uint8))[:8] == idx_header(0x08, [100])
+    assert data.encode_idx(np.zeros((2**32 - 1, 0), dtype=np.uint8)) == idx_header(0x08, [2**32 - 1, 0])
+    with pytest.raises(ShapeError) as info:
+        data.encode_idx(np.zeros((2**32, 0), dtype=np.uint8))
+    assert str(info.value) == "IDX dimensions must be below 2**32, got shape (4294967296, 0)"
+    with pytest.raises(ShapeError) as info:
+        data.encode_idx(np.uint8(3))
+    assert str(info.value) == "IDX stores arrays of 1 to 255 dimensions, got shape ()"
+    with pytest.raises(DTypeError) as info:
+        data.encode_idx(np.zeros(2, dtype=bool))
+    assert str(info.value).startswith("IDX cannot store dtype bool; expected one of: 0x08 uint8, 0x09 int8")
+
+
+def test_gzip_idx_files_are_reproducible(tmp_path):
+    """The gzip header's time stamp is 0: the same array always gives the same bytes."""
+    path = data.write_idx(tmp_path / "labels.gz", np.arange(5, dtype=np.uint8))
+    assert path.read_bytes()[4:8] == bytes(4)
+
+
+def test_gunzip_messages_and_its_size_guard():
+    with pytest.raises(DatasetError) as info:
+        data.gunzip(b"\x00\x01\x02\x03", "f", 100)
+    assert str(info.value).startswith("f: not a gzip file (starts with bytes 00 01, expected 1f 8b)")
+    with pytest.raises(DatasetError, match=r"starts with bytes nothing,"):
+        data.gunzip(b"", "f", 100)
+    with pytest.raises(DatasetError) as info:
+        data.gunzip(gzip.compress(bytes(2**20 + 1)), "f", 2**20)
+    assert str(info.value) == "f: unpacks to more than 1 MiB; refusing it (a decompression-bomb guard)"
+    assert data.gunzip(gzip.compress(bytes(2**20)), "f", 2**20) == bytes(2**20)
+
+
+def test_gunzip_never_holds_more_than_its_limit():
+    """The guard stops decompressing at the limit: a bomb is refused without unpacking it
+    (peak memory near the limit, not the bomb's size)."""
+    bomb = gzip.compress(bytes(64 * 2**20), compresslevel=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match="decompression-bomb guard"):
+            data.gunzip(bomb, "bomb.gz", 2**20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.0f} MiB while refusing a 64 MiB bomb with a 1 MiB limit"
 
 
 def test_images_labels_count_mismatch(tmp_path):
