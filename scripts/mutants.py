@@ -52,7 +52,7 @@ class Module:
 MODULES = (
     Module("xpcnn/fileio.py", ("tests/test_fileio.py",), 3),
     Module("xpcnn/data/idx.py", ("tests/data/test_data.py",), 5),
-    Module("xpcnn/nn/params.py", ("tests/nn/test_optim.py",), 3),
+    Module("xpcnn/nn/params.py", ("tests/nn/test_params.py", "tests/nn/test_optim.py"), 3),
     Module("xpcnn/nn/optim.py", ("tests/nn/test_optim.py",), 5),
     Module("xpcnn/ops/functions.py", ("tests/ops/test_functions_and_geometry.py", "tests/nn/test_layers.py"), 5),
     Module("xpcnn/ops/geometry.py", ("tests/ops/test_functions_and_geometry.py", "tests/ops/test_fastpaths.py"), 5),
