@@ -3,7 +3,7 @@
 Each module is mutated on its own, in a scratch copy of the checkout under
 ``build/mutants/<module>/``, and each mutant is run against the tests that should kill it
 (`MODULES`, below; mutmut then picks, per mutated function, the tests among those that call
-it). Not part of the test suite or of ``.ci/run``: a full run takes 45-50 minutes on
+it). Not part of the test suite or of ``.ci/run``: a full run takes about 40 minutes on
 the 2-core machine. How to run it and how to read it: docs/mutation-testing.md.
 
     python scripts/mutants.py                       # every module, then the summary
@@ -48,7 +48,7 @@ class Module:
 
 
 #: Smallest and quickest first. Budgets: a little above what a run took on the shared 2-core
-#: machine (docs/mutation-testing.md, "Results"); the whole list takes about 45 minutes.
+#: machine (docs/mutation-testing.md, "Results"); the whole list takes about 40 minutes.
 MODULES = (
     Module("xpcnn/fileio.py", ("tests/test_fileio.py",), 2),
     Module("xpcnn/data/idx.py", ("tests/data/test_data.py",), 4),
@@ -59,7 +59,7 @@ MODULES = (
     Module("xpcnn/ops/reference.py", ("tests/nn/test_layers.py", "tests/ops/test_fastpaths.py"), 16),
     # The per-operation comparisons (every fast entry, every geometry) and the call counts; the
     # whole-training-step tests of that file take up to a minute each and would triple the run.
-    Module("xpcnn/ops/fast_numpy.py", ("tests/ops/test_fast_ops.py", "tests/backend/test_counting.py"), 12,
+    Module("xpcnn/ops/fast_numpy.py", ("tests/ops/test_fast_ops.py", "tests/backend/test_counting.py"), 7,
            ("-k", "numpy and not strict and not whole_training and not two_runs")),
     Module("xpcnn/training/checkpoint.py", ("tests/training/test_checkpoint.py",), 8),
 )
