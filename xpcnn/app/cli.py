@@ -34,8 +34,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._version import __version__
-from ..backend import FLOAT_DTYPES, get_backend, out_of_memory_as_error
-from ..data import class_names, get_spec, load_dataset, load_split
+from ..backend.arrays import FLOAT_DTYPES
+from ..backend.devices import get_backend, out_of_memory_as_error
+from ..data.datasets import class_names, get_spec, load_dataset, load_split
 from ..data.images import FIT_CHOICES, INVERT_CHOICES
 from ..errors import (
     BackendUnavailable,
@@ -51,18 +52,11 @@ from ..errors import (
     TrainingError,
     XpcnnError,
 )
-from ..models import MODELS, build_network, model_entry, model_of_class, run_defaults
 from ..models.multi_layer_net_extend import ACTIVATIONS
-from ..models.registry import RUN_KEYS, check_options
-from ..nn import OPTIMIZERS
-from ..training import (
-    Trainer,
-    TrainingInterrupted,
-    build_from_checkpoint,
-    load_checkpoint,
-    make_optimizer_from_checkpoint,
-)
-from ..training.trainer import ON_NAN_CHOICES
+from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
+from ..nn.optim import OPTIMIZERS
+from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
+from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size
 from .report import evaluate_report, write_report

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..backend import dtype_name
+from ..backend.arrays import dtype_name
 from ..data.images import InputFile, read_input_file
 from ..errors import CheckpointError, ImageFileError
-from ..nn import predict_proba, top_k
+from ..nn.inference import predict_proba, top_k
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..backend import values_are_free_to_read
+from ..backend.arrays import values_are_free_to_read
 from ..errors import ConfigError, OutputError
 from ..fileio import atomic_write_text
-from ..nn import device_batches
-from ..ops import host_class_labels, softmax
+from ..nn.inference import device_batches
+from ..ops.functions import host_class_labels, softmax
 from .plots import plot_activations, plot_confusion, plot_image_grid
 
 #: How many of the most confidently wrong images `write_report` shows by default.

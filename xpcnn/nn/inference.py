@@ -14,7 +14,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import ShapeError
-from ..ops import positive_int, softmax
+from ..ops.functions import softmax
+from ..ops.geometry import positive_int
 
 
 def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int, Any]]:

@@ -23,10 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import out_of_memory_as_error, values_are_free_to_read
+from ..backend.arrays import values_are_free_to_read
+from ..backend.devices import out_of_memory_as_error
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
-from ..nn import Optimizer, make_optimizer
-from ..ops import host_class_labels, positive_int
+from ..nn.optim import Optimizer, make_optimizer
+from ..ops.functions import host_class_labels
+from ..ops.geometry import positive_int
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .history import History
 
