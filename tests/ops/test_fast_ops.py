@@ -161,6 +161,34 @@ def test_relu_softmax_and_scoring_match_reference(fast_backend, rng, dtype):
     assert int(fast.count_correct(tied, be.asarray(np.zeros(4, dtype=np.int64)))) == 4
 
 
+@pytest.mark.parametrize("geometry", [POOL_GEOMETRIES[0], POOL_GEOMETRIES[1]])
+def test_nan_stays_visible_like_the_reference(fast_backend, rng, dtype, geometry):
+    """A NaN must stay visible on every backend (the Trainer's NaN handling depends on it):
+    max pooling gives NaN for a window holding one, as the reference's `maximum` does, and
+    count_correct takes a NaN score for the row's maximum, as `argmax` does; softmax-CE's loss
+    is NaN. (Which pixel the gradient of a NaN window goes to is not compared.)"""
+    be = fast_backend
+    fast, ref = _tables(be, "maxpool2d_forward", "count_correct", "softmax_cross_entropy_forward")
+    n, c, h, w, ph, pw, stride, pad = geometry
+    oh, ow = _out(h, ph, stride, pad), _out(w, pw, stride, pad)
+    host = rng.standard_normal((n, c, h, w))
+    host[0, 0, 0, 0] = host[0, 1, 3, 4] = host[-1, -1, h - 1, w - 1] = np.nan
+    host[0, 0, 1, 1] = 50.0                     # a large value beside the NaN does not hide it
+    x = be.asarray(host, dtype)
+    out_f, _ = fast.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
+    out_r, _ = ref.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
+    assert np.isnan(be.to_numpy(out_r)).sum() >= 3
+    np.testing.assert_array_equal(be.to_numpy(out_f), be.to_numpy(out_r))
+    scores = rng.standard_normal((6, 10))
+    scores[:, 2] = 10.0                         # column 2 is each row's largest number
+    scores[0, 3] = scores[1, 0] = scores[2, 9] = scores[3, 5] = np.nan
+    labels = be.asarray(np.array([3, 0, 9, 2, 2, 2]))     # right, right, right, wrong (the NaN wins), ...
+    counted = int(fast.count_correct(be.asarray(scores, dtype), labels))
+    assert counted == int(ref.count_correct(be.asarray(scores, dtype), labels)) == 5, counted
+    loss, _ = fast.softmax_cross_entropy_forward(be.asarray(scores, dtype), labels)
+    assert np.isnan(be.to_float(loss))
+
+
 @pytest.mark.parametrize("name, args", OPTIMIZER_CASES)
 @pytest.mark.parametrize("start", OPTIMIZER_STATE_STARTS)
 def test_optimizer_kernels_match_reference(fast_backend, rng, dtype, name, args, start):

@@ -159,7 +159,9 @@ _maxpool_forward_kernel = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 pad",
     "T out, int32 arg",
     """
-    // out (N, C, OH, OW): the window's first maximum (row-major); padding never wins.
+    // out (N, C, OH, OW): the window's first maximum (row-major); padding never wins. A NaN
+    // wins over any number, as in the reference's `maximum` (the first NaN; its gradient goes
+    // to that pixel), so a NaN stays visible.
     const int ow = i % OW;
     const int oh = (i / OW) % OH;
     const ptrdiff_t plane = i / (OW * OH);
@@ -173,7 +175,10 @@ _maxpool_forward_kernel = cupy.ElementwiseKernel(
             const int xx = ow * stride + pj - pad;
             if (xx < 0 || xx >= W) continue;
             const T value = x[image + y * W + xx];
-            if (best < 0 || value > best_value) { best = pi * PW + pj; best_value = value; }
+            if (best < 0 || value > best_value || (isnan(value) && !isnan(best_value))) {
+                best = pi * PW + pj;
+                best_value = value;
+            }
         }
     }
     out = best_value;
@@ -335,7 +340,8 @@ extern "C" __global__ void xpcnn_count_correct(const T* scores, const long long*
     for (int row = threadIdx.x; row < n; row += blockDim.x) {
         const T* s = scores + (long long)row * k;
         int best = 0;
-        for (int j = 1; j < k; ++j) if (s[j] > s[best]) best = j;   // the first maximum, as argmax
+        // The first maximum, as argmax; a NaN counts as the maximum (argmax picks the first NaN).
+        for (int j = 1; j < k && !isnan(s[best]); ++j) if (s[j] > s[best] || isnan(s[j])) best = j;
         mine += (best == labels[row]);
     }
     partial[threadIdx.x] = mine;
