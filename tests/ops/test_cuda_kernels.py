@@ -115,6 +115,21 @@ def test_every_kernel_is_launched_in_float_and_double(recorded_sources):
         assert types & {"float32", "float"} and types & {"float64", "double"} or types == {"long long"}, (name, types)
 
 
+@pytest.mark.parametrize("n", [300, SCORE_ROWS[-1]])
+def test_the_row_reductions_spread_over_blocks(n):
+    """softmax-CE and count_correct give each block its own rows, so they scale with N (on one
+    block of 256 threads, one SM of an H200's 132 did all the work)."""
+    require_cupy_wheels()
+    recorder = emulator.Recorder()
+    module = emulator.load_fast_cupy(emulator.StandInCupy(recorder))
+    scores, labels = np.zeros((n, 10)), np.zeros(n, dtype=np.int64)
+    module.softmax_cross_entropy_forward(xp_numpy, scores, labels)
+    module.count_correct(xp_numpy, scores, labels)
+    for name in ("xpcnn_softmax_ce", "xpcnn_count_correct"):
+        grid, block = recorder.geometry[name]
+        assert grid * block >= n and grid >= 2, f"{name}: {grid} block(s) of {block} threads for {n} rows"
+
+
 # ----------------------------------------------------------------------------- NVRTC
 
 @pytest.mark.parametrize("arch", cupy_internals.ARCHS)

@@ -180,10 +180,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sources: dict[tuple[str, str], str] = {}
+        self.geometry: dict[str, tuple[int, int]] = {}
 
     def launch(self, name: str, source: str, dtype: str, arrays: list, grid: int, block: int,
                cooperative: bool) -> None:
         self.sources.setdefault((name, dtype), source)
+        self.geometry[name] = (grid, block)
 
 
 class GxxRunner:
@@ -200,6 +202,7 @@ class GxxRunner:
         self._lock = threading.Lock()
         self.launches: dict[str, int] = {}
         self.sources: dict[tuple[str, str], str] = {}
+        self.geometry: dict[str, tuple[int, int]] = {}     # the last launch of each kernel: (grid, block)
 
     def library(self, source: str) -> ctypes.CDLL:
         """The compiled launcher of `source`; `EmulationError` with g++'s messages when it fails."""
@@ -230,6 +233,7 @@ class GxxRunner:
     def launch(self, name: str, source: str, dtype: str, arrays: list, grid: int, block: int,
                cooperative: bool) -> None:
         self.sources.setdefault((name, dtype), source)
+        self.geometry[name] = (grid, block)
         library = self.library(source)
         descs = [_describe(array) for array in arrays]
         pointers = (ctypes.c_void_p * len(descs))(*[ctypes.addressof(desc) for desc in descs])
