@@ -199,6 +199,7 @@ class GxxRunner:
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / f"xpcnn-cuda-emulation-{os.getuid()}"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._libraries: dict[str, ctypes.CDLL] = {}
+        self._rejected: dict[str, str] = {}
         self._lock = threading.Lock()
         self.launches: dict[str, int] = {}
         self.sources: dict[tuple[str, str], str] = {}
@@ -211,6 +212,8 @@ class GxxRunner:
         with self._lock:
             if key in self._libraries:
                 return self._libraries[key]
+            if key in self._rejected:               # a broken source fails once per session, then at once
+                raise EmulationError(self._rejected[key])
             target = self.cache_dir / f"{key}.so"
             if not target.exists():
                 cpp = self.cache_dir / f"{key}.{os.getpid()}.cpp"
@@ -220,7 +223,8 @@ class GxxRunner:
                                       capture_output=True, text=True)
                 cpp.unlink()
                 if done.returncode != 0:
-                    raise EmulationError(f"g++ rejected the kernel:\n{done.stderr[-4000:]}")
+                    self._rejected[key] = f"g++ rejected the kernel:\n{done.stderr[-4000:]}"
+                    raise EmulationError(self._rejected[key])
                 os.replace(partial, target)
             library = ctypes.CDLL(str(target))
             library.xpcnn_launch.restype = ctypes.c_int
