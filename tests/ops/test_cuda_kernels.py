@@ -20,6 +20,8 @@ import array_api_compat.numpy as xp_numpy
 import numpy as np
 import pytest
 
+from xpcnn import AdaGrad, Adam, DeepConvNet, SimpleConvNet
+from xpcnn.backend.counting import count_calls, counting_backend
 from xpcnn.ops import reference
 
 from emulation import cupy_internals, emulator
@@ -283,3 +285,33 @@ def test_the_emulation_catches_a_mutated_kernel(emulation_runner, mutation):
     found = mismatches(module, "float64")
     assert found, f"mutation {mutation} went unnoticed by the emulation"
     print(f"{mutation}: {len(found)} mismatches, first: {found[0][:200]}")
+
+
+# ------------------------------------------------------------- calls per training step
+
+#: Array-library calls of one SimpleConvNet training step on CuPy's fast path (issue 9's
+#: budget; 27 when this was written). Each call costs 8-28 us from Python on an H200.
+FAST_STEP_CALLS = {"simple": 30, "deep": 90}
+
+
+@pytest.mark.parametrize("model", ["simple", pytest.param("deep", marks=pytest.mark.slow)])
+def test_fast_cupy_step_call_count_through_the_emulation(emulated_fast_cupy, emulation_runner, model):
+    """Calls (and kernel launches) per training step on CuPy's fast path, batch 100, counted
+    on the CPU: the GPU step's floor that can be seen without a GPU."""
+    with emulator.use_fast_module(emulated_fast_cupy) as base:
+        be = counting_backend(base)
+        rng = np.random.default_rng(0)
+        with count_calls() as counter:
+            if model == "simple":
+                net, optimizer = SimpleConvNet(backend=be, seed=0), AdaGrad(lr=0.06)
+            else:
+                net, optimizer = DeepConvNet(backend=be, seed=0), Adam(lr=0.001)
+            x, t = be.asarray(rng.random((100, 1, 28, 28)), "float32"), be.asarray(rng.integers(0, 10, 100))
+            optimizer.update(net.params, net.gradient(x, t))
+            counter.reset()
+            launched = sum(emulation_runner.launches.values())
+            optimizer.update(net.params, net.gradient(x, t))
+            calls, kernels = counter.calls, sum(emulation_runner.launches.values()) - launched
+    print(f"{model}: {calls} array-library calls per training step on CuPy's fast path ({kernels} of them "
+          f"xpcnn kernel launches), batch 100")
+    assert calls <= FAST_STEP_CALLS[model], f"{calls} calls per step, more than the {FAST_STEP_CALLS[model]} held"

@@ -24,6 +24,7 @@ array are reported; its reads outside come back as NaN or -1.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -35,9 +36,13 @@ import tempfile
 import threading
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import array_api_compat
 import numpy as np
+
+from xpcnn.backend import get_backend
+from xpcnn.ops import table
 
 from . import cupy_internals
 
@@ -422,3 +427,23 @@ def load_fast_cupy(standin: StandInCupy, source: str | None = None) -> types.Mod
         else:
             sys.modules["cupy"] = saved
     return module
+
+
+@contextlib.contextmanager
+def use_fast_module(module: types.ModuleType) -> Iterator[Any]:
+    """NumPy's backend whose fast table is `module`'s entries (e.g. fast_cupy on the
+    emulation) inside the block; the table is restored afterwards."""
+    original = table._fast_table
+
+    def fast_table(xp):
+        if array_api_compat.is_numpy_namespace(xp):
+            return module.fast_ops()
+        return original(xp)
+
+    table._fast_table = fast_table
+    table.ops_for.cache_clear()
+    try:
+        yield get_backend("numpy")
+    finally:
+        table._fast_table = original
+        table.ops_for.cache_clear()
