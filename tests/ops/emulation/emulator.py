@@ -330,6 +330,10 @@ class ElementwiseKernel:
         return outs[0] if self.nout == 1 else tuple(outs)
 
 
+#: NumPy's name of each C type a raw kernel's ``typedef ... T;`` may name.
+_C_TYPE_NAMES = {"float": "float32", "double": "float64", "long long": "int64"}
+
+
 class RawKernel:
     """`cupy.RawKernel` on the CPU: ``kernel((grid,), (block,), args)``."""
 
@@ -358,9 +362,9 @@ class RawKernel:
                 values.append(inner)
             else:
                 values.append(np.asarray(arg, dtype=_scalar_dtype(arg)))
-        dtype = re.search(r"typedef\s+(\w+)\s+T\s*;", self.code)
-        self.runner.launch(self.name, self.code, dtype.group(1) if dtype else "", values, grid[0], block[0],
-                           cooperative=True)
+        typedef = re.search(r"typedef\s+([\w ]+?)\s+T\s*;", self.code)
+        dtype = _C_TYPE_NAMES.get(typedef.group(1), typedef.group(1)) if typedef else ""
+        self.runner.launch(self.name, self.code, dtype, values, grid[0], block[0], cooperative=True)
         for k, arg, buffer, inner in guarded:
             outside = np.concatenate([buffer[:GUARD_ELEMENTS], buffer[GUARD_ELEMENTS + arg.size:]])
             untouched = np.isnan(outside) if arg.dtype.kind == "f" else outside == -1
