@@ -174,7 +174,7 @@ def _bad_inputs(folder):
         ("wrong shape", npy.getvalue(), {}, 400, "holds 5x7 images, but the model takes 28x28"),
         ("several images", several.getvalue(), {}, 400, "holds 3 images; expected one image per request"),
         ("pickle", pickled.getvalue(), {}, 400, "not a readable .npy array"),
-        ("over the size limit", b"\0" * (256 * 1024 + 1), {}, 413, "over the limit of 262144 bytes"),
+        ("over the size limit", b"\0" * (256 * 1024 + 1), {}, 413, "the upload is 262145 bytes, over the limit"),
         ("bad top", good, {"top": "0"}, 400, "top must be an integer >= 1, got '0'"),
         ("bad invert", good, {"invert": "maybe"}, 400, "invert must be one of auto, yes, no, got 'maybe'"),
         ("bad fit", good, {"fit": "stretch"}, 400, "fit must be one of fill, digit, whole, got 'stretch'"),
