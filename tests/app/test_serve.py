@@ -11,14 +11,12 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 import warnings
 import zlib
@@ -32,7 +30,7 @@ from xpcnn.app.serve import Batcher, ServedModel, address_lines, create_app
 from xpcnn.cli import main
 from xpcnn.data.images import read_input_file
 
-from helpers import error_line, isolated_env, unavailable
+from helpers import error_line, isolated_env, post_bytes, start_server, stop_server, unavailable
 from trained import fashion_test_set, trained_checkpoint
 
 
@@ -269,44 +267,6 @@ def test_a_batched_burst_equals_one_at_a_time_bit_for_bit(model):
 # ------------------------------------------------------------------------- the command
 
 
-def _start(checkpoint, tmp_path, *options, env=None):
-    process = subprocess.Popen([sys.executable, "-m", "xpcnn.cli", "serve", str(checkpoint), "--port", "0", *options],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=env or isolated_env(tmp_path))
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("listening on "):
-            url = line.split()[2]
-            return process, url.rstrip("/"), lines
-    process.kill()
-    raise AssertionError(f"the server did not start: {lines} {process.stderr.read()}")
-
-
-def _post(url, data, timeout=30):
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _stop(process):
-    """Ctrl-C: uvicorn finishes the requests in flight, then exits 130 (the CLI's code for Ctrl-C)."""
-    process.send_signal(signal.SIGINT)
-    try:
-        return process.wait(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 def test_the_command_serves_a_concurrent_burst_batched_like_alone(checkpoint, pictures, tmp_path):
     _server_packages()
     folder, names = pictures
@@ -317,20 +277,20 @@ def test_the_command_serves_a_concurrent_burst_batched_like_alone(checkpoint, pi
         Image.fromarray(np.round(x[100 + i, 0] * 255).astype(np.uint8)).save(buffer, format="PNG")
         bodies.append(buffer.getvalue())
     bodies += [(folder / name).read_bytes() for name in names]
-    process, url, lines = _start(checkpoint, tmp_path, "--max-batch", "32", "--max-wait-ms", "20")
+    process, url, lines = start_server(checkpoint, tmp_path, "--max-batch", "32", "--max-wait-ms", "20")
     try:
         assert "this computer only" in lines[-1] and url.startswith("http://127.0.0.1:")
-        alone = [_post(f"{url}/api/predict?top=10", body) for body in bodies]
+        alone = [post_bytes(f"{url}/api/predict?top=10", body) for body in bodies]
         batches_before = json.loads(urllib.request.urlopen(f"{url}/healthz", timeout=10).read())["batches"]
         with ThreadPoolExecutor(32) as pool:
-            together = list(pool.map(lambda body: _post(f"{url}/api/predict?top=10", body), bodies))
+            together = list(pool.map(lambda body: post_bytes(f"{url}/api/predict?top=10", body), bodies))
         assert together == alone                  # every probability of every answer, equal
         assert all(status == 200 for status, _ in together)
         health = json.loads(urllib.request.urlopen(f"{url}/healthz", timeout=10).read())
         assert health["largest_batch"] > 1 and health["batches"] - batches_before < len(bodies)
         assert health["requests"] == 2 * len(bodies) and health["server_errors"] == 0
     finally:
-        code = _stop(process)
+        code = stop_server(process)
     assert code == 130
     assert "Traceback" not in process.stderr.read()
 
@@ -379,20 +339,20 @@ def test_without_the_extra_one_line_says_how_to_install_it(checkpoint, tmp_path)
 def test_serve_shuts_down_cleanly_with_requests_in_flight(checkpoint, pictures, tmp_path):
     _server_packages()
     folder, _ = pictures
-    process, url, _ = _start(checkpoint, tmp_path)
+    process, url, _ = start_server(checkpoint, tmp_path)
     body = (folder / "paper.png").read_bytes()
     results = []
 
     def hammer():
         for _ in range(20):
             try:
-                results.append(_post(f"{url}/api/predict", body, timeout=10)[0])
+                results.append(post_bytes(f"{url}/api/predict", body, timeout=10)[0])
             except OSError:
                 results.append("refused")
     thread = threading.Thread(target=hammer)
     thread.start()
     time.sleep(0.3)
-    code = _stop(process)
+    code = stop_server(process)
     thread.join(30)
     assert code == 130 and 200 in results
     assert "Traceback" not in process.stderr.read()

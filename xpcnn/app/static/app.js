@@ -10,7 +10,6 @@ const DEBOUNCE_MS = 150;
 
 let drawing = null;        // the pointer id drawing now
 let last = null;
-let dirty = false;         // the pad changed since the last request was sent
 let inFlight = false;
 let timer = null;
 
@@ -62,14 +61,15 @@ for (const name of ["pointerup", "pointercancel"]) {
 }
 
 function changed() {
-  dirty = true;
+  document.body.dataset.pending = "1";     // a drawing not yet sent (tests wait for "0")
   clearTimeout(timer);
   timer = setTimeout(sendPad, DEBOUNCE_MS);
 }
 
 function sendPad() {
   if (inFlight) { timer = setTimeout(sendPad, DEBOUNCE_MS); return; }
-  dirty = false;
+  document.body.dataset.pending = "0";
+  document.body.dataset.state = "busy";
   pad.toBlob((blob) => predict(blob, null, "your drawing"), "image/png");
 }
 
