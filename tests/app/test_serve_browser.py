@@ -214,15 +214,18 @@ def test_dropped_and_picked_files_and_a_bad_file(page, capsys):
 
 def test_readable_on_a_phone(page):
     driver, _, folder = page
-    driver.set_window_size(390, 844)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",              # a phone: 390 x 844, touch
+                           {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
     try:
-        time.sleep(0.3)
-        overflow = driver.execute_script("return document.documentElement.scrollWidth - "
-                                         "document.documentElement.clientWidth")
+        driver.refresh()
+        _wait(driver, "return document.body.dataset.state === 'idle'")
+        assert driver.execute_script("return window.innerWidth") == 390
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
         pad = driver.find_element("id", "pad")
         assert pad.size["width"] <= 390 * 0.8 and pad.size["width"] == pad.size["height"]
+        assert driver.execute_script("return getComputedStyle(document.getElementById('pad')).touchAction") == "none"
         driver.save_screenshot(str(folder / "phone.png"))
     finally:
-        driver.set_window_size(1280, 1000)
-
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        driver.refresh()
