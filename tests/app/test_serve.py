@@ -26,11 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xpcnn.app.report import first_layer_maps
 from xpcnn.app.serve import Batcher, ServedModel, address_lines, create_app
 from xpcnn.cli import main
 from xpcnn.data.images import read_input_file
 
-from helpers import error_line, isolated_env, post_bytes, start_server, stop_server, unavailable
+from helpers import REPO, error_line, isolated_env, post_bytes, start_server, stop_server, unavailable
 from trained import fashion_test_set, trained_checkpoint
 
 
@@ -105,7 +106,7 @@ def _decode_png(url):
 
 
 @pytest.mark.parametrize("top", [3, 10])
-def test_uploads_answer_what_xpcnn_predict_json_answers(client, checkpoint, pictures, capsys, top):
+def test_uploads_answer_what_xpcnn_predict_json_answers(client, model, checkpoint, pictures, capsys, top):
     folder, names = pictures
     expected = _predict_json(checkpoint, folder, names, capsys, "--top", str(top))
     assert len(expected) == len(names)
@@ -125,7 +126,17 @@ def test_uploads_answer_what_xpcnn_predict_json_answers(client, checkpoint, pict
                                       np.round(prepared * 255).astype(np.uint8))
         maps = answer["feature_maps"]
         assert (maps["layer"], maps["count"], maps["height"], maps["width"]) == ("Conv1", 30, 24, 24)
-        assert len(maps["png"]) == 30 and _decode_png(maps["png"][0]).shape == (24, 24)
+        assert (maps["columns"], maps["rows"], maps["gap"]) == (10, 3, 2)
+        sheet = _decode_png(maps["png"])                                   # gray + alpha
+        assert sheet.shape == (3 * 26 - 2, 10 * 26 - 2, 2)
+        _, first = first_layer_maps(model.network, prepared[None].astype(np.float32))
+        for i in (0, 13, 29):                    # each tile: that map, scaled to its own range
+            row, column = (i // 10) * 26, (i % 10) * 26
+            one = first[i]
+            scaled = (one - one.min()) / (one.max() - one.min())
+            np.testing.assert_allclose(sheet[row:row + 24, column:column + 24, 0], np.round(scaled * 255), atol=1)
+            assert (sheet[row:row + 24, column:column + 24, 1] == 255).all()
+        assert (sheet[24:26, :, 1] == 0).all()                             # transparent gaps
 
 
 def test_model_and_health(client, model):
@@ -356,3 +367,18 @@ def test_serve_shuts_down_cleanly_with_requests_in_flight(checkpoint, pictures, 
     thread.join(30)
     assert code == 130 and 200 in results
     assert "Traceback" not in process.stderr.read()
+
+
+def test_load_script_checks_every_answer_under_concurrency(checkpoint, tmp_path):
+    """scripts/load_serve.py, small: 240 requests (12 bad) from 16 clients, batched and not."""
+    _server_packages()
+    from trained import FASHION_DIR
+
+    result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--requests", "240",
+                             "--clients", "16", "--images", "60", "--max-batch", "1,16", "--maps", "1",
+                             "--data-dir", str(FASHION_DIR), "--time-limit", "120"],
+                            capture_output=True, text=True, cwd=REPO, env=isolated_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 16 ")]
+    assert len(rows) == 2 and all(row.endswith("| all answers right, none lost, healthy |") for row in rows), \
+        result.stdout

@@ -80,12 +80,15 @@ def _imports(name: str) -> bool:
     return True
 
 
-def _png(gray: np.ndarray) -> str:
-    """``(H, W)`` values in [0, 1] -> a ``data:image/png;base64,...`` URL (8-bit gray)."""
+def _png(gray: np.ndarray, alpha: np.ndarray | None = None) -> str:
+    """``(H, W)`` values in [0, 1] (and an 8-bit alpha) -> a ``data:image/png;base64,...`` URL (8-bit gray)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.round(np.clip(gray, 0.0, 1.0) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    picture = Image.fromarray(np.round(np.clip(gray, 0.0, 1.0) * 255).astype(np.uint8))
+    if alpha is not None:
+        picture.putalpha(Image.fromarray(alpha))
+    picture.save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -154,14 +157,27 @@ class ServedModel:
         height, width = item.images.shape[1:]
         record["input"] = {"height": int(height), "width": int(width), "png": _png(item.images[0])}
         if maps is not None:
-            layer = first_convolution(self.network)[0]
-            pictures = []
-            for one in maps:
-                low, high = float(one.min()), float(one.max())
-                pictures.append(_png((one - low) / (high - low) if high > low else np.zeros_like(one)))
-            record["feature_maps"] = {"layer": layer, "count": int(maps.shape[0]), "height": int(maps.shape[1]),
-                                      "width": int(maps.shape[2]), "png": pictures}
+            record["feature_maps"] = self.map_sheet(maps)
         return record
+
+
+    def map_sheet(self, maps: np.ndarray, gap: int = 2) -> dict[str, Any]:
+        """First-layer maps ``(FN, OH, OW)`` -> one PNG sheet: the maps in rows of `columns`, each
+        scaled to its own range (bright: strong response), `gap` transparent pixels apart."""
+        count, height, width = maps.shape
+        columns = min(count, 10)
+        rows = -(-count // columns)
+        low = maps.min(axis=(1, 2), keepdims=True)
+        span = maps.max(axis=(1, 2), keepdims=True) - low
+        scaled = np.where(span > 0, (maps - low) / np.where(span > 0, span, 1), 0)
+        gray = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap), np.float32)
+        alpha = np.zeros(gray.shape, np.uint8)
+        for i in range(count):
+            top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+            gray[top:top + height, left:left + width] = scaled[i]
+            alpha[top:top + height, left:left + width] = 255
+        return {"layer": first_convolution(self.network)[0], "count": int(count), "height": int(height),
+                "width": int(width), "columns": columns, "rows": rows, "gap": gap, "png": _png(gray, alpha)}
 
 
 class Batcher:

@@ -138,12 +138,12 @@ function show(answer, source) {
     document.getElementById("maps-note").textContent =
       `The ${fm.count} feature maps (${fm.height} \u00d7 ${fm.width}) of ${fm.layer}, the first convolution ` +
       "(before ReLU; each scaled to its own range, bright: strong response).";
-    maps.replaceChildren(...fm.png.map((url, i) => {
-      const img = document.createElement("img");
-      img.src = url;
-      img.alt = `feature map ${i}`;
-      return img;
-    }));
+    const sheet = document.createElement("img");
+    sheet.src = fm.png;
+    sheet.alt = `the ${fm.count} feature maps of ${fm.layer}`;
+    sheet.id = "maps-sheet";
+    sheet.dataset.count = String(fm.count);
+    maps.replaceChildren(sheet);
   } else {
     maps.replaceChildren();
     document.getElementById("maps-note").textContent = "This model has no convolution: no feature maps to show.";
