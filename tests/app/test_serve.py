@@ -59,7 +59,7 @@ def model(checkpoint):
 def client(model):
     _server_packages()
     with warnings.catch_warnings():         # Starlette 1.x would rather have httpx2; httpx works
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
     with TestClient(create_app(model, max_upload=256 * 1024), raise_server_exceptions=False) as test_client:
