@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -192,6 +193,9 @@ def start_server(checkpoint, tmp_path, *options, env=None):
     process = subprocess.Popen([sys.executable, "-m", "xpcnn.cli", "serve", str(checkpoint), "--port", "0", *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                env=env or isolated_env(tmp_path))
+    # stderr is read all along (a full pipe would stop a server that logs); `process.errors` holds it.
+    process.errors = []
+    threading.Thread(target=lambda: process.errors.extend(process.stderr), daemon=True).start()
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -203,7 +207,8 @@ def start_server(checkpoint, tmp_path, *options, env=None):
             url = line.split()[2]
             return process, url.rstrip("/"), lines
     process.kill()
-    raise AssertionError(f"the server did not start: {lines} {process.stderr.read()}")
+    process.wait(timeout=10)
+    raise AssertionError(f"the server did not start: {lines} {''.join(process.errors)}")
 
 
 def post_bytes(url, data, timeout=30):

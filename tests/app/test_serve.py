@@ -239,6 +239,31 @@ def test_a_client_path_is_never_opened(client, pictures, tmp_path):
     assert named.status_code == 400 and named.json()["error"].startswith("secret.png: ")      # a label only
 
 
+def test_a_failure_inside_the_server_is_a_json_500_without_traceback(model, pictures, monkeypatch):
+    _server_packages()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+    folder, _ = pictures
+    calls = {"n": 0}
+    forward = model.forward
+
+    def sometimes_broken(images, maps):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug deep inside, with a secret path /home/someone/x.py")
+        return forward(images, maps)
+
+    monkeypatch.setattr(model, "forward", sometimes_broken)
+    with TestClient(create_app(model), raise_server_exceptions=False) as test_client:
+        body = (folder / "plain.png").read_bytes()
+        broken = test_client.post("/api/predict", content=body)
+        assert broken.status_code == 500
+        assert broken.json() == {"error": "internal error (RuntimeError); the server goes on serving"}
+        assert test_client.post("/api/predict", content=body).status_code == 200
+        assert test_client.get("/healthz").json()["server_errors"] == 1
+
+
 # ---------------------------------------------------------------------------- batching
 
 
@@ -303,7 +328,7 @@ def test_the_command_serves_a_concurrent_burst_batched_like_alone(checkpoint, pi
     finally:
         code = stop_server(process)
     assert code == 130
-    assert "Traceback" not in process.stderr.read()
+    assert "Traceback" not in "".join(process.errors)
 
 
 def test_address_lines_warn_off_this_computer():
@@ -366,7 +391,7 @@ def test_serve_shuts_down_cleanly_with_requests_in_flight(checkpoint, pictures, 
     code = stop_server(process)
     thread.join(30)
     assert code == 130 and 200 in results
-    assert "Traceback" not in process.stderr.read()
+    assert "Traceback" not in "".join(process.errors)
 
 
 def test_load_script_checks_every_answer_under_concurrency(checkpoint, tmp_path):
