@@ -1,4 +1,4 @@
-"""Command line: ``xpcnn train``, ``xpcnn evaluate`` and ``xpcnn predict``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict`` and ``xpcnn serve``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
 
@@ -15,6 +15,7 @@ code  meaning
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
 8     out of (GPU) memory: a batch did not fit; the message names the option to lower
 9     predict: a file could not be read or used (the other files were still classified)
+10    serve: the optional web server is not installed (``pip install 'xpcnn[serve]'``), or the address is taken
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
@@ -48,6 +49,7 @@ from ..errors import (
     DTypeError,
     ImageFileError,
     OutputError,
+    ServeError,
     ShapeError,
     TrainingError,
     XpcnnError,
@@ -58,21 +60,23 @@ from ..nn.optim import OPTIMIZERS
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .plots import plot_accuracy, plot_filters, plot_loss
-from .predict import FileFailure, classify_files, input_size
+from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
+from .serve import DEFAULT_MAX_BATCH, MAX_WAIT, ServedModel, require_server_packages, serve
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = (
     0, 1, 2, 3, 4, 5, 6, 7)
 EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
 EXIT_INPUT_FILE = 9
+EXIT_SERVE = 10
 
 
 _EXIT_CODES = [  # most specific first
     (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
-    (ImageFileError, EXIT_INPUT_FILE),
+    (ImageFileError, EXIT_INPUT_FILE), (ServeError, EXIT_SERVE),
 ]
 
 
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,serve}")
 
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
@@ -176,7 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
     _add_predict_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    serve_parser = sub.add_parser(
+        "serve", help="a web page and HTTP API: draw or drop an image, see what the network answers",
+        description="Serve a checkpoint: a page to draw on or drop pictures into (GET /), POST /api/predict, "
+                    "GET /api/model, GET /healthz. Needs the optional extra: pip install 'xpcnn[serve]'.")
+    serve_parser.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    _add_backend_args(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1",
+                              help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 shares it "
+                                   "with the network, with no login)")
+    serve_parser.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0: a free one)")
+    serve_parser.add_argument("--max-batch", type=_int_at_least(1), default=DEFAULT_MAX_BATCH,
+                              help=f"requests gathered into one forward pass (default {DEFAULT_MAX_BATCH}; 1: none)")
+    serve_parser.add_argument("--max-wait-ms", type=_non_negative_float, default=MAX_WAIT * 1000,
+                              help=f"how long a request waits for others to share its batch "
+                                   f"(default {MAX_WAIT * 1000:g} ms)")
+    serve_parser.add_argument("--dataset", default=None,
+                              help="whose class names to show (default: the checkpoint's dataset)")
+    serve_parser.add_argument("--access-log", action="store_true", help="print one line per request")
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -228,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_evaluate(args)
     except XpcnnError as exc:
         if isinstance(exc, TrainingInterrupted):
@@ -420,13 +448,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 continue
             name = result.file if result.index is None else f"{result.file}[{result.index}]"
             if args.json:
-                record: dict[str, Any] = {"file": result.file}
-                if result.index is not None:
-                    record["index"] = result.index
-                record["top"] = [{"class": c, "label": names[c], "prob": round(p, 6)}
-                                 for c, p in zip(result.classes, result.probs)]
-                record["inverted"] = result.inverted
-                line = json.dumps(record)
+                line = json.dumps(prediction_record(result, names))
             else:
                 guesses = ", ".join(f"{names[c]} {p:.3f}" for c, p in zip(result.classes, result.probs))
                 note = (("  (light background: inverted)" if args.invert == "auto" else "  (inverted)")
@@ -440,6 +462,17 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
         return EXIT_INPUT_FILE
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    require_server_packages()                            # fail fast, before loading anything
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
+    if args.dataset:
+        get_spec(args.dataset)                           # an unknown name is refused, not ignored
+    model = ServedModel.from_checkpoint(args.checkpoint, backend, dataset=args.dataset)
+    serve(model, args.host, args.port, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
+          log_requests=args.access_log)
     return EXIT_OK
 
 

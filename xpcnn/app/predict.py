@@ -51,6 +51,16 @@ class FileFailure:
     error: ImageFileError
 
 
+def prediction_record(result: Prediction, names: "list[str] | tuple[str, ...]") -> dict[str, Any]:
+    """The JSON object of one line of ``xpcnn predict --json`` (also what ``xpcnn serve`` answers)."""
+    record: dict[str, Any] = {"file": result.file}
+    if result.index is not None:
+        record["index"] = result.index
+    record["top"] = [{"class": c, "label": names[c], "prob": round(p, 6)} for c, p in zip(result.classes, result.probs)]
+    record["inverted"] = result.inverted
+    return record
+
+
 def input_size(network: Any) -> tuple[int, int]:
     """``(H, W)`` of the images `network` takes; `CheckpointError` unless it takes 1 channel."""
     if "input_dim" not in network.config:      # MultiLayerNetExtend: square grayscale images, flattened
