@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import array_api_compat
 import numpy as np
 
 from ..errors import ShapeError
@@ -59,7 +60,7 @@ def _padded(network: Any, batch: Any) -> Any:
     if not missing:
         return batch
     xp = network.backend.xp
-    zeros = xp.zeros((missing, *batch.shape[1:]), dtype=batch.dtype, device=getattr(batch, "device", None))
+    zeros = xp.zeros((missing, *batch.shape[1:]), dtype=batch.dtype, device=array_api_compat.device(batch))
     return xp.concat([batch, zeros], axis=0)
 
 
