@@ -31,7 +31,7 @@ TOP = {"__init__", "cli", "__main__"}
 #: Libraries a function may import where it needs them: optional, heavy, or only present with
 #: a GPU (and xpcnn's CuPy fast path, which imports CuPy).
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy"}
+                        "xpcnn.ops.fast_cupy", "optuna"}
 
 
 def _modules() -> dict[str, Path]:
