@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import math
@@ -416,9 +417,27 @@ def stop_on_signals(objective: Objective) -> Any:
             signal.signal(sig, handler)
 
 
+def _fail_unborn_trials(study: Any, config: TuneConfig) -> None:
+    """Fail RUNNING trials whose worker died between creating them and their first heartbeat: Optuna
+    never finds those stale. A live worker names itself (the `worker` attribute) right after that
+    beat; a trial still unnamed well past the grace period (plus a margin for clock skew) is dead."""
+    limit = 3 * config.heartbeat + 30
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(trial_state("RUNNING"),)):
+        if "worker" not in trial.user_attrs and trial.datetime_start is not None and \
+                (now - trial.datetime_start).total_seconds() > limit:
+            with contextlib.suppress(Exception):         # another worker may fail it first
+                study._storage.set_trial_state_values(trial._trial_id, state=trial_state("FAIL"))
+
+
+def trial_state(name: str) -> Any:
+    return getattr(_import_optuna().trial.TrialState, name)
+
+
 def _trials_until_done(optuna: Any, config: TuneConfig, study: Any, objective: Objective, report: Callable) -> None:
     while not objective.stop_signal:
         optuna.storages.fail_stale_trials(study)      # trials of workers that died: failed, so others replace them
+        _fail_unborn_trials(study, config)
         done, running = _counts(study)
         if done >= config.trials:
             return
