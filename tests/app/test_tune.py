@@ -94,14 +94,14 @@ def test_best_json_holds_an_xpcnn_train_command_with_the_exact_settings(tmp_path
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path, fashion_like_dir):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "xpcnn", "tune", "--data-dir", str(fashion_like_dir), "--trials", "2",
-            "--epochs", "60", "--train-size", "600", "--out", str(out)]
+            "--epochs", "200", "--train-size", "600", "--out", str(out)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=isolated_env(tmp_path), cwd=tmp_path)
     line = process.stdout.readline()         # the header: the study exists; wait for the first finished trial
     while "] trial 0" not in line and line:
         line = process.stdout.readline()
     assert "] trial 0" in line, process.stderr.read()
-    time.sleep(0.3)                          # inside trial 1
+    time.sleep(0.3)                          # inside trial 1 (200 epochs: seconds)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr

@@ -288,7 +288,7 @@ class Objective:
 
     def __init__(self, config: TuneConfig, data: tuple, backend: Any, storage: Any = None):
         self.config, self.data, self.backend, self.storage = config, data, backend, storage
-        self.stop_signal = 0           # set by Ctrl-C/SIGTERM between epochs (`stop_on_signals`)
+        self.stop_signal = 0           # a Ctrl-C/SIGTERM outside training (`stop_on_signals`) or in the last scoring
         self.params = config.search_params()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -318,32 +318,34 @@ class Objective:
         network = model_entry(run["model"]).build(run, tuple(x_train.shape[1:]), 10,
                                                   {"backend": self.backend, "dtype": run["dtype"],
                                                    "seed": run["seed"]})
-        trainer = Trainer(network, x_train, t_train, x_val, t_val, epochs=1, mini_batch_size=run["batch_size"],
-                          optimizer=run["optimizer"], optimizer_param={"lr": run["lr"]}, seed=run["seed"],
-                          verbose=False, progress=False)
         # Without a pruner the per-epoch accuracies are stored once, at the end: one storage write per trial,
         # not one per epoch. A pruner needs each epoch's value when it comes.
         prune = self.config.pruner != "none"
-        for epoch in range(1, self.config.epochs + 1):
-            trainer.epochs = epoch            # train() runs up to `epochs`: one more epoch per call
-            try:
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    trainer.train()
-            except TrainingError as exc:      # the loss became NaN/inf: a result of these settings
-                self._record(trial, trainer, started, "diverged: " + str(exc).split(";")[0], not prune)
-                raise optuna.TrialPruned(f"loss diverged in epoch {epoch}") from None
-            except (TrainingInterrupted, KeyboardInterrupt):
-                self._record(trial, trainer, started, f"interrupted (Ctrl-C or SIGTERM) in epoch {epoch}", not prune)
-                raise
-            if self.stop_signal:              # Ctrl-C between two epochs
-                self._record(trial, trainer, started, f"interrupted (Ctrl-C or SIGTERM) after epoch {epoch}",
-                             not prune)
-                raise KeyboardInterrupt
+
+        def after_epoch(trainer: Trainer) -> None:
             if prune:
-                trial.report(trainer.history.test_acc[-1], epoch)
-                if epoch < self.config.epochs and trial.should_prune():
-                    self._record(trial, trainer, started, f"pruned by the median rule after epoch {epoch}", False)
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+                trial.report(trainer.history.test_acc[-1], trainer.epoch)
+                if trainer.epoch < trainer.epochs and trial.should_prune():
+                    self._record(trial, trainer, started, f"pruned by the median rule after epoch {trainer.epoch}",
+                                 False)
+                    raise optuna.TrialPruned(f"pruned after epoch {trainer.epoch}")
+
+        trainer = Trainer(network, x_train, t_train, x_val, t_val, epochs=self.config.epochs,
+                          mini_batch_size=run["batch_size"], optimizer=run["optimizer"],
+                          optimizer_param={"lr": run["lr"]}, seed=run["seed"], verbose=False, progress=False,
+                          epoch_callback=after_epoch)
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                trainer.train()
+        except TrainingError as exc:      # the loss became NaN/inf: a result of these settings
+            self._record(trial, trainer, started, "diverged: " + str(exc).split(";")[0], not prune)
+            raise optuna.TrialPruned(f"loss diverged in epoch {trainer.epoch + 1}") from None
+        except (TrainingInterrupted, KeyboardInterrupt):
+            self._record(trial, trainer, started, f"interrupted (Ctrl-C or SIGTERM) in epoch {trainer.epoch + 1}",
+                         not prune)
+            raise
+        if trainer.signal_received:       # Ctrl-C while the last epoch was scored: the trial is whole, stop after it
+            self.stop_signal = trainer.signal_received
         self._record(trial, trainer, started, "", not prune)
         return float(trainer.history.test_acc[-1])
 
