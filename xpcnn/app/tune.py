@@ -399,9 +399,9 @@ def run_worker(config: TuneConfig, worker: int = 0, device: int | None = None,
 
 @contextlib.contextmanager
 def stop_on_signals(objective: Objective) -> Any:
-    """Outside training (where the Trainer stops after its step), a Ctrl-C or SIGTERM only marks the
-    stop, so that no storage write is cut in half: the trial stops after its epoch, the worker before
-    its next trial. A second signal stops at once."""
+    """During training the Trainer's own handler stops after the current step (the trial is then
+    recorded as failed). Outside it, a Ctrl-C or SIGTERM only marks the stop, so that no storage write
+    is cut in half: the worker stops before its next trial. A second signal stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
