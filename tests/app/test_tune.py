@@ -321,3 +321,29 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_th
         "datetime": type("now", (), {"now": staticmethod(lambda: later)})}))
     tune_module._fail_unborn_trials(study, config)
     assert study.get_trials()[0].state.name == "FAIL"
+
+
+def test_jobs_2_runs_two_worker_processes_on_one_study_drawing_different_points(tmp_path, fashion_like_dir):
+    out = tmp_path / "out"
+    result = _tune_cli(tmp_path, "--data-dir", str(fashion_like_dir), "--trials", "8", "--epochs", "2",
+                       "--train-size", "200", "--jobs", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = _rows(out)
+    finished = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(finished) == 8 and sorted(int(r["number"]) for r in rows) == list(range(len(rows)))
+    assert all(r["reason"].startswith("surplus") for r in rows if r["state"] != "COMPLETE")   # a race at the end
+    assert len({r["worker"] for r in finished}) == 2                       # two processes ran trials
+    assert len({r["lr"] for r in finished}) == 8                            # each its own seeded stream
+
+
+def test_the_median_pruner_stops_trials_below_the_median_after_an_epoch(tmp_path, fashion_like_dir):
+    result = _tune_cli(tmp_path, "--data-dir", str(fashion_like_dir), "--trials", "12", "--epochs", "10",
+                       "--train-size", "200", "--pruner", "median", "--search", "lr=1e-6:1e-1:log",
+                       "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    rows = _rows(tmp_path / "out")
+    pruned = [r for r in rows if r["state"] == "PRUNED"]
+    assert pruned and len(rows) == 12
+    for row in pruned:
+        assert row["reason"].startswith("pruned by the median rule after epoch ")
+        assert int(row["epochs"]) < 10 and len(row["val_acc_per_epoch"].split()) == int(row["epochs"])
