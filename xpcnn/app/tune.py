@@ -6,8 +6,8 @@ MultiLayerNet on 400 of 500 training images for 50 epochs per pair, and plots th
 
     >>> from xpcnn.app.tune import tune
     >>> summary = tune("runs/tune", trials=8, epochs=2, train_size=200)
-    >>> summary.best["params"]
-    {'lr': 0.0041..., 'weight_decay': 3.1e-07}
+    >>> summary.best["params"], summary.best["train_command"]      # the drawn lr and weight_decay, and
+    ...                                                            # the xpcnn train command for them
 
 Optuna (the optional extra ``xpcnn[tune]``) holds the study in a storage: by default a SQLite
 file in the output folder (``study.db``), else any URL Optuna's RDB storage takes, e.g.
