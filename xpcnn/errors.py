@@ -60,3 +60,11 @@ class ImageFileError(XpcnnError, ValueError):
 
 class ServeError(XpcnnError):
     """``xpcnn serve`` cannot start: the optional web server is not installed, or the address is taken."""
+
+
+class MissingDependency(XpcnnError, ImportError):
+    """An optional extra that a command needs is not installed (e.g. Optuna for ``xpcnn tune``)."""
+
+
+class StorageError(XpcnnError):
+    """A study's storage (SQLite file, PostgreSQL server, ...) cannot be reached or used."""

@@ -1,4 +1,4 @@
-"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict`` and ``xpcnn serve``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune`` and ``xpcnn serve``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
 
@@ -15,8 +15,10 @@ code  meaning
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
 8     out of (GPU) memory: a batch did not fit; the message names the option to lower
 9     predict: a file could not be read or used (the other files were still classified)
-10    serve: the optional web server is not installed (``pip install 'xpcnn[serve]'``), or the address is taken
-130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
+10    an optional extra is missing (``xpcnn tune`` without Optuna: ``pip install 'xpcnn[tune]'``; ``xpcnn serve``
+      without the web server: ``pip install 'xpcnn[serve]'``), or serve's address is taken
+11    tune: the study's storage cannot be reached or used (a server down, a bad URL, a driver missing)
+130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved; tune: rerun to resume)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
 """
@@ -48,9 +50,11 @@ from ..errors import (
     DeviceMemoryError,
     DTypeError,
     ImageFileError,
+    MissingDependency,
     OutputError,
     ServeError,
     ShapeError,
+    StorageError,
     TrainingError,
     XpcnnError,
 )
@@ -63,20 +67,23 @@ from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
 from .serve import DEFAULT_MAX_BATCH, MAX_WAIT, ServedModel, require_server_packages, serve
+from .tune import TuneConfig, run_tune
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = (
     0, 1, 2, 3, 4, 5, 6, 7)
 EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
 EXIT_INPUT_FILE = 9
-EXIT_SERVE = 10
+EXIT_MISSING_EXTRA, EXIT_STORAGE = 10, 11
+EXIT_SERVE = EXIT_MISSING_EXTRA        # serve: the extra missing, or the address taken
 
 
 _EXIT_CODES = [  # most specific first
     (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
-    (ImageFileError, EXIT_INPUT_FILE), (ServeError, EXIT_SERVE),
+    (ImageFileError, EXIT_INPUT_FILE), (ServeError, EXIT_SERVE), (MissingDependency, EXIT_MISSING_EXTRA),
+    (StorageError, EXIT_STORAGE),
 ]
 
 
@@ -123,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
 
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
@@ -180,8 +187,66 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
     _add_predict_parser(sub)
+    _add_tune_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _device_list(text: str) -> list[int]:
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU numbers separated by commas (e.g. 0,1), got {text!r}") from None
+    if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU numbers >= 0 (e.g. 0,1), got {text!r}")
+    return devices
+
+
+def _fraction(text: str) -> float:
+    return _float_option("a fraction in (0, 1)", lambda v: 0.0 < v < 1.0)(text)
+
+
+def _add_tune_parser(sub: Any) -> None:
+    tune = sub.add_parser("tune", help="search hyper-parameters on a validation split (the book's 6.5; needs Optuna)",
+                          description="The book's hyper-parameter search (section 6.5) on Optuna: random "
+                                      "(lr, weight_decay) pairs for the 6 x 100 MultiLayerNetExtend on 400 of the "
+                                      "first 500 training images (100 for validation), 50 epochs, 100 trials. The "
+                                      "test set is never read. Resumable (rerun the same command) and parallel "
+                                      "(--jobs, --devices, or workers on several machines sharing --storage). "
+                                      "Needs pip install 'xpcnn[tune]'.")
+    tune.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                      help="mlp (default: 6 x 100, SGD, the book's), simple or deep, each with its recipe")
+    _add_backend_args(tune)
+    _add_data_args(tune)
+    tune.add_argument("--trials", type=_int_at_least(1), default=100,
+                      help="finished trials the study should have (default 100); a rerun runs the missing ones")
+    tune.add_argument("--search", default=None, metavar="NAME=LOW:HIGH[:log],...",
+                      help="settings to draw (the model's train options lr, weight_decay, dropout, "
+                           "weight_init_std, batch_size); default lr=1e-06:0.01:log,weight_decay=1e-08:0.0001:log "
+                           "(simple/deep: lr only)")
+    tune.add_argument("--sampler", choices=["random", "tpe"], default="random", help="default random (the book's)")
+    tune.add_argument("--pruner", choices=["none", "median"], default="none",
+                      help="median: stop a trial whose validation accuracy after an epoch is below the median "
+                           "of earlier trials at that epoch (default none)")
+    tune.add_argument("--train-size", type=_int_at_least(2), default=500,
+                      help="the first N training images (default 500), validation split included")
+    tune.add_argument("--validation", type=_fraction, default=0.2,
+                      help="fraction of them held out for validation, drawn with --seed (default 0.2)")
+    tune.add_argument("--epochs", type=_int_at_least(1), default=50, help="epochs per trial (default 50)")
+    tune.add_argument("--batch-size", type=_int_at_least(1), default=100, help="images per step (default 100)")
+    tune.add_argument("--seed", type=_int_at_least(0), default=0,
+                      help="seed of the validation split, the weights and the sampler (default 0)")
+    tune.add_argument("--study", default="xpcnn-tune", help="study name (default xpcnn-tune)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna storage URL shared by all workers, e.g. postgresql://user:pw@host/db "
+                           "(default: sqlite file study.db in --out)")
+    tune.add_argument("--jobs", type=_int_at_least(1), default=1, help="worker processes on this machine (default 1)")
+    tune.add_argument("--devices", type=_device_list, default=None, metavar="0,1,...",
+                      help="one worker per GPU (with --backend gpu or torch:cuda)")
+    tune.add_argument("--heartbeat", type=_int_at_least(1), default=10,
+                      help="seconds between a running trial's heartbeats; a trial silent for 3 beats is "
+                           "failed and replaced (default 10)")
+    tune.add_argument("--out", default="runs/tune", help="output directory (default runs/tune)")
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -254,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "tune":
+            return run_tune_command(args)
         if args.command == "serve":
             return run_serve(args)
         return run_evaluate(args)
@@ -462,6 +529,26 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
         return EXIT_INPUT_FILE
+    return EXIT_OK
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    if args.devices and args.backend not in ("gpu", "torch:cuda"):
+        raise ConfigError(f"--devices needs --backend gpu or torch:cuda, got --backend {args.backend}")
+    if args.reference:
+        raise ConfigError("--reference is not an option of xpcnn tune")
+    config = TuneConfig(out=args.out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                        download=args.download, trials=args.trials, search=args.search, sampler=args.sampler,
+                        pruner=args.pruner, train_size=args.train_size, validation=args.validation,
+                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+                        device=args.device, study=args.study, storage=args.storage, jobs=args.jobs,
+                        devices=list(args.devices or []), heartbeat=args.heartbeat)
+    try:
+        run_tune(config, print_fn=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("xpcnn: interrupted; the running trials are marked failed. Rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
