@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +183,50 @@ def error_line(stderr: str, exit_code: int) -> str:
         lines = [line for line in lines if "error:" in line]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
     return lines[0]
+
+
+# ------------------------------------------------------------------ xpcnn serve
+
+
+def start_server(checkpoint, tmp_path, *options, env=None):
+    """`xpcnn serve CHECKPOINT --port 0` (a free port of 127.0.0.1): ``(process, base URL, stdout lines)``."""
+    process = subprocess.Popen([sys.executable, "-m", "xpcnn.cli", "serve", str(checkpoint), "--port", "0", *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=env or isolated_env(tmp_path))
+    # stderr is read all along (a full pipe would stop a server that logs); `process.errors` holds it.
+    process.errors = []
+    threading.Thread(target=lambda: process.errors.extend(process.stderr), daemon=True).start()
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("listening on "):
+            url = line.split()[2]
+            return process, url.rstrip("/"), lines
+    process.kill()
+    process.wait(timeout=10)
+    raise AssertionError(f"the server did not start: {lines} {''.join(process.errors)}")
+
+
+def post_bytes(url, data, timeout=30):
+    """POST raw bytes: ``(status, decoded JSON)``."""
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def stop_server(process):
+    """Ctrl-C: uvicorn finishes the requests in flight, then exits 130 (the CLI's code for Ctrl-C)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()

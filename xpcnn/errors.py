@@ -56,3 +56,15 @@ class DeviceMemoryError(XpcnnError, MemoryError):
 class ImageFileError(XpcnnError, ValueError):
     """An input file to classify cannot be used: missing, unreadable, not an image, too large,
     or an array of the wrong shape or dtype (``xpcnn predict`` reports it and goes on)."""
+
+
+class ServeError(XpcnnError):
+    """``xpcnn serve`` cannot start: the optional web server is not installed, or the address is taken."""
+
+
+class MissingDependency(XpcnnError, ImportError):
+    """An optional extra that a command needs is not installed (e.g. Optuna for ``xpcnn tune``)."""
+
+
+class StorageError(XpcnnError):
+    """A study's storage (SQLite file, PostgreSQL server, ...) cannot be reached or used."""

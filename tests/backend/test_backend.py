@@ -1,6 +1,7 @@
 """Backend selection, host <-> device transfer, and the clear errors around them."""
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -20,10 +21,21 @@ def test_unknown_backend_names_the_choices():
         get_backend("tpu")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
-def test_gpu_without_cupy_says_how_to_install():
+def test_gpu_without_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)      # as if CuPy were not installed (CI installs it)
     with pytest.raises(BackendUnavailable, match=r"needs CuPy, which is not installed.*xpcnn\[gpu\]"):
         get_backend("gpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed here")
+def test_gpu_with_cupy_but_no_usable_device_says_so():
+    """CuPy installed without a GPU or driver (CI installs it for the CUDA kernel checks)."""
+    try:
+        backend = get_backend("gpu")
+    except BackendUnavailable as exc:
+        assert "CuPy is installed but no CUDA device is usable" in str(exc), exc
+    else:
+        assert backend.name == "cupy"       # a machine with a GPU
 
 
 def test_round_trip_keeps_values_and_dtype(backend, rng):

@@ -9,12 +9,16 @@ hand on, and pooling ties (the first maximum wins). Entries a backend does not r
 with that reason. Then whole training steps of SimpleConvNet and DeepConvNet, fast against
 reference, and determinism.
 
+CuPy's fast path also runs here without a GPU: the "cupy-emulated" backend runs
+fast_cupy.py's own wrappers with its kernels compiled as C++ (tests/ops/emulation,
+docs/cuda-emulation.md). The cases are in `fast_cases.py`.
+
 No comparison passes by comparing a function with itself: where a backend's fast entry hands
 a case back to the reference (NumPy's convolution for one input channel, see
 `reference.per_image_layout_wins`), the case skips with that reason, and the convolution test
 asserts that the fast entry it compares did not call the reference. On NumPy the C=1 geometry
-and SimpleConvNet's steps therefore skip (they are compared on CuPy); the multi-channel
-geometries and DeepConvNet's steps (five of its six convolutions) are compared.
+and SimpleConvNet's steps therefore skip (they are compared on CuPy and its emulation); the
+multi-channel geometries and DeepConvNet's steps (five of its six convolutions) are compared.
 """
 
 import contextlib
@@ -23,27 +27,13 @@ import numpy as np
 import pytest
 
 from xpcnn import AdaGrad, Adam, Convolution, DeepConvNet, SimpleConvNet
-from xpcnn.ops import ops_for, reference
+from xpcnn.backend import get_backend
+from xpcnn.ops import fast_numpy, ops_for, reference
 
-FAST_BACKENDS = ["numpy", "cupy"]
+from fast_cases import CONV_GEOMETRIES, OPTIMIZER_CASES, OPTIMIZER_STATE_STARTS, POOL_GEOMETRIES, SCORE_ROWS, TOL
+from fast_cases import out_size as _out
 
-TOL = {"float64": 1e-12, "float32": 1e-5}
-CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
-    (3, 1, 28, 28, 30, 5, 5, 1, 0),
-    (2, 3, 9, 7, 4, 3, 2, 2, 1),
-    (1, 2, 8, 8, 5, 3, 3, 1, 2),
-    (2, 16, 14, 14, 32, 3, 3, 1, 1),
-    (1, 4, 11, 6, 3, 5, 3, 2, 2),
-    (7, 16, 28, 28, 16, 3, 3, 1, 1),   # several chunks on NumPy, the last one short
-    (2, 32, 14, 14, 32, 3, 3, 1, 2),   # DeepConvNet's fourth convolution
-    (2, 3, 6, 6, 2, 3, 3, 1, 3),       # pad >= filter: the input gradient by col2im
-]
-POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
-    (2, 3, 24, 24, 2, 2, 2, 0),
-    (1, 2, 9, 7, 3, 2, 2, 1),
-    (2, 1, 8, 8, 3, 3, 1, 1),
-    (1, 4, 7, 9, 2, 3, 1, 0),
-]
+FAST_BACKENDS = ["numpy", "cupy", "cupy-emulated"]
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -53,10 +43,12 @@ def dtype(request):
 
 @pytest.fixture(params=FAST_BACKENDS)
 def fast_backend(request):
-    """Each backend with a fast table (CuPy skipped with the reason where it is missing)."""
+    """Each backend with a fast table (CuPy skipped with the reason where it is missing; its
+    emulation where CuPy's wheels or g++ are)."""
     if request.param == "cupy":
         return request.getfixturevalue("gpu_backend")
-    from xpcnn.backend import get_backend
+    if request.param == "cupy-emulated":
+        return request.getfixturevalue("cupy_emulated_backend")
     return get_backend(request.param)
 
 
@@ -72,8 +64,9 @@ def _tables(backend, *names):
 
 def _hands_back_to_reference(backend, channels):
     """Whether `backend`'s fast convolution runs the reference code for `channels` input
-    channels (NumPy's does for one channel: the per-image layout is faster there)."""
-    return backend.name == "numpy" and reference.per_image_layout_wins(channels)
+    channels (NumPy's, `fast_numpy`, does for one channel: the per-image layout is faster there)."""
+    entry = ops_for(backend.xp).conv2d_forward
+    return getattr(entry, "func", entry) is fast_numpy.conv2d_forward and reference.per_image_layout_wins(channels)
 
 
 def _skip_where_fast_is_reference(backend, channels):
@@ -104,10 +97,6 @@ def _close(backend, fast, ref, dtype, what):
     scale = max(float(np.abs(r).max()), 1e-30)
     err = float(np.abs(f - r).max()) / scale
     assert err <= TOL[dtype], f"{what}: max relative difference {err:.2e} > {TOL[dtype]}"
-
-
-def _out(size, filt, stride, pad):
-    return (size + 2 * pad - filt) // stride + 1
 
 
 def _in_layout(backend, host, dtype, layout):
@@ -199,7 +188,7 @@ def test_relu_softmax_and_scoring_match_reference(fast_backend, rng, dtype):
     out = fast.relu_forward(x)
     _close(be, out, ref.relu_forward(x), dtype, "relu forward")
     _close(be, fast.relu_backward(out, dout), ref.relu_backward(out, dout), dtype, "relu backward")
-    for n in (1, 100, 1000):   # more rows than the kernel's 256 threads
+    for n in SCORE_ROWS:
         scores = be.asarray(rng.standard_normal((n, 10)) * 5, dtype)
         labels = be.asarray(rng.integers(0, 10, n))
         loss_f, cache_f = fast.softmax_cross_entropy_forward(scores, labels)
@@ -213,14 +202,42 @@ def test_relu_softmax_and_scoring_match_reference(fast_backend, rng, dtype):
     assert int(fast.count_correct(tied, be.asarray(np.zeros(4, dtype=np.int64)))) == 4
 
 
-@pytest.mark.parametrize("name, args", [("sgd_update", (0.1,)), ("momentum_update", (0.1, 0.9)),
-                                        ("adagrad_update", (0.06, 1e-7)), ("adam_update", (0.001, 0.9, 0.999, 1e-8))])
-def test_optimizer_kernels_match_reference(fast_backend, rng, dtype, name, args):
+@pytest.mark.parametrize("geometry", [POOL_GEOMETRIES[0], POOL_GEOMETRIES[1]])
+def test_nan_stays_visible_like_the_reference(fast_backend, rng, dtype, geometry):
+    """A NaN must stay visible on every backend (the Trainer's NaN handling depends on it):
+    max pooling gives NaN for a window holding one, as the reference's `maximum` does, and
+    count_correct takes a NaN score for the row's maximum, as `argmax` does; softmax-CE's loss
+    is NaN. (Which pixel the gradient of a NaN window goes to is not compared.)"""
+    be = fast_backend
+    fast, ref = _tables(be, "maxpool2d_forward", "count_correct", "softmax_cross_entropy_forward")
+    n, c, h, w, ph, pw, stride, pad = geometry
+    oh, ow = _out(h, ph, stride, pad), _out(w, pw, stride, pad)
+    host = rng.standard_normal((n, c, h, w))
+    host[0, 0, 0, 0] = host[0, 1, 3, 4] = host[-1, -1, h - 1, w - 1] = np.nan
+    host[0, 0, 1, 1] = 50.0                     # a large value beside the NaN does not hide it
+    x = be.asarray(host, dtype)
+    out_f, _ = fast.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
+    out_r, _ = ref.maxpool2d_forward(x, ph, pw, stride, pad, oh, ow)
+    assert np.isnan(be.to_numpy(out_r)).sum() >= 3
+    np.testing.assert_array_equal(be.to_numpy(out_f), be.to_numpy(out_r))
+    scores = rng.standard_normal((6, 10))
+    scores[:, 2] = 10.0                         # column 2 is each row's largest number
+    scores[0, 3] = scores[1, 0] = scores[2, 9] = scores[3, 5] = np.nan
+    labels = be.asarray(np.array([3, 0, 9, 2, 2, 2]))     # right, right, right, wrong (the NaN wins), ...
+    counted = int(fast.count_correct(be.asarray(scores, dtype), labels))
+    assert counted == int(ref.count_correct(be.asarray(scores, dtype), labels)) == 5, counted
+    loss, _ = fast.softmax_cross_entropy_forward(be.asarray(scores, dtype), labels)
+    assert np.isnan(be.to_float(loss))
+
+
+@pytest.mark.parametrize("name, args", OPTIMIZER_CASES)
+@pytest.mark.parametrize("start", OPTIMIZER_STATE_STARTS)
+def test_optimizer_kernels_match_reference(fast_backend, rng, dtype, name, args, start):
     be = fast_backend
     fast, ref = _tables(be, name)
     n_state = {"sgd_update": 0, "momentum_update": 1, "adagrad_update": 1, "adam_update": 2}[name]
     host = [rng.standard_normal(1000) for _ in range(2 + n_state)]
-    host[2:] = [np.abs(h) for h in host[2:]]
+    host[2:] = [np.abs(h) if start == "abs-randn" else np.zeros_like(h) for h in host[2:]]
     results = []
     for table in (fast, ref):
         arrays = [be.asarray(h, dtype) for h in host]

@@ -237,3 +237,23 @@ def test_bad_seeds_are_refused(seed):
 
     with pytest.raises(ConfigError, match="seed must be None or an integer >= 0"):
         SimpleConvNet(seed=seed)
+
+
+def test_epoch_callback_runs_after_each_scored_epoch_and_a_late_ctrl_c_is_kept(learnable):
+    # `xpcnn tune` reports each epoch's accuracy from the callback, and must learn of a Ctrl-C that
+    # came while the last epoch was scored: the run ends whole, but the signal is not lost.
+    import os
+    import signal
+
+    seen = []
+
+    def callback(trainer):
+        seen.append((trainer.epoch, len(trainer.history.test_acc)))
+        if trainer.epoch == trainer.epochs:
+            os.kill(os.getpid(), signal.SIGINT)         # caught by the Trainer's handler: no early stop
+
+    trainer = Trainer(tiny_net(), *learnable, epochs=2, mini_batch_size=50, verbose=False, epoch_callback=callback)
+    assert trainer.signal_received == 0
+    trainer.train()
+    assert seen == [(1, 1), (2, 2)] and trainer.epoch == 2
+    assert trainer.signal_received == signal.SIGINT

@@ -1,4 +1,4 @@
-"""Command line: ``xpcnn train``, ``xpcnn evaluate`` and ``xpcnn predict``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune`` and ``xpcnn serve``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
 
@@ -15,7 +15,10 @@ code  meaning
 7     output directory not writable, or an I/O error while saving (e.g. disk full)
 8     out of (GPU) memory: a batch did not fit; the message names the option to lower
 9     predict: a file could not be read or used (the other files were still classified)
-130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved)
+10    an optional extra is missing (``xpcnn tune`` without Optuna: ``pip install 'xpcnn[tune]'``; ``xpcnn serve``
+      without the web server: ``pip install 'xpcnn[serve]'``), or serve's address is taken
+11    tune: the study's storage cannot be reached or used (a server down, a bad URL, a driver missing)
+130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved; tune: rerun to resume)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
 ====  =====================================================================
 """
@@ -34,8 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._version import __version__
-from ..backend import FLOAT_DTYPES, get_backend, out_of_memory_as_error
-from ..data import class_names, get_spec, load_dataset, load_split
+from ..backend.arrays import FLOAT_DTYPES
+from ..backend.devices import get_backend, out_of_memory_as_error
+from ..data.datasets import class_names, get_spec, load_dataset, load_split
 from ..data.images import FIT_CHOICES, INVERT_CHOICES
 from ..errors import (
     BackendUnavailable,
@@ -46,39 +50,40 @@ from ..errors import (
     DeviceMemoryError,
     DTypeError,
     ImageFileError,
+    MissingDependency,
     OutputError,
+    ServeError,
     ShapeError,
+    StorageError,
     TrainingError,
     XpcnnError,
 )
-from ..models import MODELS, build_network, model_entry, model_of_class, run_defaults
 from ..models.multi_layer_net_extend import ACTIVATIONS
-from ..models.registry import RUN_KEYS, check_options
-from ..nn import OPTIMIZERS
-from ..training import (
-    Trainer,
-    TrainingInterrupted,
-    build_from_checkpoint,
-    load_checkpoint,
-    make_optimizer_from_checkpoint,
-)
-from ..training.trainer import ON_NAN_CHOICES
+from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
+from ..nn.optim import OPTIMIZERS
+from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
+from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .plots import plot_accuracy, plot_filters, plot_loss
-from .predict import FileFailure, classify_files, input_size
+from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
+from .serve import DEFAULT_MAX_BATCH, MAX_WAIT, ServedModel, require_server_packages, serve
+from .tune import TuneConfig, run_tune
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = (
     0, 1, 2, 3, 4, 5, 6, 7)
 EXIT_MEMORY = 8
 EXIT_INTERRUPTED = 130
 EXIT_INPUT_FILE = 9
+EXIT_MISSING_EXTRA, EXIT_STORAGE = 10, 11
+EXIT_SERVE = EXIT_MISSING_EXTRA        # serve: the extra missing, or the address taken
 
 
 _EXIT_CODES = [  # most specific first
     (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
     (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
     (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
-    (ImageFileError, EXIT_INPUT_FILE),
+    (ImageFileError, EXIT_INPUT_FILE), (ServeError, EXIT_SERVE), (MissingDependency, EXIT_MISSING_EXTRA),
+    (StorageError, EXIT_STORAGE),
 ]
 
 
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
 
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
@@ -182,7 +187,87 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
     _add_predict_parser(sub)
+    _add_tune_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _device_list(text: str) -> list[int]:
+    try:
+        devices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU numbers separated by commas (e.g. 0,1), got {text!r}") from None
+    if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU numbers >= 0 (e.g. 0,1), got {text!r}")
+    return devices
+
+
+def _fraction(text: str) -> float:
+    return _float_option("a fraction in (0, 1)", lambda v: 0.0 < v < 1.0)(text)
+
+
+def _add_tune_parser(sub: Any) -> None:
+    tune = sub.add_parser("tune", help="search hyper-parameters on a validation split (the book's 6.5; needs Optuna)",
+                          description="The book's hyper-parameter search (section 6.5) on Optuna: random "
+                                      "(lr, weight_decay) pairs for the 6 x 100 MultiLayerNetExtend on 400 of the "
+                                      "first 500 training images (100 for validation), 50 epochs, 100 trials. The "
+                                      "test set is never read. Resumable (rerun the same command) and parallel "
+                                      "(--jobs, --devices, or workers on several machines sharing --storage). "
+                                      "Needs pip install 'xpcnn[tune]'.")
+    tune.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                      help="mlp (default: 6 x 100, SGD, the book's), simple or deep, each with its recipe")
+    _add_backend_args(tune)
+    _add_data_args(tune)
+    tune.add_argument("--trials", type=_int_at_least(1), default=100,
+                      help="finished trials the study should have (default 100); a rerun runs the missing ones")
+    tune.add_argument("--search", default=None, metavar="NAME=LOW:HIGH[:log],...",
+                      help="settings to draw (the model's train options lr, weight_decay, dropout, "
+                           "weight_init_std, batch_size); default lr=1e-06:0.01:log,weight_decay=1e-08:0.0001:log "
+                           "(simple/deep: lr only)")
+    tune.add_argument("--sampler", choices=["random", "tpe"], default="random", help="default random (the book's)")
+    tune.add_argument("--pruner", choices=["none", "median"], default="none",
+                      help="median: stop a trial whose validation accuracy after an epoch is below the median "
+                           "of earlier trials at that epoch (default none)")
+    tune.add_argument("--train-size", type=_int_at_least(2), default=500,
+                      help="the first N training images (default 500), validation split included")
+    tune.add_argument("--validation", type=_fraction, default=0.2,
+                      help="fraction of them held out for validation, drawn with --seed (default 0.2)")
+    tune.add_argument("--epochs", type=_int_at_least(1), default=50, help="epochs per trial (default 50)")
+    tune.add_argument("--batch-size", type=_int_at_least(1), default=100, help="images per step (default 100)")
+    tune.add_argument("--seed", type=_int_at_least(0), default=0,
+                      help="seed of the validation split, the weights and the sampler (default 0)")
+    tune.add_argument("--study", default="xpcnn-tune", help="study name (default xpcnn-tune)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna storage URL shared by all workers, e.g. postgresql://user:pw@host/db "
+                           "(default: sqlite file study.db in --out)")
+    tune.add_argument("--jobs", type=_int_at_least(1), default=1, help="worker processes on this machine (default 1)")
+    tune.add_argument("--devices", type=_device_list, default=None, metavar="0,1,...",
+                      help="one worker per GPU (with --backend gpu or torch:cuda)")
+    tune.add_argument("--heartbeat", type=_int_at_least(1), default=10,
+                      help="seconds between a running trial's heartbeats; a trial silent for 3 beats is "
+                           "failed and replaced (default 10)")
+    tune.add_argument("--out", default="runs/tune", help="output directory (default runs/tune)")
+
+
+def _add_serve_parser(sub: Any) -> None:
+    serve_parser = sub.add_parser(
+        "serve", help="a web page and HTTP API: draw or drop an image, see what the network answers",
+        description="Serve a checkpoint: a page to draw on or drop pictures into (GET /), POST /api/predict, "
+                    "GET /api/model, GET /healthz. Needs the optional extra: pip install 'xpcnn[serve]'.")
+    serve_parser.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    _add_backend_args(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1",
+                              help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 shares it "
+                                   "with the network, with no login)")
+    serve_parser.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default 8000; 0: a free one)")
+    serve_parser.add_argument("--max-batch", type=_int_at_least(1), default=DEFAULT_MAX_BATCH,
+                              help=f"requests gathered into one forward pass (default {DEFAULT_MAX_BATCH}; 1: none)")
+    serve_parser.add_argument("--max-wait-ms", type=_non_negative_float, default=MAX_WAIT * 1000,
+                              help=f"how long a request waits for others to share its batch "
+                                   f"(default {MAX_WAIT * 1000:g} ms)")
+    serve_parser.add_argument("--dataset", default=None,
+                              help="whose class names to show (default: the checkpoint's dataset)")
+    serve_parser.add_argument("--access-log", action="store_true", help="print one line per request")
 
 
 def _add_predict_parser(sub: Any) -> None:
@@ -234,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_train(args)
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "tune":
+            return run_tune_command(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_evaluate(args)
     except XpcnnError as exc:
         if isinstance(exc, TrainingInterrupted):
@@ -426,13 +515,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 continue
             name = result.file if result.index is None else f"{result.file}[{result.index}]"
             if args.json:
-                record: dict[str, Any] = {"file": result.file}
-                if result.index is not None:
-                    record["index"] = result.index
-                record["top"] = [{"class": c, "label": names[c], "prob": round(p, 6)}
-                                 for c, p in zip(result.classes, result.probs)]
-                record["inverted"] = result.inverted
-                line = json.dumps(record)
+                line = json.dumps(prediction_record(result, names))
             else:
                 guesses = ", ".join(f"{names[c]} {p:.3f}" for c, p in zip(result.classes, result.probs))
                 note = (("  (light background: inverted)" if args.invert == "auto" else "  (inverted)")
@@ -446,6 +529,37 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
         return EXIT_INPUT_FILE
+    return EXIT_OK
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    if args.devices and args.backend not in ("gpu", "torch:cuda"):
+        raise ConfigError(f"--devices needs --backend gpu or torch:cuda, got --backend {args.backend}")
+    if args.reference:
+        raise ConfigError("--reference is not an option of xpcnn tune")
+    config = TuneConfig(out=args.out, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                        download=args.download, trials=args.trials, search=args.search, sampler=args.sampler,
+                        pruner=args.pruner, train_size=args.train_size, validation=args.validation,
+                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+                        device=args.device, study=args.study, storage=args.storage, jobs=args.jobs,
+                        devices=list(args.devices or []), heartbeat=args.heartbeat)
+    try:
+        run_tune(config, print_fn=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("xpcnn: interrupted; the running trials are marked failed. Rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    require_server_packages()                            # fail fast, before loading anything
+    backend = get_backend(args.backend, device=args.device, reference=args.reference)
+    if args.dataset:
+        get_spec(args.dataset)                           # an unknown name is refused, not ignored
+    model = ServedModel.from_checkpoint(args.checkpoint, backend, dataset=args.dataset)
+    serve(model, args.host, args.port, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
+          log_requests=args.access_log)
     return EXIT_OK
 
 

@@ -187,3 +187,69 @@ def plot_activations(image: np.ndarray, maps: np.ndarray, path: "str | os.PathLi
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_tune_grid(rows: Sequence[dict], path: "str | os.PathLike[str]") -> Path:
+    """The book's figure of section 6.5: the best trials (up to 20) in a 4 x 5 grid, validation
+    accuracy solid and training accuracy dashed per epoch, titled ``Best-1 (lr:..., wd:...)``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 5, figsize=(15, 10.5), sharex=True, sharey=True, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(rows):
+            ax.set_axis_off()
+            continue
+        row = rows[i]
+        val, train = row["val_acc_per_epoch"], row["train_acc_per_epoch"]
+        ax.plot(np.arange(1, len(val) + 1), val, color="tab:blue", linewidth=1.5, label="validation")
+        ax.plot(np.arange(1, len(train) + 1), train, color="tab:blue", linewidth=1.0, linestyle="--", label="train")
+        params = row["params"]
+        parts = [f"{'wd' if name == 'weight_decay' else name}:{value:.2e}" for name, value in params.items()]
+        state = "" if row["state"] == "COMPLETE" else f" [{row['state'].lower()}]"
+        ax.set_title(f"Best-{i + 1} (" + ", ".join(parts) + f"){state}", fontsize=7.5)
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.supxlabel("epoch")
+    fig.supylabel("accuracy (solid: validation, dashed: training)")
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.06, top=0.96, wspace=0.08, hspace=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_tune_scatter(rows: Sequence[dict], param_names: Sequence[str], path: "str | os.PathLike[str]") -> Path:
+    """Validation accuracy over the searched plane: (lr, weight_decay) when both are searched,
+    else the first two searched settings (one setting: accuracy against it), log axes for positive
+    ranges, colour = accuracy; diverged or failed trials as grey crosses."""
+    plt = _pyplot()
+    names = ([n for n in ("lr", "weight_decay") if n in param_names] if {"lr", "weight_decay"} <= set(param_names)
+             else list(param_names[:2]))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    scored = [r for r in rows if r["val_acc"] is not None and all(n in r["params"] for n in names)]
+    lost = [r for r in rows if r["val_acc"] is None and all(n in r["params"] for n in names)]
+    acc = np.array([r["val_acc"] for r in scored], dtype=float)
+    xs = np.array([r["params"][names[0]] for r in scored], dtype=float)
+    ys = acc if len(names) == 1 else np.array([r["params"][names[1]] for r in scored], dtype=float)
+    points = ax.scatter(xs, ys, c=acc, cmap="viridis", vmin=0.0, vmax=1.0, s=36, edgecolors="black",
+                        linewidths=0.3)
+    if lost and len(names) == 2:
+        ax.scatter([r["params"][names[0]] for r in lost], [r["params"][names[1]] for r in lost], marker="x",
+                   color="grey", label="no accuracy (failed)")
+        ax.legend(fontsize=8, loc="best")
+    fig.colorbar(points, ax=ax, label="validation accuracy (last epoch)")
+    for name, set_scale in zip(names, (ax.set_xscale, ax.set_yscale)):
+        values = [r["params"][name] for r in rows if name in r["params"]]
+        if values and min(values) > 0:
+            set_scale("log")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1] if len(names) == 2 else "validation accuracy")
+    if scored:
+        best = int(np.argmax(acc))
+        ax.scatter([xs[best]], [ys[best]], marker="*", s=260, color="red", edgecolors="black", label="best")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"Validation accuracy of {len(scored)} trials")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..backend import dtype_name
+from ..backend.arrays import dtype_name
 from ..data.images import InputFile, read_input_file
 from ..errors import CheckpointError, ImageFileError
-from ..nn import predict_proba, top_k
+from ..nn.inference import predict_proba, top_k
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,16 @@ class FileFailure:
 
     file: str
     error: ImageFileError
+
+
+def prediction_record(result: Prediction, names: "list[str] | tuple[str, ...]") -> dict[str, Any]:
+    """The JSON object of one line of ``xpcnn predict --json`` (also what ``xpcnn serve`` answers)."""
+    record: dict[str, Any] = {"file": result.file}
+    if result.index is not None:
+        record["index"] = result.index
+    record["top"] = [{"class": c, "label": names[c], "prob": round(p, 6)} for c, p in zip(result.classes, result.probs)]
+    record["inverted"] = result.inverted
+    return record
 
 
 def input_size(network: Any) -> tuple[int, int]:

@@ -27,11 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..backend import values_are_free_to_read
+from ..backend.arrays import values_are_free_to_read
 from ..errors import ConfigError, OutputError
 from ..fileio import atomic_write_text
-from ..nn import device_batches
-from ..ops import host_class_labels, softmax
+from ..nn.inference import device_batches
+from ..ops.functions import host_class_labels, softmax
 from .plots import plot_activations, plot_confusion, plot_image_grid
 
 #: How many of the most confidently wrong images `write_report` shows by default.
@@ -186,15 +186,21 @@ def _forward_for_inference(layer: Any, x: Any) -> Any:
 def first_layer_maps(network: Any, image: Any) -> tuple[str, np.ndarray] | None:
     """The first convolution's output ``(FN, OH, OW)`` (before any activation) for one image
     ``(C, H, W)``, with the layer's name; None when the network has no convolution."""
+    found = first_layer_outputs(network, image[None, ...])
+    return None if found is None else (found[0], found[1][0])
+
+
+def first_layer_outputs(network: Any, x: Any) -> tuple[str, np.ndarray] | None:
+    """`first_layer_maps` for a batch ``(N, C, H, W)`` at once: ``(name, (N, FN, OH, OW))`` on the host."""
     conv = first_convolution(network)
     if conv is None:
         return None
     name, earlier, layer = conv
-    _, out = next(device_batches(network, image[None, ...], 1))
+    _, out = next(device_batches(network, x, x.shape[0]))
     for previous in earlier:
         out = _forward_for_inference(previous, out)
     out = _forward_for_inference(layer, out)
-    return name, network.backend.to_numpy(out)[0]
+    return name, network.backend.to_numpy(out)
 
 
 # ---------------------------------------------------------------------------- writing

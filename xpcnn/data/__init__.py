@@ -50,7 +50,7 @@ from .idx import (
     read_idx_bytes,
     write_idx,
 )
-from .images import InputFile, load_images, read_input_file
+from .images import InputFile, load_images, read_input_bytes, read_input_file
 
 __all__ = [
     "DATASETS", "DOWNLOAD_TIMEOUT", "FASHION_MNIST", "MNIST", "ROLES", "SPLIT_ROLES", "DatasetSpec", "FileSpec",
@@ -58,5 +58,5 @@ __all__ = [
     "find_dataset_files", "get_spec", "load_dataset", "load_idx_pair", "load_mnist", "load_split", "mirror_urls",
     "prepare_images", "prepare_labels", "register_dataset", "verify_files", "GZIP_MAGIC", "IDX_DTYPES",
     "MAX_IDX_BYTES", "atomic_write_bytes", "encode_idx", "file_md5", "gunzip", "md5_hex", "parse_idx", "read_idx",
-    "read_idx_bytes", "write_idx", "InputFile", "load_images", "read_input_file",
+    "read_idx_bytes", "write_idx", "InputFile", "load_images", "read_input_bytes", "read_input_file",
 ]

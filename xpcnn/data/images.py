@@ -29,6 +29,7 @@ was found; a file is never decoded when its header declares more than `MAX_IMAGE
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -244,7 +245,9 @@ def _check_declared(path: str, width: int, height: int, max_pixels: int) -> None
             f"shrink it first")
 
 
-def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, fit: str, max_pixels: int) -> InputFile:
+def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, fit: str, max_pixels: int,
+                  source: Any = None) -> InputFile:
+    """`source`: the bytes to decode as a file object (`read_input_bytes`); None: open `path`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     declared = _header_size(head)          # PNG, GIF, BMP: before Pillow parses anything
@@ -253,7 +256,7 @@ def _read_picture(path: str, head: bytes, size: tuple[int, int], invert: str, fi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit is lower
-            with Image.open(path) as picture:            # reads the header only
+            with Image.open(path if source is None else source) as picture:        # reads the header only
                 _check_declared(path, *picture.size, max_pixels)          # JPEG and the rest
                 upright = ImageOps.exif_transpose(picture)       # as a phone shows its photo
                 pixels, full_scale = _grayscale(upright)
@@ -332,9 +335,12 @@ def _array_images(array: np.ndarray, path: str, kind: str, size: tuple[int, int]
     return InputFile(path, np.ascontiguousarray(values), kind, inverted, (height, width))
 
 
-def _read_npy(path: str, size: tuple[int, int], invert: str) -> InputFile:
+def _read_npy(path: str, size: tuple[int, int], invert: str, source: Any = None) -> InputFile:
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)       # the header only, for now
+        if source is None:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)       # the header only, for now
+        else:
+            array = np.load(source, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ImageFileError(f"{path}: not a readable .npy array (truncated, or saved with pickled objects?): "
                              f"{exc}") from exc
@@ -399,6 +405,34 @@ def read_input_file(path: "str | os.PathLike[str]", size: tuple[int, int] = (28,
     if raw:
         return _read_idx(name, raw, size, invert)
     return _read_picture(name, head, size, invert, fit, max_pixels)
+
+
+def read_input_bytes(data: bytes, name: str = "upload", size: tuple[int, int] = (28, 28), invert: str = "auto", *,
+                     fit: str = "fill", max_pixels: int = MAX_IMAGE_PIXELS) -> InputFile:
+    """`read_input_file` for a file's contents already in memory (an upload to ``xpcnn serve``):
+    the same checks and the same preparation, so the same bytes give the same images. `name`
+    only labels the messages; no file is opened. The caller bounds ``len(data)``.
+
+    Raises:
+        ImageFileError: as `read_input_file`.
+    """
+    invert, size = _check_invert(invert), _check_size(size)
+    if fit not in FIT_CHOICES:
+        raise ImageFileError(f"fit must be one of {FIT_CHOICES}, got {fit!r}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageFileError(f"{name}: expected the file's bytes, got {type(data).__name__}")
+    data = bytes(data)
+    head = data[:64]
+    if not head:
+        raise ImageFileError(f"{name}: the file is empty; expected a picture, .npy or IDX file")
+    if len(data) > MAX_ARRAY_BYTES and (head.startswith(_NPY_MAGIC) or head[:2] in (GZIP_MAGIC, b"\x00\x00")):
+        raise ImageFileError(f"{name}: {len(data) / 2 ** 20:.0f} MiB, over the limit of "
+                             f"{MAX_ARRAY_BYTES / 2 ** 20:.0f} MiB for array files")
+    if head.startswith(_NPY_MAGIC):
+        return _read_npy(name, size, invert, io.BytesIO(data))
+    if head[:2] in (GZIP_MAGIC, b"\x00\x00"):
+        return _read_idx(name, data, size, invert)
+    return _read_picture(name, head, size, invert, fit, max_pixels, io.BytesIO(data))
 
 
 def load_images(paths: Iterable["str | os.PathLike[str]"], input_dim: tuple[int, int, int] = (1, 28, 28),

@@ -12,12 +12,11 @@ import math
 
 import numpy as np
 
-from ..backend import Backend
+from ..backend.devices import Backend
 from ..errors import ShapeError
-from ..nn import Affine, Convolution, Dropout, Network, Pooling, ReLU, SoftmaxWithLoss
-from ..nn.layers import check_dropout_ratio
-from ..nn.network import merge_conv_param
-from ..ops import conv_output_size, positive_int
+from ..nn.layers import Affine, Convolution, Dropout, Pooling, ReLU, SoftmaxWithLoss, check_dropout_ratio
+from ..nn.network import Network, merge_conv_param
+from ..ops.geometry import conv_output_size, positive_int
 
 DEEP_CONV_PARAMS = (
     {"filter_num": 16, "filter_size": 3, "pad": 1, "stride": 1},

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Backend
+from ..backend.devices import Backend
 from ..errors import ConfigError
-from ..nn import Affine, BatchNormalization, Dropout, Network, ReLU, Sigmoid, SoftmaxWithLoss
-from ..nn.layers import check_dropout_ratio
-from ..ops import positive_int
+from ..nn.layers import Affine, BatchNormalization, Dropout, ReLU, Sigmoid, SoftmaxWithLoss, check_dropout_ratio
+from ..nn.network import Network
+from ..ops.geometry import positive_int
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
 

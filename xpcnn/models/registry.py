@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..nn import Network
+from ..nn.network import Network
 from .deep_convnet import DeepConvNet
 from .multi_layer_net_extend import MultiLayerNetExtend
 from .simple_convnet import SimpleConvNet

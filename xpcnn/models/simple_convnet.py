@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Backend
+from ..backend.devices import Backend
 from ..errors import ShapeError
-from ..nn import Affine, Convolution, Network, Pooling, ReLU, SoftmaxWithLoss
-from ..nn.network import merge_conv_param
-from ..ops import conv_output_size, positive_int
+from ..nn.layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
+from ..nn.network import Network, merge_conv_param
+from ..ops.geometry import conv_output_size, positive_int
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
 

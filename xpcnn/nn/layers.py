@@ -19,9 +19,13 @@ from typing import Any
 
 import array_api_compat
 
-from ..backend import RandomSource, backend_of, check_same_device, dtype_name, namespace_of
+from ..backend.arrays import check_same_device, dtype_name, namespace_of
+from ..backend.devices import backend_of
+from ..backend.random import RandomSource
 from ..errors import ConfigError, DTypeError, ShapeError
-from ..ops import Ops, check_labels, check_rank, check_stride_pad, conv_output_size, ops_for, positive_int
+from ..ops.functions import check_labels
+from ..ops.geometry import check_rank, check_stride_pad, conv_output_size, positive_int
+from ..ops.table import Ops, ops_for
 
 
 def _check_input(x: Any, weight: Any, what: str) -> None:

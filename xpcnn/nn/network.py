@@ -16,9 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Backend, RandomSource, get_backend, namespace_of, values_are_free_to_read
+from ..backend.arrays import namespace_of, values_are_free_to_read
+from ..backend.devices import Backend, get_backend
+from ..backend.random import RandomSource
 from ..errors import ConfigError, ShapeError
-from ..ops import Ops, host_class_labels, ops_of, positive_int
+from ..ops.functions import host_class_labels
+from ..ops.geometry import positive_int
+from ..ops.table import Ops, ops_of
 from .inference import predict_proba
 from .layers import BatchNormalization, Dropout, check_train_flg
 from .params import make_params

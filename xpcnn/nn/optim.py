@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from ..backend import check_same_device, namespace_of
+from ..backend.arrays import check_same_device, namespace_of
 from ..errors import ConfigError
-from ..ops import ops_for, ops_of
+from ..ops.table import ops_for, ops_of
 from .params import ParamDict
 
 

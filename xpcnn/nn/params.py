@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import array_api_compat
 import numpy as np
 
-from ..backend import Backend, check_same_device, dtype_name, namespace_of
+from ..backend.arrays import check_same_device, dtype_name, namespace_of
+from ..backend.devices import Backend
 from ..errors import DTypeError, ShapeError
 
 

@@ -24,7 +24,7 @@ from ..backend import counting
 from . import reference
 from .functions import one_hot
 
-_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int64): "long long"}
 
 
 def _launched(calls: int = 1) -> None:
@@ -159,7 +159,9 @@ _maxpool_forward_kernel = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 PH, int32 PW, int32 OH, int32 OW, int32 stride, int32 pad",
     "T out, int32 arg",
     """
-    // out (N, C, OH, OW): the window's first maximum (row-major); padding never wins.
+    // out (N, C, OH, OW): the window's first maximum (row-major); padding never wins. A NaN
+    // wins over any number, as in the reference's `maximum` (the first NaN; its gradient goes
+    // to that pixel), so a NaN stays visible.
     const int ow = i % OW;
     const int oh = (i / OW) % OH;
     const ptrdiff_t plane = i / (OW * OH);
@@ -173,7 +175,10 @@ _maxpool_forward_kernel = cupy.ElementwiseKernel(
             const int xx = ow * stride + pj - pad;
             if (xx < 0 || xx >= W) continue;
             const T value = x[image + y * W + xx];
-            if (best < 0 || value > best_value) { best = pi * PW + pj; best_value = value; }
+            if (best < 0 || value > best_value || (isnan(value) && !isnan(best_value))) {
+                best = pi * PW + pj;
+                best_value = value;
+            }
         }
     }
     out = best_value;
@@ -252,16 +257,23 @@ def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
 
 # ------------------------------------------------------------ softmax with cross-entropy
 
+# The two row reductions (softmax-CE's loss, scoring's count) spread their rows over blocks,
+# so that they scale with N: thread t of block b takes rows b * 256 + t, then strides over the
+# grid; each block adds its threads' values in a fixed tree order. One block writes the result
+# itself; several write one sum each, which `xpcnn_sum_blocks` adds in a fixed order. The grid
+# depends only on N, so the result is the same every run (no atomics).
+_THREADS = 256
+_MAX_BLOCKS = 1024
+
 _SOFTMAX_CE_SOURCE = r"""
 extern "C" __global__ void xpcnn_softmax_ce(const T* scores, const long long* labels, T* probs,
-                                            T* loss, const int n, const int k) {
-    // One block: each thread takes rows tid, tid + blockDim.x, ...; the per-thread sums are
-    // then added in a fixed tree order, so the loss is the same every run.
+                                            T* loss_sums, const int n, const int k) {
     __shared__ T partial[256];
     T mine = 0;
-    for (int row = threadIdx.x; row < n; row += blockDim.x) {
-        const T* s = scores + (long long)row * k;
-        T* y = probs + (long long)row * k;
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < n;
+         row += (long long)gridDim.x * blockDim.x) {
+        const T* s = scores + row * k;
+        T* y = probs + row * k;
         T top = s[0];
         for (int j = 1; j < k; ++j) top = s[j] > top ? s[j] : top;
         T total = 0;
@@ -276,9 +288,51 @@ extern "C" __global__ void xpcnn_softmax_ce(const T* scores, const long long* la
         if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
         __syncthreads();
     }
-    if (threadIdx.x == 0) loss[0] = partial[0] / (T)n;
+    // One block: the mean loss itself; several: this block's sum, for xpcnn_sum_blocks.
+    if (threadIdx.x == 0) loss_sums[blockIdx.x] = gridDim.x == 1 ? partial[0] / (T)n : partial[0];
 }
 """
+
+_SUM_BLOCKS_SOURCE = r"""
+extern "C" __global__ void xpcnn_sum_blocks(const T* block_sums, T* result, const int blocks, const T divisor) {
+    // One block: the per-block sums of a reduction added in a fixed order, over `divisor`.
+    __shared__ T partial[256];
+    T mine = 0;
+    for (int b = threadIdx.x; b < blocks; b += blockDim.x) mine += block_sums[b];
+    partial[threadIdx.x] = mine;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) result[0] = partial[0] / divisor;
+}
+"""
+
+
+def _blocks(rows: int) -> int:
+    """Blocks of `_THREADS` threads for a row reduction over `rows` rows: a row per thread up
+    to `_MAX_BLOCKS` blocks (then the threads stride over the rest)."""
+    return max(1, min(-(-rows // _THREADS), _MAX_BLOCKS))
+
+
+def _row_reduction(source: str, name: str, c_type: str, result_dtype: Any, inputs: tuple, rows: int,
+                   divisor: Any) -> Any:
+    """Launch the row reduction `name` on `_blocks(rows)` blocks and return its 0-d result:
+    1 launch for one block, 2 (the per-block sums, then `xpcnn_sum_blocks`) for more."""
+    blocks = _blocks(rows)
+    result = cupy.empty((), dtype=result_dtype)
+    if blocks == 1:
+        _raw_kernel(source, name, c_type)((1,), (_THREADS,), (*inputs[:-2], result, *inputs[-2:]))
+        _launched()
+        return result
+    block_sums = cupy.empty(blocks, dtype=result_dtype)
+    _raw_kernel(source, name, c_type)((blocks,), (_THREADS,), (*inputs[:-2], block_sums, *inputs[-2:]))
+    _raw_kernel(_SUM_BLOCKS_SOURCE, "xpcnn_sum_blocks", _c_type(result_dtype))(
+        (1,), (_THREADS,), (block_sums, result, np.int32(blocks), divisor))
+    _launched(2)
+    return result
+
 
 _softmax_ce_backward_kernel = cupy.ElementwiseKernel(
     "raw T probs, raw int64 labels, int32 k, T scale", "T dx",
@@ -289,23 +343,22 @@ _softmax_ce_backward_kernel = cupy.ElementwiseKernel(
 
 @functools.lru_cache(maxsize=None)
 def _raw_kernel(source: str, name: str, c_type: str) -> Any:
-    """`source` compiled with ``T`` standing for `c_type` (float or double), once per type."""
+    """`source` compiled with ``T`` standing for `c_type` (float, double or long long), once per type."""
     return cupy.RawKernel(f"typedef {c_type} T;\n{source}", name)
 
 
 def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[Any, Any]:
-    """One kernel for integer labels (probabilities and the mean loss); one-hot labels take
-    the reference path."""
+    """One kernel for integer labels (probabilities and the mean loss; a second one adds the
+    blocks' sums above 256 rows); one-hot labels take the reference path."""
     if t.ndim != 1:
         return reference.softmax_cross_entropy_forward(xp, scores, t)
     n, k = scores.shape
     scores = cupy.ascontiguousarray(scores)
     labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
     probs = cupy.empty_like(scores)
-    loss = cupy.empty((), dtype=scores.dtype)
-    _raw_kernel(_SOFTMAX_CE_SOURCE, "xpcnn_softmax_ce", _c_type(scores.dtype))(
-        (1,), (256,), (scores, cupy.ascontiguousarray(labels), probs, loss, np.int32(n), np.int32(k)))
-    _launched()
+    loss = _row_reduction(_SOFTMAX_CE_SOURCE, "xpcnn_softmax_ce", _c_type(scores.dtype), scores.dtype,
+                          (scores, cupy.ascontiguousarray(labels), probs, np.int32(n), np.int32(k)), n,
+                          scores.dtype.type(n))
     return loss, (probs, labels, "labels")
 
 
@@ -329,13 +382,15 @@ def softmax_cross_entropy_backward(xp: ModuleType, cache: Any, dout: Any) -> Any
 
 _COUNT_CORRECT_SOURCE = r"""
 extern "C" __global__ void xpcnn_count_correct(const T* scores, const long long* labels,
-                                               long long* count, const int n, const int k) {
+                                               long long* counts, const int n, const int k) {
     __shared__ long long partial[256];
     long long mine = 0;
-    for (int row = threadIdx.x; row < n; row += blockDim.x) {
-        const T* s = scores + (long long)row * k;
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < n;
+         row += (long long)gridDim.x * blockDim.x) {
+        const T* s = scores + row * k;
         int best = 0;
-        for (int j = 1; j < k; ++j) if (s[j] > s[best]) best = j;   // the first maximum, as argmax
+        // The first maximum, as argmax; a NaN counts as the maximum (argmax picks the first NaN).
+        for (int j = 1; j < k && !isnan(s[best]); ++j) if (s[j] > s[best] || isnan(s[j])) best = j;
         mine += (best == labels[row]);
     }
     partial[threadIdx.x] = mine;
@@ -344,20 +399,19 @@ extern "C" __global__ void xpcnn_count_correct(const T* scores, const long long*
         if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
         __syncthreads();
     }
-    if (threadIdx.x == 0) count[0] = partial[0];
+    if (threadIdx.x == 0) counts[blockIdx.x] = partial[0];
 }
 """
 
 
 def count_correct(xp: ModuleType, scores: Any, t: Any) -> Any:
-    """One kernel: argmax of each row against its label, counted in a fixed order."""
+    """Argmax of each row against its label, counted in a fixed order: one kernel (a second
+    one adds the blocks' counts above 256 rows)."""
     n, k = scores.shape
     labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
-    count = cupy.empty((), dtype=cupy.int64)
-    _raw_kernel(_COUNT_CORRECT_SOURCE, "xpcnn_count_correct", _c_type(scores.dtype))(
-        (1,), (256,), (cupy.ascontiguousarray(scores), cupy.ascontiguousarray(labels), count, np.int32(n), np.int32(k)))
-    _launched()
-    return count
+    return _row_reduction(_COUNT_CORRECT_SOURCE, "xpcnn_count_correct", _c_type(scores.dtype), np.dtype(np.int64),
+                          (cupy.ascontiguousarray(scores), cupy.ascontiguousarray(labels), np.int32(n), np.int32(k)),
+                          n, np.int64(1))
 
 
 # ------------------------------------------------------------------------------- optimizers
@@ -370,9 +424,13 @@ _momentum_kernel = cupy.ElementwiseKernel(
 _adagrad_kernel = cupy.ElementwiseKernel(
     "T grad, T lr, T eps", "T param, T h",
     "h += grad * grad; param -= (grad / (sqrt(h) + eps)) * lr;", "xpcnn_adagrad")
+# `1 - beta` comes computed on the host in double and rounded once, as the reference does:
+# computed in float from the rounded 0.999f it is 9.99987e-4, not 1e-3 (a 1.3e-5 relative error
+# in `v`, visible from the zero state).
 _adam_kernel = cupy.ElementwiseKernel(
-    "T grad, T lr_t, T beta1, T beta2, T eps", "T param, T m, T v",
-    "m += (1 - beta1) * (grad - m); v += (1 - beta2) * (grad * grad - v); param -= lr_t * m / (sqrt(v) + eps);",
+    "T grad, T lr_t, T one_minus_beta1, T one_minus_beta2, T eps", "T param, T m, T v",
+    "m += one_minus_beta1 * (grad - m); v += one_minus_beta2 * (grad * grad - v); "
+    "param -= lr_t * m / (sqrt(v) + eps);",
     "xpcnn_adam")
 
 
@@ -397,7 +455,7 @@ def adagrad_update(xp: ModuleType, param: Any, grad: Any, h: Any, lr: float, eps
 def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: float,
                 beta1: float, beta2: float, eps: float) -> None:
     t = param.dtype.type
-    _adam_kernel(grad, t(lr_t), t(beta1), t(beta2), t(eps), param, m, v)
+    _adam_kernel(grad, t(lr_t), t(1.0 - beta1), t(1.0 - beta2), t(eps), param, m, v)
     _launched()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import array_api_compat
 
-from ..backend import namespace_of, values_are_free_to_read
+from ..backend.arrays import namespace_of, values_are_free_to_read
 from ..errors import ShapeError
 
 

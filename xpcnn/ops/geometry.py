@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import array_api_compat
 
-from ..backend import namespace_of
+from ..backend.arrays import namespace_of
 from ..errors import ConfigError, ShapeError
 
 # ---------------------------------------------------------------------------- geometry

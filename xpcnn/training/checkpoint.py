@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..backend import Backend, dtype_name
+from ..backend.arrays import dtype_name
+from ..backend.devices import Backend
 from ..errors import BackendUnavailable, CheckpointError, CheckpointWriteError, XpcnnError
 from ..fileio import atomic_write
-from ..models import MODELS, model_of_class
-from ..nn import OPTIMIZERS, make_optimizer
+from ..models.registry import MODELS, model_of_class
+from ..nn.optim import OPTIMIZERS, make_optimizer
 
 #: Version of the on-disk layout; bump it when the layout changes incompatibly.
 FORMAT_VERSION = 1

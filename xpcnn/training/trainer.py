@@ -23,10 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..backend import out_of_memory_as_error, values_are_free_to_read
+from ..backend.arrays import values_are_free_to_read
+from ..backend.devices import out_of_memory_as_error
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
-from ..nn import Optimizer, make_optimizer
-from ..ops import host_class_labels, positive_int
+from ..nn.optim import Optimizer, make_optimizer
+from ..ops.functions import host_class_labels
+from ..ops.geometry import positive_int
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .history import History
 
@@ -71,6 +73,8 @@ class Trainer:
             each log point, naming the first bad step); ``"skip"`` checks every step and
             skips the update of a non-finite step (one host sync per step).
         print_fn: where summary lines go (default ``print``).
+        epoch_callback: called with the trainer after each epoch is scored (e.g. a search that
+            reports the epoch's accuracy and may stop the run by raising).
     """
 
     def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
@@ -79,7 +83,8 @@ class Trainer:
                  verbose: bool = True, *, seed: int | None = 0, log_every: int = 50,
                  eval_batch_size: int = 500, progress: bool = True,
                  checkpoint_path: "str | os.PathLike[str] | None" = None,
-                 on_nan: str = "stop", print_fn: Callable[[str], None] = print):
+                 on_nan: str = "stop", print_fn: Callable[[str], None] = print,
+                 epoch_callback: "Callable[[Trainer], None] | None" = None):
         self.network = network
         self.backend = network.backend
         self.epochs = _positive_int("epochs", epochs)
@@ -119,6 +124,10 @@ class Trainer:
         self.history = History()
         self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. dataset name)
         self._stop_requested = False
+        #: The last SIGINT/SIGTERM received during `train`, kept after it returns: a signal in the last
+        #: epoch's scoring ends no training early, but its caller may want to stop.
+        self.signal_received = 0
+        self.epoch_callback = epoch_callback
         self._phase = "training"            # or "scoring": which batch size an out-of-memory names
 
     # ---------------------------------------------------------------------- data
@@ -304,6 +313,8 @@ class Trainer:
             )
         if self.checkpoint_path is not None:
             self.save_checkpoint()
+        if self.epoch_callback is not None:
+            self.epoch_callback(self)
 
     def _evaluate(self) -> tuple[float, float]:
         def score(x: Any, t: Any) -> float:
@@ -336,7 +347,7 @@ class Trainer:
         def request_stop(signum: int, frame: Any) -> None:
             if self._stop_requested:          # a second signal: stop right now
                 raise KeyboardInterrupt
-            self._stop_requested = signum
+            self._stop_requested = self.signal_received = signum
 
         previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
         try:

@@ -1,0 +1,39 @@
+"""The cases every fast operation is checked on against its reference: one set, run by
+tests/ops/test_fast_ops.py on each fast backend (NumPy, CuPy on a GPU, CuPy through the CPU
+emulation) and by the mutation controls of tests/ops/test_cuda_kernels.py."""
+
+#: Largest relative difference from the reference allowed per dtype.
+TOL = {"float64": 1e-12, "float32": 1e-5}
+
+CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
+    (3, 1, 28, 28, 30, 5, 5, 1, 0),
+    (2, 3, 9, 7, 4, 3, 2, 2, 1),
+    (1, 2, 8, 8, 5, 3, 3, 1, 2),
+    (2, 16, 14, 14, 32, 3, 3, 1, 1),
+    (1, 4, 11, 6, 3, 5, 3, 2, 2),
+    (7, 16, 28, 28, 16, 3, 3, 1, 1),   # several chunks on NumPy, the last one short
+    (2, 32, 14, 14, 32, 3, 3, 1, 2),   # DeepConvNet's fourth convolution
+    (2, 3, 6, 6, 2, 3, 3, 1, 3),       # pad >= filter: the input gradient by col2im
+]
+POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
+    (2, 3, 24, 24, 2, 2, 2, 0),
+    (1, 2, 9, 7, 3, 2, 2, 1),
+    (2, 1, 8, 8, 3, 3, 1, 1),
+    (1, 4, 7, 9, 2, 3, 1, 0),
+]
+#: Rows of the softmax-CE and scoring cases: one, fewer and more than a block's 256 threads,
+#: and many blocks.
+SCORE_ROWS = (1, 100, 1000, 10000)
+#: (name, hyperparameters) of each optimizer update.
+OPTIMIZER_CASES = [("sgd_update", (0.1,)), ("momentum_update", (0.1, 0.9)), ("adagrad_update", (0.06, 1e-7)),
+                   ("adam_update", (0.001, 0.9, 0.999, 1e-8))]
+
+#: How the optimizer state starts: |randn| (a state already under way) and zeros (the real
+#: start: there Adam's ``v`` is ``(1 - beta2) * grad**2``, so a ``1 - beta2`` computed in float32
+#: from the rounded 0.999f shows as a 1.3e-5 relative error).
+OPTIMIZER_STATE_STARTS = ("abs-randn", "zeros")
+
+
+def out_size(size: int, filt: int, stride: int, pad: int) -> int:
+    """Output extent of a window of `filt` sliding by `stride` over `size` padded by `pad`."""
+    return (size + 2 * pad - filt) // stride + 1

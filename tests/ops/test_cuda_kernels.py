@@ -1,0 +1,317 @@
+"""Every CUDA kernel of xpcnn/ops/fast_cupy.py checked without a GPU (docs/cuda-emulation.md).
+
+- Compiled by NVRTC for sm_80 and sm_90, float and double: the sources CuPy generates for
+  the calls fast_cupy.py's own wrappers make (recorded through the emulation's stand-in).
+- Run through the CPU emulation against the reference ops: test_fast_ops.py's cases on its
+  "cupy-emulated" backend; here, the same cases (fast_cases.py) as a list of mismatches.
+- Mutation controls: a syntax error, a removed barrier and off-by-one indices, each applied
+  to a copy of fast_cupy.py's text, must be caught.
+
+Skipped with the reason where CuPy's wheels (cupy-cuda12x, nvidia-cuda-nvrtc-cu12,
+nvidia-cuda-runtime-cu12) or g++ are missing; failing instead under CI=true (.ci/run installs
+them). The CuPy version is pinned (emulation/cupy_internals.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import array_api_compat.numpy as xp_numpy
+import numpy as np
+import pytest
+
+from xpcnn import AdaGrad, Adam, DeepConvNet, SimpleConvNet
+from xpcnn.backend.counting import count_calls, counting_backend
+from xpcnn.ops import reference
+
+from emulation import cupy_internals, emulator
+from emulation.available import require_cupy_wheels
+from fast_cases import (
+    CONV_GEOMETRIES,
+    OPTIMIZER_CASES,
+    OPTIMIZER_STATE_STARTS,
+    POOL_GEOMETRIES,
+    SCORE_ROWS,
+    TOL,
+    out_size,
+)
+from helpers import unavailable
+
+SOURCE = emulator.FAST_CUPY.read_text()
+#: Every kernel fast_cupy.py defines, by its CUDA name.
+KERNEL_NAMES = sorted(set(re.findall(r'"(xpcnn_\w+)"', SOURCE)))
+
+
+def exercise_every_kernel(module, dtype: str) -> None:
+    """Call every wrapper of `module` (a fast_cupy loaded on the stand-in) once, in `dtype`."""
+    rng = np.random.default_rng(0)
+    xp = xp_numpy
+    n, c, h, w, fn, fh, fw, stride, pad = CONV_GEOMETRIES[1]
+    oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    W = rng.standard_normal((fn, c, fh, fw)).astype(dtype)
+    out, cache = module.conv2d_forward(xp, x, W, np.zeros(fn, dtype), stride, pad, oh, ow)
+    module.conv2d_backward(xp, np.ones_like(out), cache, W, stride, pad, True)
+    out, cache = module.maxpool2d_forward(xp, x, 2, 2, 2, 0, h // 2, w // 2)
+    module.maxpool2d_backward(xp, np.ones_like(out), cache)
+    module.relu_backward(xp, module.relu_forward(xp, x), x)
+    scores, labels = rng.standard_normal((SCORE_ROWS[-1], 10)).astype(dtype), rng.integers(0, 10, SCORE_ROWS[-1])
+    _, cache = module.softmax_cross_entropy_forward(xp, scores, labels)
+    module.softmax_cross_entropy_backward(xp, cache, 1)
+    module.count_correct(xp, scores, labels)
+    for name, args in OPTIMIZER_CASES:
+        param, grad, *state = (rng.standard_normal(100).astype(dtype) for _ in range(4))
+        n_state = {"sgd_update": 0, "momentum_update": 1, "adagrad_update": 1, "adam_update": 2}[name]
+        getattr(module, name)(xp, param, grad, *[np.abs(s) for s in state[:n_state]], *args)
+
+
+def record_sources(source: str | None = None) -> dict[tuple[str, str], str]:
+    """{(kernel name, element type): full CUDA source} of every kernel launched by the
+    wrappers of fast_cupy.py (or of the `source` text), in float32 and float64."""
+    recorder = emulator.Recorder()
+    module = emulator.load_fast_cupy(emulator.StandInCupy(recorder), source)
+    with np.errstate(all="ignore"):             # nothing runs: the arrays hold whatever memory held
+        for dtype in ("float32", "float64"):
+            exercise_every_kernel(module, dtype)
+    return recorder.sources
+
+
+@pytest.fixture(scope="module")
+def recorded_sources():
+    require_cupy_wheels()
+    return record_sources()
+
+
+# ------------------------------------------------------------------- CuPy's internals
+
+def test_cupy_is_the_pinned_version():
+    """cupy_internals.py leans on CuPy's private code generator and compiler: a new CuPy must
+    be checked against it before the pin moves (this fails loudly until then)."""
+    try:
+        cupy = cupy_internals.cupy_module()
+    except ImportError as exc:
+        unavailable(f"CuPy is not installed ({exc}); pip install -e '.[dev,cuda-check]'")
+    assert cupy.__version__ == cupy_internals.CUPY_VERSION, (
+        f"CuPy {cupy.__version__} installed, tests/ops/emulation/cupy_internals.py is written for "
+        f"{cupy_internals.CUPY_VERSION}: check it against the new version, then move the pin")
+
+
+def test_the_code_generator_sees_the_argument_kinds_given():
+    """The private argument-kind numbers: an array, a scalar and the indexer come out as such."""
+    require_cupy_wheels()
+    kernel = cupy_internals.elementwise_kernel("raw T x, int32 k", "T y", "y = x[i] * k", "probe")
+    _, _, type_map = cupy_internals.decide_types(kernel, (np.dtype("float32"), None), (np.dtype("float32"),))
+    source = cupy_internals.elementwise_source(
+        kernel, type_map, [cupy_internals.ArrayArg(np.dtype("float32"), 2, False, True),
+                           cupy_internals.ScalarArg(np.dtype("int32")),
+                           cupy_internals.ArrayArg(np.dtype("float32"), 1, True, True)], 1, True)
+    assert "const CArray<float, 2, 0, 1> x, const int k, CArray<float, 1, 1, 1> _raw_y, CIndexer<1, 1> _ind" in source
+    assert "#include <cupy/carray.cuh>" in source
+
+
+def test_every_kernel_is_launched_in_float_and_double(recorded_sources):
+    launched = {name for name, _ in recorded_sources}
+    assert launched == set(KERNEL_NAMES), f"defined but never launched: {set(KERNEL_NAMES) - launched}"
+    for name in KERNEL_NAMES:
+        types = {t for kernel, t in recorded_sources if kernel == name}
+        assert {"float32", "float64"} <= types, (name, types)
+
+
+@pytest.mark.parametrize("n", [300, SCORE_ROWS[-1]])
+def test_the_row_reductions_spread_over_blocks(n):
+    """softmax-CE and count_correct give each block its own rows, so they scale with N (on one
+    block of 256 threads, one SM of an H200's 132 did all the work)."""
+    require_cupy_wheels()
+    recorder = emulator.Recorder()
+    module = emulator.load_fast_cupy(emulator.StandInCupy(recorder))
+    scores, labels = np.zeros((n, 10)), np.zeros(n, dtype=np.int64)
+    module.softmax_cross_entropy_forward(xp_numpy, scores, labels)
+    module.count_correct(xp_numpy, scores, labels)
+    for name in ("xpcnn_softmax_ce", "xpcnn_count_correct"):
+        grid, block = recorder.geometry[name]
+        assert grid * block >= n and grid >= 2, f"{name}: {grid} block(s) of {block} threads for {n} rows"
+
+
+# ----------------------------------------------------------------------------- NVRTC
+
+@pytest.mark.parametrize("arch", cupy_internals.ARCHS)
+def test_every_kernel_compiles_with_nvrtc(recorded_sources, arch):
+    require_cupy_wheels(need_nvrtc=True)
+    failures = {}
+    for key, source in sorted(recorded_sources.items()):
+        try:
+            cubin = cupy_internals.nvrtc_compile(source, arch)
+        except cupy_internals.CudaCompileError as exc:
+            failures[key] = str(exc)
+        else:
+            assert len(cubin) > 0, key
+    assert not failures, "\n\n".join(f"{key}:\n{log}" for key, log in failures.items())
+    print(f"sm_{arch}: {len(recorded_sources)} kernel sources ({len(KERNEL_NAMES)} kernels) compiled by NVRTC "
+          f"{cupy_internals.nvrtc_version()}")
+
+
+# ---------------------------------------------------- the emulation against the reference
+
+def _relative(got, want) -> float:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if not want.size:
+        return 0.0
+    return float(np.max(np.abs(got - want))) / max(float(np.max(np.abs(want))), 1e-30)   # NaN: a mismatch
+
+
+def mismatches(module, dtype: str) -> list[str]:
+    """Where `module`'s wrappers (a fast_cupy loaded on the emulation) differ from the
+    reference on the shared cases; an emulation error counts as a mismatch."""
+    rng = np.random.default_rng(7)
+    xp, found = xp_numpy, []
+
+    def check(what, got, want, exact=False):
+        if np.shape(got) != np.shape(want):
+            found.append(f"{what}: shape {np.shape(got)} != {np.shape(want)}")
+        elif exact and not np.array_equal(got, want, equal_nan=True):
+            found.append(f"{what}: not equal")
+        elif not exact and not _relative(got, want) <= TOL[dtype]:
+            found.append(f"{what}: relative difference {_relative(got, want):.2e}")
+
+    def guarded(what, function):
+        try:
+            function()
+        except emulator.EmulationError as exc:
+            found.append(f"{what}: {exc}")
+
+    def conv(geometry):
+        n, c, h, w, fn, fh, fw, stride, pad = geometry
+        oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
+        x, W = rng.standard_normal((n, c, h, w)).astype(dtype), rng.standard_normal((fn, c, fh, fw)).astype(dtype)
+        b, dout = rng.standard_normal(fn).astype(dtype), rng.standard_normal((n, fn, oh, ow)).astype(dtype)
+        got, cache_f = module.conv2d_forward(xp, x, W, b, stride, pad, oh, ow)
+        want, cache_r = reference.conv2d_forward(xp, x, W, b, stride, pad, oh, ow)
+        check(f"conv forward {geometry}", got, want)
+        for name, g, r in zip(("dx", "dW", "db"), module.conv2d_backward(xp, dout, cache_f, W, stride, pad, True),
+                              reference.conv2d_backward(xp, dout, cache_r, W, stride, pad, True)):
+            check(f"conv {name} {geometry}", g, r)
+
+    def pool(geometry):
+        n, c, h, w, ph, pw, stride, pad = geometry
+        oh, ow = out_size(h, ph, stride, pad), out_size(w, pw, stride, pad)
+        x, dout = rng.standard_normal((n, c, h, w)).astype(dtype), rng.standard_normal((n, c, oh, ow)).astype(dtype)
+        got, cache_f = module.maxpool2d_forward(xp, x, ph, pw, stride, pad, oh, ow)
+        want, cache_r = reference.maxpool2d_forward(xp, x, ph, pw, stride, pad, oh, ow)
+        check(f"pool forward {geometry}", got, want, exact=True)
+        check(f"pool backward {geometry}", module.maxpool2d_backward(xp, dout, cache_f),
+              reference.maxpool2d_backward(xp, dout, cache_r), exact=True)
+
+    def scores(n):
+        s, t = (rng.standard_normal((n, 10)) * 5).astype(dtype), rng.integers(0, 10, n)
+        loss_f, cache_f = module.softmax_cross_entropy_forward(xp, s, t)
+        loss_r, cache_r = reference.softmax_cross_entropy_forward(xp, s, t)
+        check(f"softmax-CE loss n={n}", loss_f, loss_r)
+        check(f"softmax n={n}", cache_f[0], cache_r[0])
+        check(f"softmax-CE backward n={n}", module.softmax_cross_entropy_backward(xp, cache_f, 1),
+              reference.softmax_cross_entropy_backward(xp, cache_r, 1))
+        check(f"count_correct n={n}", module.count_correct(xp, s, t), reference.count_correct(xp, s, t), exact=True)
+
+    def relu():
+        x, dout = rng.standard_normal((7, 5, 3)).astype(dtype), rng.standard_normal((7, 5, 3)).astype(dtype)
+        out = module.relu_forward(xp, x)
+        check("relu forward", out, reference.relu_forward(xp, x), exact=True)
+        check("relu backward", module.relu_backward(xp, out, dout), reference.relu_backward(xp, out, dout), exact=True)
+
+    def optimizer(name, args, start):
+        n_state = {"sgd_update": 0, "momentum_update": 1, "adagrad_update": 1, "adam_update": 2}[name]
+        host = [rng.standard_normal(1000) for _ in range(2 + n_state)]
+        host[2:] = [np.abs(h) if start == "abs-randn" else np.zeros_like(h) for h in host[2:]]
+        runs = []
+        for update in (getattr(module, name), getattr(reference, name)):
+            param, grad, *state = (h.astype(dtype) for h in host)
+            for _ in range(3):
+                update(xp, param, grad, *state, *args)
+            runs.append([param, *state])
+        for k, (got, want) in enumerate(zip(*runs)):
+            check(f"{name} array {k}", got, want)
+
+    for geometry in CONV_GEOMETRIES:
+        guarded(f"conv {geometry}", lambda: conv(geometry))
+    for geometry in POOL_GEOMETRIES:
+        guarded(f"pool {geometry}", lambda: pool(geometry))
+    for n in SCORE_ROWS:
+        guarded(f"scores n={n}", lambda: scores(n))
+    guarded("relu", relu)
+    for name, args in OPTIMIZER_CASES:
+        for start in OPTIMIZER_STATE_STARTS:
+            guarded(f"{name} from {start}", lambda: optimizer(name, args, start))
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_emulated_kernels_match_the_reference(emulated_fast_cupy, dtype):
+    """The control for the mutations below: the kernels as they are show no mismatch."""
+    assert mismatches(emulated_fast_cupy, dtype) == []
+
+
+# ------------------------------------------------------------------------- mutations
+
+def mutate(anchor: str, old: str, new: str) -> str:
+    """fast_cupy.py's text with the first `old` after `anchor` replaced by `new`."""
+    start = SOURCE.index(anchor)
+    at = SOURCE.find(old, start)
+    assert at >= 0, f"the mutation no longer applies: {old!r} after {anchor!r}; update it to the kernel's text"
+    return SOURCE[:at] + new + SOURCE[at + len(old):]
+
+
+#: name: (anchor, text, replacement), each a bug a kernel could have.
+MUTATIONS = {
+    "syntax-error-im2col": ("_im2col_kernel = ", "const int P = OH * OW;", "const int P = OH * OW"),
+    "removed-barrier-softmax-ce": ("xpcnn_softmax_ce(", "partial[threadIdx.x] = mine;\n    __syncthreads();",
+                                   "partial[threadIdx.x] = mine;\n"),
+    "removed-barrier-count-correct": ("xpcnn_count_correct(", "partial[threadIdx.x] = mine;\n    __syncthreads();",
+                                      "partial[threadIdx.x] = mine;\n"),
+    "off-by-one-im2col-rows": ("_im2col_kernel = ", "y >= 0 && y < H", "y >= 0 && y <= H"),
+    "off-by-one-maxpool-backward": ("_maxpool_backward_kernel = ", "if (oh >= OH) continue;", "if (oh > OH) continue;"),
+    "off-by-one-softmax-ce-rows": ("xpcnn_softmax_ce(", "row < n;", "row <= n;"),
+}
+
+
+def test_nvrtc_rejects_a_syntax_error():
+    require_cupy_wheels(need_nvrtc=True)
+    sources = record_sources(mutate(*MUTATIONS["syntax-error-im2col"]))
+    with pytest.raises(cupy_internals.CudaCompileError, match="expected a \";\""):
+        cupy_internals.nvrtc_compile(sources[("xpcnn_im2col", "float32")], "90")
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_the_emulation_catches_a_mutated_kernel(emulation_runner, mutation):
+    module = emulator.load_fast_cupy(emulator.StandInCupy(emulation_runner), mutate(*MUTATIONS[mutation]))
+    found = mismatches(module, "float64")
+    assert found, f"mutation {mutation} went unnoticed by the emulation"
+    print(f"{mutation}: {len(found)} mismatches, first: {found[0][:200]}")
+
+
+# ------------------------------------------------------------- calls per training step
+
+#: Array-library calls of one SimpleConvNet training step on CuPy's fast path (issue 9's
+#: budget; 27 when this was written). Each call costs 8-28 us from Python on an H200.
+FAST_STEP_CALLS = {"simple": 30, "deep": 90}
+
+
+@pytest.mark.parametrize("model", ["simple", pytest.param("deep", marks=pytest.mark.slow)])
+def test_fast_cupy_step_call_count_through_the_emulation(emulated_fast_cupy, emulation_runner, model):
+    """Calls (and kernel launches) per training step on CuPy's fast path, batch 100, counted
+    on the CPU: the GPU step's floor that can be seen without a GPU."""
+    with emulator.use_fast_module(emulated_fast_cupy) as base:
+        be = counting_backend(base)
+        rng = np.random.default_rng(0)
+        with count_calls() as counter:
+            if model == "simple":
+                net, optimizer = SimpleConvNet(backend=be, seed=0), AdaGrad(lr=0.06)
+            else:
+                net, optimizer = DeepConvNet(backend=be, seed=0), Adam(lr=0.001)
+            x, t = be.asarray(rng.random((100, 1, 28, 28)), "float32"), be.asarray(rng.integers(0, 10, 100))
+            optimizer.update(net.params, net.gradient(x, t))
+            counter.reset()
+            launched = sum(emulation_runner.launches.values())
+            optimizer.update(net.params, net.gradient(x, t))
+            calls, kernels = counter.calls, sum(emulation_runner.launches.values()) - launched
+    print(f"{model}: {calls} array-library calls per training step on CuPy's fast path ({kernels} of them "
+          f"xpcnn kernel launches), batch 100")
+    assert calls <= FAST_STEP_CALLS[model], f"{calls} calls per step, more than the {FAST_STEP_CALLS[model]} held"
