@@ -289,11 +289,12 @@ def test_two_workers_share_a_postgresql_study_and_one_is_killed_mid_trial(tmp_pa
 
     study = trials_now()
     assert sorted(t.number for t in study) == list(range(len(study)))                # each number once
-    victims = [t for t in study if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
-    killed = [t.number for t in victims if t.state.name != "COMPLETE"]
-    assert len(killed) == 1, [(t.number, t.state.name) for t in study]              # killed in one trial
-    failed = [t.number for t in study if t.state.name == "FAIL"]
-    assert failed == killed, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in study]
+    unfinished = [t for t in study if t.state.name != "COMPLETE"]
+    assert [t.state.name for t in unfinished] == ["FAIL"], [(t.number, t.state.name) for t in study]  # one trial
+    # The failed trial is the victim's: named by it, or unnamed when the kill landed just after a trial
+    # finished, as the victim had created its next one and not yet named itself (seen once in CI).
+    assert unfinished[0].user_attrs.get("worker", f":{victim.pid}").endswith(f":{victim.pid}"), unfinished[0].user_attrs
+    killed = [unfinished[0].number]
     assert sum(t.state.name == "COMPLETE" for t in study) == trials                  # the number asked
     # The victim ran its trials one after another: every later trial is the survivor's.
     assert all(t.user_attrs["worker"].endswith(f":{survivor.pid}") for t in study if t.number > killed[0])
