@@ -38,6 +38,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..backend import counting
 from . import reference
+from .cpu_threads import run_in_slices, run_over
 from .geometry import spatial_slices, window_offsets
 from .reference import store_gradient
 
@@ -58,14 +59,24 @@ def _channels_last(x: np.ndarray) -> np.ndarray:
 
 
 def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
-    """``(N, H, W, C)`` zero-padded on the two spatial axes, C-contiguous (one copy at most)."""
-    if pad_h == 0 and pad_w == 0:
+    """``(N, H, W, C)`` zero-padded on the two spatial axes, C-contiguous (one copy at most),
+    each slice of the batch copied by its own thread."""
+    if pad_h == 0 and pad_w == 0 and x_last.flags.c_contiguous:
         _called()
         return np.ascontiguousarray(x_last)
     n, h, w, c = x_last.shape
-    out = np.zeros((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=x_last.dtype)
-    out[:, pad_h:pad_h + h, pad_w:pad_w + w, :] = x_last
-    _called(2)
+    out = np.empty((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=x_last.dtype)
+    _called()
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        block = out[start:end]
+        for border in (block[:, :pad_h], block[:, pad_h + h:], block[:, pad_h:pad_h + h, :pad_w],
+                       block[:, pad_h:pad_h + h, pad_w + w:]):
+            border.fill(0)
+        block[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_last[start:end]
+        _called(12)                              # six slices, four fills, the store, x's slice
+
+    run_in_slices(n, one_slice, 2 * out.nbytes)
     return out
 
 
@@ -83,23 +94,26 @@ def _chunk_size(n: int, rows_per_image: int, row_len: int, itemsize: int) -> int
     return max(1, min(n, CHUNK_BYTES // max(1, rows_per_image * row_len * itemsize)))
 
 
-def _chunks(n: int, size: int):
-    return ((start, min(start + size, n)) for start in range(0, n, size))
-
-
-def _each_chunk_of_columns(windows: np.ndarray, work: Callable[[int, int, np.ndarray], None]) -> None:
-    """Call ``work(start, end, columns)`` for the batch in chunks; `columns` is the chunk's
-    im2col matrix ``(images*OH*OW, FH*FW*C)``, copied into one reused buffer."""
+def _each_chunk_of_columns(windows: np.ndarray, work: Callable[[int, int, int, np.ndarray], None]) -> int:
+    """Call ``work(part, start, end, columns)`` for the batch in chunks, each slice of the
+    batch on its own core (`cpu_threads.run_in_slices`); `columns` is the chunk's im2col
+    matrix ``(images*OH*OW, FH*FW*C)``, copied into a buffer each slice reuses. Returns the
+    number of slices."""
     n, out_h, out_w, filter_h, filter_w, c = windows.shape
     row_len = filter_h * filter_w * c
     size = _chunk_size(n, out_h * out_w, row_len, windows.itemsize)
-    buffer = np.empty((size,) + windows.shape[1:], dtype=windows.dtype)
-    _called()
-    for start, end in _chunks(n, size):
-        chunk = buffer[:end - start]
-        np.copyto(chunk, windows[start:end])
-        _called(4)                               # two slices, the copy, the reshape below
-        work(start, end, chunk.reshape(-1, row_len))
+
+    def one_slice(part: int, first: int, last: int) -> None:
+        buffer = np.empty((min(size, last - first),) + windows.shape[1:], dtype=windows.dtype)
+        _called()
+        for start in range(first, last, size):
+            end = min(start + size, last)
+            chunk = buffer[:end - start]
+            np.copyto(chunk, windows[start:end])
+            _called(4)                           # two slices, the copy, the reshape below
+            work(part, start, end, chunk.reshape(-1, row_len))
+
+    return run_in_slices(n, one_slice, windows.nbytes)
 
 
 def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
@@ -111,7 +125,7 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     """
     filter_num, channels, filter_h, filter_w = W.shape
     if reference.per_image_layout_wins(channels):
-        return counting.counted(reference.conv2d_forward, xp, x, W, b, stride, pad, out_h, out_w)
+        return _per_image_forward(xp, x, W, b, stride, pad, out_h, out_w)
     x_pad = _padded(_channels_last(x), pad, pad)
     w_cols = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, filter_num)   # rows (i, j, c)
     out = np.empty((x.shape[0], out_h, out_w, filter_num), dtype=x.dtype)
@@ -119,7 +133,7 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     _called(5)                                   # w_cols (3), out, out_rows
     rows_per_image = out_h * out_w
 
-    def product(start: int, end: int, columns: np.ndarray) -> None:
+    def product(part: int, start: int, end: int, columns: np.ndarray) -> None:
         rows = out_rows[start * rows_per_image:end * rows_per_image]
         np.matmul(columns, w_cols, out=rows)
         rows += b
@@ -136,28 +150,44 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     channels-last memory."""
     filter_num, channels, filter_h, filter_w = W.shape
     if reference.per_image_layout_wins(channels):
-        return counting.counted(reference.conv2d_backward, xp, dout, cache, W, stride, pad, need_input_grad,
-                                dW_out, db_out)
+        return _per_image_backward(xp, dout, cache, W, stride, pad, need_input_grad, dW_out, db_out)
     x_pad, (n, _, height, width) = cache
     _, _, out_h, out_w = dout.shape
     dout_last = np.ascontiguousarray(_channels_last(dout))          # (N, OH, OW, FN)
     dout_rows = dout_last.reshape(-1, filter_num)
     rows_per_image = out_h * out_w
-    # A product with a vector of ones: BLAS, where NumPy's sum over the long axis of a
-    # narrow matrix is several times slower.
-    db = store_gradient(db_out, np.ones(dout_rows.shape[0], dtype=dout.dtype) @ dout_rows)
-    _called(4 + (db_out is not None))            # the copy, the reshape, ones, the product (, the store)
 
-    dW_cols = np.zeros((filter_h * filter_w * channels, filter_num), dtype=dout.dtype)
-    partial = np.empty_like(dW_cols)
-    _called(2)
+    # One sum per slice of the batch (made by the thread that fills it), each chunk added in
+    # order, then the slices' sums in order: deterministic for a given number of threads.
+    # db is a product with a vector of ones (BLAS: NumPy's sum over the long axis of a
+    # narrow matrix is several times slower).
+    partial_sums: dict[int, tuple[np.ndarray, ...]] = {}
+    cols_shape = (filter_h * filter_w * channels, filter_num)
+    ones = np.ones(_chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout.itemsize) * rows_per_image,
+                   dtype=dout.dtype)
+    _called(3)                                   # the copy, the reshape, ones
 
-    def weight_gradient(start: int, end: int, columns: np.ndarray) -> None:
-        np.matmul(columns.T, dout_rows[start * rows_per_image:end * rows_per_image], out=partial)
-        np.add(dW_cols, partial, out=dW_cols)      # chunk by chunk, in order: deterministic
-        _called(4)
+    def weight_gradient(part: int, start: int, end: int, columns: np.ndarray) -> None:
+        if part not in partial_sums:
+            partial_sums[part] = (np.zeros(cols_shape, dtype=dout.dtype), np.empty(cols_shape, dtype=dout.dtype),
+                                  np.zeros(filter_num, dtype=dout.dtype), np.empty(filter_num, dtype=dout.dtype))
+            _called(4)
+        dW_sum, dW_product, db_sum, db_product = partial_sums[part]
+        rows = dout_rows[start * rows_per_image:end * rows_per_image]
+        np.matmul(columns.T, rows, out=dW_product)
+        np.add(dW_sum, dW_product, out=dW_sum)
+        np.matmul(ones[:rows.shape[0]], rows, out=db_product)
+        np.add(db_sum, db_product, out=db_sum)
+        _called(8)
 
-    _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
+    slices = _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
+    dW_cols, db = partial_sums[0][0], partial_sums[0][2]
+    for part in range(1, slices):
+        dW_cols += partial_sums[part][0]
+        db += partial_sums[part][2]
+        _called(2)
+    db = store_gradient(db_out, db)
+    _called(db_out is not None)
     dW_view = dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)
     dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
     _called(3)                                   # reshape, transpose, the copy or the store
@@ -183,7 +213,7 @@ def _input_gradient_as_convolution(dout_last: np.ndarray, W: np.ndarray, pad: in
     _called(6)                                   # flip, transpose, copy, reshape; dx, dx_rows
     rows_per_image = height * width
 
-    def product(start: int, end: int, columns: np.ndarray) -> None:
+    def product(part: int, start: int, end: int, columns: np.ndarray) -> None:
         np.matmul(columns, flipped_cols, out=dx_rows[start * rows_per_image:end * rows_per_image])
         _called(2)
 
@@ -201,17 +231,189 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
     _called(4)                                   # w_rows (3), dx_pad
     rows_per_image = out_h * out_w
     size = _chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout_rows.itemsize)
-    for start, end in _chunks(n, size):
-        columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
-        columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
-        _called(3)
-        for i, j in window_offsets(filter_h, filter_w):
-            dx_pad[(slice(start, end),) + spatial_slices(i, j, stride, out_h, out_w)] += columns[:, :, :, i, j, :]
-            _called(4)                           # two slices, the add, the store
+
+    def one_slice(part: int, first: int, last: int) -> None:
+        for start in range(first, last, size):       # each chunk adds into its own images only
+            end = min(start + size, last)
+            columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
+            columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
+            _called(3)
+            for i, j in window_offsets(filter_h, filter_w):
+                dx_pad[(slice(start, end),) + spatial_slices(i, j, stride, out_h, out_w)] += columns[:, :, :, i, j, :]
+                _called(4)                           # two slices, the add, the store
+
+    run_in_slices(n, one_slice, dx_pad.nbytes + dout_rows.nbytes)
     _called()
     return dx_pad[:, pad:pad + height, pad:pad + width, :]
 
 
+def _per_image_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
+                       out_h: int, out_w: int) -> tuple[Any, Any]:
+    """One input channel: the reference's per-image im2col (faster there: rows of FH*FW single
+    floats copy slowly, and its product lands in NCHW directly), on each slice of the batch.
+    The cache is ``(None, slices, their caches)``; one slice is the reference's own call."""
+    n = x.shape[0]
+    bounds, caches, whole = {}, {}, []
+    out = np.empty((n, W.shape[0], out_h, out_w), dtype=x.dtype)
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        result = counting.counted(reference.conv2d_forward, xp, x[start:end], W, b, stride, pad, out_h, out_w)
+        if end - start == n:
+            whole.append(result)                  # one slice: the reference's own result and cache
+            return
+        out[start:end], caches[part] = result
+        bounds[part] = (start, end)
+
+    if run_in_slices(n, one_slice, 10 * out.nbytes) == 1:
+        return whole[0]
+    return out, (None, [bounds[part] for part in sorted(bounds)], [caches[part] for part in sorted(caches)])
+
+
+def _per_image_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
+                        need_input_grad: bool, dW_out: Any, db_out: Any) -> tuple[Any, Any, Any]:
+    """The backward of `_per_image_forward`: the reference's on each slice the forward made,
+    the slices' dW and db summed in order."""
+    if cache[0] is not None:                     # one slice: the reference's own cache
+        return counting.counted(reference.conv2d_backward, xp, dout, cache, W, stride, pad, need_input_grad,
+                                dW_out, db_out)
+    _, bounds, caches = cache
+    n = bounds[-1][1]
+    dx = np.empty((n,) + tuple(caches[0][1][1:]), dtype=dout.dtype) if need_input_grad else None
+    grads: dict[int, tuple[Any, Any]] = {}
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        dx_part, dW, db = reference.conv2d_backward(xp, dout[start:end], caches[part], W, stride, pad,
+                                                    need_input_grad)
+        if need_input_grad:
+            dx[start:end] = dx_part
+        grads[part] = (dW, db)
+
+    run_over(bounds, one_slice)
+    dW, db = grads[0]
+    for part in range(1, len(bounds)):
+        dW = dW + grads[part][0]
+        db = db + grads[part][1]
+    return dx, store_gradient(dW_out, dW), store_gradient(db_out, db)
+
+
+# ------------------------------------------------------------ Affine, ReLU, max pooling
+# Memory-bound loops NumPy runs on one core: each slice of the batch on its own.
+
+def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
+    """``(N, in) @ (in, out) + (out,)``, rows in slices."""
+    out = np.empty((x.shape[0], W.shape[1]), dtype=np.result_type(x, W))
+    _called()
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        np.matmul(x[start:end], W, out=out[start:end])
+        out[start:end] += b
+        _called(5)
+
+    run_in_slices(x.shape[0], one_slice, x.nbytes + W.nbytes + out.nbytes)
+    return out
+
+
+def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: bool,
+                    dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
+    """``dout (N, out) -> (dx (N, in) or None, dW, db)``; dW and db summed over the slices in order."""
+    sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    dx = np.empty_like(x, dtype=dout.dtype) if need_input_grad else None
+    _called(need_input_grad)
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        rows = dout[start:end]
+        sums[part] = (x[start:end].T @ rows, rows.sum(axis=0))
+        if need_input_grad:
+            np.matmul(rows, W.T, out=dx[start:end])
+            _called(3)
+        _called(5)
+
+    slices = run_in_slices(x.shape[0], one_slice, x.nbytes + 2 * W.nbytes + 2 * dout.nbytes)
+    dW, db = sums[0]
+    for part in range(1, slices):
+        dW += sums[part][0]
+        db += sums[part][1]
+        _called(2)
+    return dx, store_gradient(dW_out, dW), store_gradient(db_out, db)
+
+
+def relu_forward(xp: ModuleType, x: Any) -> Any:
+    """``max(x, 0)`` in the input's memory layout."""
+    out = np.empty_like(x)
+    _called()
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        np.maximum(x[start:end], 0.0, out=out[start:end])
+        _called(3)
+
+    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes)
+    return out
+
+
+def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
+    """``dout`` where the output was > 0, else 0, in the output's memory layout."""
+    dx = np.empty_like(out, dtype=dout.dtype)
+    _called()
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        np.multiply(out[start:end] > 0, dout[start:end], out=dx[start:end])
+        _called(5)
+
+    run_in_slices(out.shape[0], one_slice, 3 * out.nbytes)
+    return dx
+
+
+def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: int, pad: int,
+                      out_h: int, out_w: int) -> tuple[Any, Any]:
+    """Windows that tile the input (DeepConvNet's 2x2, stride 2): the elementwise maximum of
+    the window slices, written slice by slice; other geometries: the reference."""
+    if not reference._pool_tiles(x.shape, pool_h, pool_w, stride, pad):
+        return counting.counted(reference.maxpool2d_forward, xp, x, pool_h, pool_w, stride, pad, out_h, out_w)
+    out = np.empty_like(x[:, :, ::pool_h, ::pool_w])     # the input's memory layout
+    _called(2)
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        block, target = x[start:end], out[start:end]
+        windows = [block[:, :, i::pool_h, j::pool_w] for i, j in window_offsets(pool_h, pool_w)]
+        np.maximum(windows[0], windows[1], out=target)
+        for window in windows[2:]:
+            np.maximum(target, window, out=target)
+        _called(2 + 2 * len(windows))
+
+    run_in_slices(x.shape[0], one_slice, x.nbytes + out.nbytes)
+    return out, ("tiles", x, out, pool_h, pool_w)
+
+
+def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
+    """Each window's gradient to its first maximum (as the reference), slice by slice."""
+    if not isinstance(cache[0], str):            # the reference's cache
+        return counting.counted(reference.maxpool2d_backward, xp, dout, cache)
+    _, x, out, pool_h, pool_w = cache
+    dx = np.empty_like(x, dtype=dout.dtype)              # every pixel is in one window: written once
+    _called()
+
+    def one_slice(part: int, start: int, end: int) -> None:
+        block, maxima, target = x[start:end], out[start:end], dx[start:end]
+        remaining = dout[start:end]                      # gradient of windows whose max is not found yet
+        offsets = list(window_offsets(pool_h, pool_w))
+        for k, (i, j) in enumerate(offsets):
+            if k == len(offsets) - 1:
+                grad = remaining
+            else:
+                grad = np.multiply(block[:, :, i::pool_h, j::pool_w] == maxima, remaining)
+                remaining = remaining - grad if k == 0 else np.subtract(remaining, grad, out=remaining)
+                _called(4)
+            target[:, :, i::pool_h, j::pool_w] = grad
+            _called(2)
+        _called(4)
+
+    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes + 2 * out.nbytes)
+    return dx
+
+
 def fast_ops() -> dict[str, Callable[..., Any]]:
     """NumPy's entries for the operation table (`xpcnn.ops.table`)."""
-    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward}
+    return {"conv2d_forward": conv2d_forward, "conv2d_backward": conv2d_backward,
+            "affine_forward": affine_forward, "affine_backward": affine_backward,
+            "relu_forward": relu_forward, "relu_backward": relu_backward,
+            "maxpool2d_forward": maxpool2d_forward, "maxpool2d_backward": maxpool2d_backward}

@@ -1,0 +1,134 @@
+"""Slices of a batch on the CPU's cores, for NumPy's fast path (`fast_numpy`).
+
+NumPy's BLAS splits one matrix product over the cores, but the products of a convolution's
+cache-sized chunks are small and narrow (DeepConvNet's ``(3136, 144) @ (144, 16)``): BLAS
+runs most of them on one core, and the window copies around them always run on one. NumPy
+releases the GIL inside its loops and BLAS calls, so here each core takes a contiguous slice
+of the batch with BLAS held to one thread: copies and products both run in parallel, and no
+core waits on the other's BLAS threads.
+
+    >>> run_in_slices(n, lambda part, start, end: work(start, end))
+
+The number of slices is the number of threads NumPy's BLAS is set to use (``OPENBLAS_NUM_THREADS``,
+``OMP_NUM_THREADS``, `threadpoolctl.threadpool_limits`), read at each call, so a program that
+limits NumPy to one thread gets one slice; ``XPCNN_CPU_THREADS`` overrides it. Without
+`threadpoolctl` (it reads and sets that number) everything runs in one slice, as before.
+Results do not depend on timing: each slice writes its own rows, and sums over slices are
+added in slice order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - a dependency; kept optional for minimal installs
+    ThreadpoolController = None
+
+from ..backend import counting
+
+#: Environment variable that fixes the number of slices (a positive integer).
+THREADS_VARIABLE = "XPCNN_CPU_THREADS"
+
+#: Work smaller than this runs on the calling thread (a hand-over to a thread costs ~0.05 ms).
+MIN_PARALLEL_BYTES = 256 << 10
+
+_LOCK = threading.Lock()
+_STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "pool_size": 0}
+
+
+def _blas() -> Any:
+    """threadpoolctl's controller of the BLAS libraries NumPy loaded (None without threadpoolctl)."""
+    if _STATE["blas"] is None and ThreadpoolController is not None:
+        with _LOCK:
+            if _STATE["blas"] is None:
+                _STATE["blas"] = ThreadpoolController().select(user_api="blas")
+    return _STATE["blas"]
+
+
+def thread_count() -> int:
+    """How many slices `run_in_slices` uses now (at least 1)."""
+    override = os.environ.get(THREADS_VARIABLE)
+    if override:
+        try:
+            count = int(override)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"{THREADS_VARIABLE} must be a positive integer, got {override!r}")
+        return count
+    blas = _blas()
+    if not blas or not blas.lib_controllers:
+        return 1
+    return max(1, min(controller.num_threads for controller in blas.lib_controllers))
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads, made again in a forked child (a fork copies the pool, not its threads)."""
+    with _LOCK:
+        if _STATE["pool_pid"] != os.getpid() or _STATE["pool_size"] < workers:
+            _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="xpcnn-cpu")
+            _STATE["pool_pid"], _STATE["pool_size"] = os.getpid(), workers
+        return _STATE["pool"]
+
+
+def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous ``(start, end)`` slices of ``range(n)``, sizes differing by at most one."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + base + (part < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int) -> int:
+    """Call ``work(part, start, end)`` for contiguous slices of ``range(n)``, one per thread,
+    with BLAS at one thread meanwhile; returns the number of slices. `nbytes` is about how
+    much memory the work reads and writes.
+
+    One slice, on the calling thread, when NumPy's BLAS uses one thread, when `n` is 1, while
+    `counting` counts calls (its count is not shared between threads), or when the work is
+    under `MIN_PARALLEL_BYTES` (handing it to a thread would cost more than it saves); BLAS
+    stays at one thread there too, so that it never wakes its own threads, which would then
+    spin on the core the next sliced operation needs.
+    """
+    threads = 1 if counting.enabled() else thread_count()
+    parts = min(threads, n) if nbytes >= MIN_PARALLEL_BYTES else 1
+    if parts <= 1:
+        blas = _blas() if threads > 1 else None
+        with blas.limit(limits=1) if blas else contextlib.nullcontext():
+            work(0, 0, n)
+        return 1
+    return run_over(slice_bounds(n, parts), work)
+
+
+def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None]) -> int:
+    """Call ``work(part, start, end)`` for each ``(start, end)`` of `bounds`, each on its own
+    thread, with BLAS at one thread meanwhile; returns ``len(bounds)``.
+
+    The calling thread does the first; an exception in any is raised here after all have
+    finished.
+    """
+    if len(bounds) == 1:
+        work(0, *bounds[0])
+        return 1
+    blas = _blas()
+    with blas.limit(limits=1) if blas else contextlib.nullcontext():
+        futures = [_pool(len(bounds) - 1).submit(work, part, start, end)
+                   for part, (start, end) in enumerate(bounds) if part > 0]
+        try:
+            work(0, *bounds[0])
+        finally:
+            for future in futures:
+                future.exception()        # wait for every slice before BLAS gets its threads back
+    for future in futures:
+        future.result()
+    return len(bounds)
