@@ -129,7 +129,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
 from xpcnn.nn.optim import AdaGrad  # noqa: E402
-from xpcnn.ops import ops_of  # noqa: E402
+from xpcnn.ops import cpu_threads, ops_of  # noqa: E402
 
 LR = 0.06
 
@@ -702,6 +702,7 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
         "numpy_blas_threads": threads_numpy,
         "numpy_blas_threads_source": threads_how,
         "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
+        "xpcnn_cpu_threads": cpu_threads.thread_count(),
         "xpcnn_backend": args.backend,
         "dtype": args.dtype,
         "batch_size": args.batch_size,
@@ -984,7 +985,8 @@ def main(args) -> int:
     print("# xpcnn training-step benchmark")
     for key in ("date", "command", "cpu", "cores", "cores_usable", "python", "numpy", "blas",
                 "numpy_blas_threads", "numpy_blas_threads_source", "torch", "torch_threads",
-                "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_backend", "dtype", "batch_size",
+                "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_cpu_threads", "xpcnn_backend", "dtype",
+                "batch_size",
                 "load_average_at_start", "load_average_after_timing", "settle_s"):
         if key in info:
             print(f"{key:26s} {info[key]}")
