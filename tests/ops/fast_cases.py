@@ -14,6 +14,9 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
     (7, 16, 28, 28, 16, 3, 3, 1, 1),   # several chunks on NumPy, the last one short
     (2, 32, 14, 14, 32, 3, 3, 1, 2),   # DeepConvNet's fourth convolution
     (2, 3, 6, 6, 2, 3, 3, 1, 3),       # pad >= filter: the input gradient by col2im
+    (3, 1, 28, 28, 16, 3, 3, 1, 1),    # DeepConvNet's first convolution
+    (5, 64, 7, 7, 64, 3, 3, 1, 1),     # its sixth: odd sizes, an uneven cut into slices
+    (1, 16, 13, 11, 8, 3, 3, 1, 2),    # N = 1, odd sizes, pad 2
 ]
 POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (2, 3, 24, 24, 2, 2, 2, 0),

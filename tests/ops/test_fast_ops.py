@@ -28,12 +28,14 @@ import pytest
 
 from xpcnn import AdaGrad, Adam, Convolution, DeepConvNet, SimpleConvNet
 from xpcnn.backend import get_backend
-from xpcnn.ops import fast_numpy, ops_for, reference
+from xpcnn.ops import cpu_threads, fast_numpy, ops_for, reference
 
 from fast_cases import CONV_GEOMETRIES, OPTIMIZER_CASES, OPTIMIZER_STATE_STARTS, POOL_GEOMETRIES, SCORE_ROWS, TOL
 from fast_cases import out_size as _out
 
-FAST_BACKENDS = ["numpy", "cupy", "cupy-emulated"]
+FAST_BACKENDS = ["numpy", "numpy-sliced", "cupy", "cupy-emulated"]
+#: Slices of the batch "numpy-sliced" cuts (three: uneven, and more than this machine's cores).
+SLICES = 3
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -49,6 +51,13 @@ def fast_backend(request):
         return request.getfixturevalue("gpu_backend")
     if request.param == "cupy-emulated":
         return request.getfixturevalue("cupy_emulated_backend")
+    if request.param == "numpy-sliced":
+        # NumPy's fast path as it runs on large batches: each slice of the batch on its own
+        # thread (xpcnn/ops/cpu_threads.py), here for every size and on any number of cores.
+        patch = request.getfixturevalue("monkeypatch")
+        patch.setenv(cpu_threads.THREADS_VARIABLE, str(SLICES))
+        patch.setattr(cpu_threads, "MIN_PARALLEL_BYTES", 0)
+        return get_backend("numpy")
     return get_backend(request.param)
 
 
@@ -62,15 +71,22 @@ def _tables(backend, *names):
     return fast, ref
 
 
-def _hands_back_to_reference(backend, channels):
+def _sliced(n):
+    """Whether NumPy's fast path cuts a batch of `n` into slices here (on "numpy-sliced")."""
+    return n > 1 and cpu_threads.thread_count() > 1 and cpu_threads.MIN_PARALLEL_BYTES == 0
+
+
+def _hands_back_to_reference(backend, channels, n=2):
     """Whether `backend`'s fast convolution runs the reference code for `channels` input
-    channels (NumPy's, `fast_numpy`, does for one channel: the per-image layout is faster there)."""
+    channels on a batch of `n` (NumPy's, `fast_numpy`, does for one channel: the per-image
+    layout is faster there; cut into slices of the batch it is compared, slices and sums)."""
     entry = ops_for(backend.xp).conv2d_forward
-    return getattr(entry, "func", entry) is fast_numpy.conv2d_forward and reference.per_image_layout_wins(channels)
+    return (getattr(entry, "func", entry) is fast_numpy.conv2d_forward and reference.per_image_layout_wins(channels)
+            and not _sliced(n))
 
 
-def _skip_where_fast_is_reference(backend, channels):
-    if _hands_back_to_reference(backend, channels):
+def _skip_where_fast_is_reference(backend, channels, n=2):
+    if _hands_back_to_reference(backend, channels, n):
         pytest.skip(f"{backend.name}'s fast convolution is the reference for C={channels} "
                     "(per_image_layout_wins): nothing to compare on this backend")
 
@@ -117,7 +133,7 @@ def _in_layout(backend, host, dtype, layout):
 @pytest.mark.parametrize("layout", ["nchw", "channels-last", "cnhw", "sliced"])
 def test_conv2d_matches_reference(fast_backend, rng, dtype, geometry, need_input_grad, layout):
     n, c, h, w, fn, fh, fw, stride, pad = geometry
-    _skip_where_fast_is_reference(fast_backend, c)
+    _skip_where_fast_is_reference(fast_backend, c, n)
     oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
     be = fast_backend
     x = _in_layout(be, rng.standard_normal((n, c, h, w)), dtype, layout)
@@ -129,7 +145,8 @@ def test_conv2d_matches_reference(fast_backend, rng, dtype, geometry, need_input
         out_f, cache_f = fast.conv2d_forward(x, W, b, stride, pad, oh, ow)
         got = fast.conv2d_backward(dout, cache_f, W, stride, pad, need_input_grad,
                                    be.asarray(np.zeros((fn, c, fh, fw)), dtype), be.asarray(np.zeros(fn), dtype))
-    assert not handed_back, f"the fast entry ran the reference's {handed_back}: it would be compared with itself"
+    if not (reference.per_image_layout_wins(c) and _sliced(n)):     # there: the reference on each slice
+        assert not handed_back, f"the fast entry ran the reference's {handed_back}: it would be compared with itself"
     out_r, cache_r = ref.conv2d_forward(x, W, b, stride, pad, oh, ow)
     _close(be, out_f, out_r, dtype, "conv forward")
     want = ref.conv2d_backward(dout, cache_r, W, stride, pad, need_input_grad)

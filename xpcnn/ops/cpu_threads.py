@@ -72,6 +72,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (a fork copies the pool, not its threads)."""
     with _LOCK:
         if _STATE["pool_pid"] != os.getpid() or _STATE["pool_size"] < workers:
+            if _STATE["pool_pid"] == os.getpid():
+                _STATE["pool"].shutdown(wait=False)      # a smaller one: its threads end when idle
             _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="xpcnn-cpu")
             _STATE["pool_pid"], _STATE["pool_size"] = os.getpid(), workers
         return _STATE["pool"]

@@ -1,0 +1,116 @@
+"""Slices of a batch on the CPU's cores (`xpcnn/ops/cpu_threads.py`), the machinery under
+NumPy's fast path: how the batch is cut, how many threads, BLAS held to one thread inside,
+errors, a forked child, and the call counter. The fast entries that use it are compared with
+the reference in test_fast_ops.py (backend "numpy-sliced")."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from xpcnn.backend.counting import count_calls
+from xpcnn.ops import cpu_threads
+from xpcnn.ops.cpu_threads import THREADS_VARIABLE, run_in_slices, run_over, slice_bounds, thread_count
+
+BIG = 1 << 30           # bytes of work: always above MIN_PARALLEL_BYTES
+
+
+def _numpy_blas_threads():
+    return min(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+@pytest.mark.parametrize("n, parts", [(10, 3), (100, 2), (2, 5), (1, 4), (7, 7)])
+def test_slice_bounds_cover_the_batch_once_in_order(n, parts):
+    bounds = slice_bounds(n, parts)
+    assert len(bounds) == min(n, parts)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(end == next_start for (_, end), (next_start, _) in zip(bounds, bounds[1:]))
+    sizes = [end - start for start, end in bounds]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_thread_count_follows_numpy_blas_and_the_variable(monkeypatch):
+    monkeypatch.delenv(THREADS_VARIABLE, raising=False)
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert thread_count() == 1
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert thread_count() == min(2, _numpy_blas_threads())
+    monkeypatch.setenv(THREADS_VARIABLE, "5")
+    assert thread_count() == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_thread_variable_says_what_it_wants(monkeypatch, value):
+    monkeypatch.setenv(THREADS_VARIABLE, value)
+    with pytest.raises(ValueError, match=f"{THREADS_VARIABLE} must be a positive integer, got '{value}'"):
+        thread_count()
+
+
+def test_each_item_once_each_slice_on_its_own_thread_with_blas_at_one(monkeypatch):
+    monkeypatch.setenv(THREADS_VARIABLE, "3")
+    seen, threads, blas = np.zeros(10, dtype=int), {}, {}
+    together = threading.Barrier(3, timeout=30)     # passes only if the three slices run at once
+
+    def work(part, start, end):
+        together.wait()
+        seen[start:end] += 1
+        threads[part] = threading.get_ident()
+        blas[part] = _numpy_blas_threads()
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _numpy_blas_threads()
+        assert run_in_slices(10, work, BIG) == 3
+        after = _numpy_blas_threads()
+    assert seen.tolist() == [1] * 10
+    assert len(set(threads.values())) == 3 and threads[0] == threading.get_ident()
+    assert blas == {0: 1, 1: 1, 2: 1}            # no slice waits on BLAS's own threads
+    assert after == before                       # given back afterwards
+
+
+def test_small_work_counted_work_and_one_thread_run_in_one_slice(monkeypatch):
+    monkeypatch.setenv(THREADS_VARIABLE, "2")
+    calls = []
+    assert run_in_slices(10, lambda *bounds: calls.append(bounds), cpu_threads.MIN_PARALLEL_BYTES - 1) == 1
+    with count_calls():
+        assert run_in_slices(10, lambda *bounds: calls.append(bounds), BIG) == 1
+    monkeypatch.setenv(THREADS_VARIABLE, "1")
+    assert run_in_slices(10, lambda *bounds: calls.append(bounds), BIG) == 1
+    assert calls == [(0, 0, 10)] * 3
+
+
+def test_an_error_in_a_slice_is_raised_after_every_slice_finished():
+    finished = []
+
+    def work(part, start, end):
+        if part == 1:
+            raise MemoryError("slice 1 ran out")
+        threading.Event().wait(0.05)           # the other slices are still running when it fails
+        finished.append(part)
+
+    with pytest.raises(MemoryError, match="slice 1 ran out"):
+        run_over([(0, 1), (1, 2), (2, 3)], work)
+    assert sorted(finished) == [0, 2]
+
+
+def _sum_in_slices(queue):
+    total = np.zeros(1)
+
+    def work(part, start, end):
+        total[0] += 0                          # touch numpy in each thread
+    queue.put(run_over([(0, 5), (5, 10)], work))
+
+
+def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
+    """A fork copies the pool but not its threads: the child must make its own, not hang."""
+    run_over([(0, 1), (1, 2)], lambda *bounds: None)            # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_sum_in_slices, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the parent's thread pool")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 2
