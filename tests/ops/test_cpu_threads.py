@@ -114,3 +114,34 @@ def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
         child.kill()
         pytest.fail("the forked child hung on the parent's thread pool")
     assert child.exitcode == 0 and queue.get(timeout=5) == 2
+
+
+def test_blas_gets_its_threads_back_after_callers_on_several_threads_overlap():
+    """Two callers whose blocks overlap: BLAS stays at one thread until the last one leaves,
+    then gets its own count back (not the one thread the second caller saw on entry)."""
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with cpu_threads.blas_at_one_thread():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with cpu_threads.blas_at_one_thread():
+            second_in.set()
+            first_out.wait(10)
+            seen["inside, after the first left"] = _numpy_blas_threads()
+
+    own = _numpy_blas_threads()
+    if own == 1:
+        pytest.skip("NumPy's BLAS runs one thread here: nothing to give back")
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert seen == {"inside, after the first left": 1}
+    assert _numpy_blas_threads() == own

@@ -23,7 +23,7 @@ import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 try:
     from threadpoolctl import ThreadpoolController
@@ -39,7 +39,8 @@ THREADS_VARIABLE = "XPCNN_CPU_THREADS"
 MIN_PARALLEL_BYTES = 256 << 10
 
 _LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "pool_size": 0}
+_STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "pool_size": 0,
+                          "holders": 0, "saved": []}
 
 
 def _blas() -> Any:
@@ -49,6 +50,44 @@ def _blas() -> Any:
             if _STATE["blas"] is None:
                 _STATE["blas"] = ThreadpoolController().select(user_api="blas")
     return _STATE["blas"]
+
+
+def _set_blas_threads(blas: Any, counts: list[int]) -> None:
+    """Set each BLAS library's thread count, from whichever thread calls.
+
+    threadpoolctl (3.6 and later) lets only one Python thread at a time set OpenBLAS's count
+    and silently ignores the others; our blocks may start and end on different threads (a
+    server's worker, the slices of two callers), so control is released around each set.
+    """
+    for controller, count in zip(blas.lib_controllers, counts):
+        release = getattr(type(controller), "clear_controlling_thread", None)
+        if release is not None:
+            release(force=True)
+        controller.set_num_threads(count)
+        if release is not None:
+            release(force=True)
+
+
+@contextlib.contextmanager
+def blas_at_one_thread() -> Iterator[None]:
+    """NumPy's BLAS at one thread inside the block, its own count given back after the last
+    block that runs at the time (several threads may hold one at once)."""
+    blas = _blas()
+    if not blas:
+        yield
+        return
+    with _LOCK:
+        if _STATE["holders"] == 0:
+            _STATE["saved"] = [controller.num_threads for controller in blas.lib_controllers]
+            _set_blas_threads(blas, [1] * len(_STATE["saved"]))
+        _STATE["holders"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _STATE["holders"] -= 1
+            if _STATE["holders"] == 0:
+                _set_blas_threads(blas, _STATE["saved"])
 
 
 def thread_count() -> int:
@@ -105,8 +144,7 @@ def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int) ->
     threads = 1 if counting.enabled() else thread_count()
     parts = min(threads, n) if nbytes >= MIN_PARALLEL_BYTES else 1
     if parts <= 1:
-        blas = _blas() if threads > 1 else None
-        with blas.limit(limits=1) if blas else contextlib.nullcontext():
+        with blas_at_one_thread() if threads > 1 else contextlib.nullcontext():
             work(0, 0, n)
         return 1
     return run_over(slice_bounds(n, parts), work)
@@ -122,8 +160,7 @@ def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None
     if len(bounds) == 1:
         work(0, *bounds[0])
         return 1
-    blas = _blas()
-    with blas.limit(limits=1) if blas else contextlib.nullcontext():
+    with blas_at_one_thread():
         futures = [_pool(len(bounds) - 1).submit(work, part, start, end)
                    for part, (start, end) in enumerate(bounds) if part > 0]
         try:
