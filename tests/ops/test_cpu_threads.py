@@ -4,6 +4,8 @@ errors, a forked child, and the call counter. The fast entries that use it are c
 the reference in test_fast_ops.py (backend "numpy-sliced")."""
 
 import multiprocessing
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -11,8 +13,11 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from xpcnn.backend.counting import count_calls
+from xpcnn.errors import ConfigError
 from xpcnn.ops import cpu_threads
 from xpcnn.ops.cpu_threads import THREADS_VARIABLE, run_in_slices, run_over, slice_bounds, thread_count
+
+from helpers import error_line, isolated_env
 
 BIG = 1 << 30           # bytes of work: always above MIN_PARALLEL_BYTES
 
@@ -44,8 +49,19 @@ def test_thread_count_follows_numpy_blas_and_the_variable(monkeypatch):
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_a_bad_thread_variable_says_what_it_wants(monkeypatch, value):
     monkeypatch.setenv(THREADS_VARIABLE, value)
-    with pytest.raises(ValueError, match=f"{THREADS_VARIABLE} must be a positive integer, got '{value}'"):
+    with pytest.raises(ConfigError, match=rf"{THREADS_VARIABLE} must be a positive integer \(the number of threads\), "
+                                          f"got '{value}'"):
         thread_count()
+
+
+def test_the_cli_says_so_in_one_line(tmp_path, cli_dataset):
+    result = subprocess.run([sys.executable, "-m", "xpcnn.cli", "train", "--dataset", "mnist", "--data-dir",
+                             str(cli_dataset), "--batch-size", "10", "--epochs", "1", "--quiet", "--model", "deep",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path,
+                            env=isolated_env(tmp_path, XPCNN_CPU_THREADS="two"), timeout=120)
+    assert result.returncode != 0
+    assert error_line(result.stderr, result.returncode) == (
+        f"xpcnn: error: {THREADS_VARIABLE} must be a positive integer (the number of threads), got 'two'")
 
 
 def test_each_item_once_each_slice_on_its_own_thread_with_blas_at_one(monkeypatch):

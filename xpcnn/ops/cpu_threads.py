@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - a dependency; kept optional for minima
     ThreadpoolController = None
 
 from ..backend import counting
+from ..errors import ConfigError
 
 #: Environment variable that fixes the number of slices (a positive integer).
 THREADS_VARIABLE = "XPCNN_CPU_THREADS"
@@ -99,7 +100,8 @@ def thread_count() -> int:
         except ValueError:
             count = 0
         if count < 1:
-            raise ValueError(f"{THREADS_VARIABLE} must be a positive integer, got {override!r}")
+            raise ConfigError(f"{THREADS_VARIABLE} must be a positive integer (the number of threads), "
+                              f"got {override!r}")
         return count
     blas = _blas()
     if not blas or not blas.lib_controllers:

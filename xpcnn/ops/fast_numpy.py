@@ -1,4 +1,5 @@
-"""NumPy fast path for the convolution of `xpcnn.ops.reference`: channels-last, in cache-sized chunks.
+"""NumPy fast path: a channels-last convolution in cache-sized chunks, and every hot loop on
+all of the CPU's cores.
 
 The reference convolution (`reference.conv2d_forward`) builds the whole batch's im2col matrix
 (for DeepConvNet's second layer 45 MB, larger than the L3 cache), writes it to memory and
@@ -10,15 +11,24 @@ in memory (``(N, H, W, C)``) and handles a few images at a time:
   ``(j, c)`` run is contiguous in the input, and it stays in cache for the product;
 * the product ``(rows, FH*FW*C) @ (FH*FW*C, FN)`` lands in ``(N, OH, OW, FN)`` order, which
   is channels-last again, so nothing is transposed between layers: the result is handed on
-  as an ``(N, FN, OH, OW)`` *view* of that memory. ReLU, pooling (`reference.maxpool2d_forward`
-  keeps its input's layout) and the next convolution read it as it lies;
+  as an ``(N, FN, OH, OW)`` *view* of that memory. ReLU, pooling and the next convolution
+  read it as it lies;
 * backward recomputes each chunk's windows (cheaper than keeping 45 MB) for ``dW``, and for
   stride 1 gets ``dx`` as a convolution of the padded ``dout`` with the flipped filters,
   chunk by chunk; other strides scatter the columns back (col2im) per chunk.
 
+**Every core.** Each of these operations, and the padding, Affine, ReLU and 2x2 pooling
+entries below, cuts the batch into one slice per thread (`cpu_threads.run_in_slices`) with
+BLAS held to one thread: the chunks' products are too small and narrow for BLAS to split
+well, and the copies and elementwise loops around them run on one core otherwise. Sums over
+the batch (dW, db) are kept per slice and added in slice order. BLAS stays at one thread
+even where a small operation runs on one slice: its own idle threads would spin for a
+while after each call, on the core the next sliced operation needs.
+
 Measured in docs/performance.md ("DeepConvNet on the CPU"). Results equal the reference
-within float rounding (tests/ops/test_fast_ops.py); the chunks are summed in a fixed order, so
-runs are deterministic. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
+within float rounding (tests/ops/test_fast_ops.py, also cut into three slices for every
+case); chunks and slices are summed in a fixed order, so runs with the same number of
+threads are bit-identical. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
 it off.
 
 Call counting (`xpcnn.backend.counting`): this code calls NumPy directly, so it reports its
@@ -26,6 +36,7 @@ own calls with `_called(n)` next to them (as `fast_cupy` reports its launches), 
 the counting namespace would count on the reference path: every function, operator and index
 that returns an array, views included. The one-channel cases it hands to the reference run
 through `counting.counted`, so their calls are counted too (tests/backend/test_counting.py).
+While calls are counted, everything runs in one slice.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ and is the entry of every backend's operation table (`table.py`) that the backen
 replace. Faster variants of an operation live in `fast_numpy.py` and `fast_cupy.py` under the
 same name, and each is tested against the function here (tests/ops/test_fast_ops.py):
 
-    operation                     here   fast_numpy   fast_cupy
-    conv2d_forward/backward        yes    yes          yes (im2col kernels + cuBLAS)
-    affine_forward/backward        yes    -            yes (fused bias kernels)
-    maxpool2d_forward/backward     yes    -            yes
-    relu_forward/backward          yes    -            yes
+    operation                     here   fast_numpy              fast_cupy
+    conv2d_forward/backward        yes    yes (channels-last)     yes (im2col kernels + cuBLAS)
+    affine_forward/backward        yes    yes (batch slices)      yes (fused bias kernels)
+    maxpool2d_forward/backward     yes    yes (2x2 tiles)         yes
+    relu_forward/backward          yes    yes (batch slices)      yes
     softmax_cross_entropy_*        yes    -            yes (one fused kernel)
     count_correct                  yes    -            yes
     sgd/momentum/adagrad/adam      yes    -            yes (one kernel over the flat buffer)
