@@ -161,3 +161,12 @@ def test_blas_gets_its_threads_back_after_callers_on_several_threads_overlap():
         thread.join(30)
     assert seen == {"inside, after the first left": 1}
     assert _numpy_blas_threads() == own
+
+
+def test_elementwise_work_leaves_blas_alone(monkeypatch):
+    """``uses_blas=False`` (ReLU, pooling, padding): no BLAS thread count to set and restore."""
+    monkeypatch.setenv(THREADS_VARIABLE, "2")
+    own, seen = _numpy_blas_threads(), []
+    run_in_slices(10, lambda *bounds: seen.append(_numpy_blas_threads()), BIG, uses_blas=False)
+    run_in_slices(10, lambda *bounds: seen.append(_numpy_blas_threads()), 1, uses_blas=False)
+    assert seen == [own] * 3

@@ -132,10 +132,11 @@ def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int) -> int:
+def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int, *, uses_blas: bool = True) -> int:
     """Call ``work(part, start, end)`` for contiguous slices of ``range(n)``, one per thread,
     with BLAS at one thread meanwhile; returns the number of slices. `nbytes` is about how
-    much memory the work reads and writes.
+    much memory the work reads and writes; ``uses_blas=False`` (elementwise work) leaves
+    BLAS's thread count alone.
 
     One slice, on the calling thread, when NumPy's BLAS uses one thread, when `n` is 1, while
     `counting` counts calls (its count is not shared between threads), or when the work is
@@ -146,15 +147,17 @@ def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int) ->
     threads = 1 if counting.enabled() else thread_count()
     parts = min(threads, n) if nbytes >= MIN_PARALLEL_BYTES else 1
     if parts <= 1:
-        with blas_at_one_thread() if threads > 1 else contextlib.nullcontext():
+        with blas_at_one_thread() if threads > 1 and uses_blas else contextlib.nullcontext():
             work(0, 0, n)
         return 1
-    return run_over(slice_bounds(n, parts), work)
+    return run_over(slice_bounds(n, parts), work, uses_blas=uses_blas)
 
 
-def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None]) -> int:
+def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None], *,
+             uses_blas: bool = True) -> int:
     """Call ``work(part, start, end)`` for each ``(start, end)`` of `bounds`, each on its own
-    thread, with BLAS at one thread meanwhile; returns ``len(bounds)``.
+    thread, with BLAS at one thread meanwhile (unless ``uses_blas=False``); returns
+    ``len(bounds)``.
 
     The calling thread does the first; an exception in any is raised here after all have
     finished.
@@ -162,7 +165,7 @@ def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None
     if len(bounds) == 1:
         work(0, *bounds[0])
         return 1
-    with blas_at_one_thread():
+    with blas_at_one_thread() if uses_blas else contextlib.nullcontext():
         futures = [_pool(len(bounds) - 1).submit(work, part, start, end)
                    for part, (start, end) in enumerate(bounds) if part > 0]
         try:

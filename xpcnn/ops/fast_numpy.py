@@ -87,7 +87,7 @@ def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
         block[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_last[start:end]
         _called(12)                              # six slices, four fills, the store, x's slice
 
-    run_in_slices(n, one_slice, 2 * out.nbytes)
+    run_in_slices(n, one_slice, 2 * out.nbytes, uses_blas=False)
     return out
 
 
@@ -357,7 +357,7 @@ def relu_forward(xp: ModuleType, x: Any) -> Any:
         np.maximum(x[start:end], 0.0, out=out[start:end])
         _called(3)
 
-    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes)
+    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes, uses_blas=False)
     return out
 
 
@@ -370,7 +370,7 @@ def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
         np.multiply(out[start:end] > 0, dout[start:end], out=dx[start:end])
         _called(5)
 
-    run_in_slices(out.shape[0], one_slice, 3 * out.nbytes)
+    run_in_slices(out.shape[0], one_slice, 3 * out.nbytes, uses_blas=False)
     return dx
 
 
@@ -391,7 +391,7 @@ def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: 
             np.maximum(target, window, out=target)
         _called(2 + 2 * len(windows))
 
-    run_in_slices(x.shape[0], one_slice, x.nbytes + out.nbytes)
+    run_in_slices(x.shape[0], one_slice, x.nbytes + out.nbytes, uses_blas=False)
     return out, ("tiles", x, out, pool_h, pool_w)
 
 
@@ -418,7 +418,7 @@ def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
             _called(2)
         _called(4)
 
-    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes + 2 * out.nbytes)
+    run_in_slices(x.shape[0], one_slice, 2 * x.nbytes + 2 * out.nbytes, uses_blas=False)
     return dx
 
 
