@@ -23,6 +23,7 @@ POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (1, 2, 9, 7, 3, 2, 2, 1),
     (2, 1, 8, 8, 3, 3, 1, 1),
     (1, 4, 7, 9, 2, 3, 1, 0),
+    (3, 2, 5, 5, 1, 1, 1, 0),          # one-pixel windows: they tile too
 ]
 #: Rows of the softmax-CE and scoring cases: one, fewer and more than a block's 256 threads,
 #: and many blocks.
