@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run xpcnn on the array-API reference code (no fast paths of the backend)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-sample", type=int, default=None,
+                   help="training steps timed back to back in each sample (default: 1 on the CPU, about 20 ms "
+                        "of steps on a GPU); several measure the steady state of a training loop, where no "
+                        "pause ever lets the cores go idle")
     p.add_argument("--settle", type=float, default=None,
                    help="seconds of pause before each timed sample, so the previous contender's idle "
                         "worker threads (OpenBLAS and OpenMP spin for up to ~0.1-0.2 s after a call) stop "
@@ -88,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if args.settle is not None and args.settle < 0:
         p.error(f"--settle must be >= 0, got {args.settle}")
+    if args.steps_per_sample is not None and args.steps_per_sample < 1:
+        p.error(f"--steps-per-sample must be >= 1, got {args.steps_per_sample}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
@@ -129,7 +135,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
 from xpcnn.nn.optim import AdaGrad  # noqa: E402
-from xpcnn.ops import cpu_threads, ops_of  # noqa: E402
+from xpcnn.ops import ops_of  # noqa: E402
+
+try:
+    from xpcnn.ops import cpu_threads  # noqa: E402
+except ImportError:  # an xpcnn from before 2026-11-29 (scripts/bench.py run against an older checkout)
+    cpu_threads = None
 
 LR = 0.06
 
@@ -702,7 +713,7 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
         "numpy_blas_threads": threads_numpy,
         "numpy_blas_threads_source": threads_how,
         "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
-        "xpcnn_cpu_threads": cpu_threads.thread_count(),
+        "xpcnn_cpu_threads": cpu_threads.thread_count() if cpu_threads else "n/a (no xpcnn.ops.cpu_threads)",
         "xpcnn_backend": args.backend,
         "dtype": args.dtype,
         "batch_size": args.batch_size,
@@ -949,7 +960,8 @@ def main(args) -> int:
         for _ in range(args.warmup):
             c.step()
         c.sync()
-    per_sample = {c.name: steps_per_sample(c, 0.02 if device_kind(args) != "cpu" else 0.0) for c in contenders}
+    per_sample = {c.name: args.steps_per_sample or steps_per_sample(c, 0.02 if device_kind(args) != "cpu" else 0.0)
+                  for c in contenders}
     settle = args.settle if args.settle is not None else (0.3 if device_kind(args) == "cpu" else 0.0)
     info["settle_s"] = settle
     samples = round_robin(contenders, args.repeats, lambda c: time_samples(c, per_sample[c.name], settle))
