@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
-  array-api-compat array-api-strict hypothesis attrs sortedcontainers tqdm
+  array-api-compat array-api-strict hypothesis attrs sortedcontainers tqdm threadpoolctl
 mkdir -p data/fashion-mnist
 cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 du -sh .whl data

@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info, threadpool_limits
 
 from xpcnn.backend.counting import count_calls
 from xpcnn.errors import ConfigError
@@ -18,6 +17,9 @@ from xpcnn.ops import cpu_threads
 from xpcnn.ops.cpu_threads import THREADS_VARIABLE, run_in_slices, run_over, slice_bounds, thread_count
 
 from helpers import error_line, isolated_env
+
+threadpoolctl = pytest.importorskip("threadpoolctl", reason="a dependency of xpcnn; these tests read BLAS with it")
+threadpool_info, threadpool_limits = threadpoolctl.threadpool_info, threadpoolctl.threadpool_limits
 
 BIG = 1 << 30           # bytes of work: always above MIN_PARALLEL_BYTES
 
