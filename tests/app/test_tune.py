@@ -326,8 +326,11 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_after_th
 
 def test_jobs_2_runs_two_worker_processes_on_one_study_drawing_different_points(tmp_path, fashion_like_dir):
     out = tmp_path / "out"
-    result = _tune_cli(tmp_path, "--data-dir", str(fashion_like_dir), "--trials", "8", "--epochs", "2",
-                       "--train-size", "200", "--jobs", "2", "--out", str(out))
+    # Trials long enough (600 images, 10 epochs: about 0.3 s each here) that one worker cannot
+    # finish all 8 while the other is still importing. Seen once in CI with 200 images and 2
+    # epochs (about 0.04 s a trial): every trial ran in the first worker.
+    result = _tune_cli(tmp_path, "--data-dir", str(fashion_like_dir), "--trials", "8", "--epochs", "10",
+                       "--train-size", "600", "--jobs", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = _rows(out)
     finished = [r for r in rows if r["state"] == "COMPLETE"]
