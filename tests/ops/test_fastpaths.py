@@ -66,7 +66,7 @@ def test_tiling_pooling_matches_general_path(backend, rng, monkeypatch, shape, s
         # As after a ReLU: many windows hold several equal maxima (zeros), some all zero.
         x_host = np.maximum(x_host, 0.0)
         x_host[..., ::2, :] = np.round(x_host[..., ::2, :])
-    assert ops_module._pool_tiles(shape, size, size, size, 0)
+    assert ops_module.pool_tiles(shape, size, size, size, 0)
     ops = ops_for(backend.xp, reference=True)
     x = backend.asarray(x_host, "float32")
     dout = backend.asarray(rng.standard_normal((shape[0], shape[1], shape[2] // size, shape[3] // size)), "float32")
@@ -77,7 +77,7 @@ def test_tiling_pooling_matches_general_path(backend, rng, monkeypatch, shape, s
         return backend.to_numpy(out), backend.to_numpy(ops.maxpool2d_backward(dout, cache))
 
     out_fast, dx_fast = forward_backward()
-    monkeypatch.setattr(ops_module, "_pool_tiles", lambda *args: False)   # the general strided-slice path
+    monkeypatch.setattr(ops_module, "pool_tiles", lambda *args: False)   # the general strided-slice path
     out_general, dx_general = forward_backward()
     dout_host = backend.to_numpy(dout)
     x_loops = backend.to_numpy(x)

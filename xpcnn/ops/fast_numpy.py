@@ -374,47 +374,52 @@ def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
     return dx
 
 
+def _window_indices(pool_h: int, pool_w: int, stride: int, out_h: int, out_w: int) -> list[tuple]:
+    """The index of each window offset's slice of an ``(N, C, H, W)`` block, in the reference's order."""
+    return [(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)
+            for i, j in window_offsets(pool_h, pool_w)]
+
+
 def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: int, pad: int,
                       out_h: int, out_w: int) -> tuple[Any, Any]:
     """Windows that tile the input (DeepConvNet's 2x2, stride 2): the elementwise maximum of
     the window slices, written slice by slice; other geometries: the reference."""
-    if not reference._pool_tiles(x.shape, pool_h, pool_w, stride, pad):
+    if not reference.pool_tiles(x.shape, pool_h, pool_w, stride, pad):
         return counting.counted(reference.maxpool2d_forward, xp, x, pool_h, pool_w, stride, pad, out_h, out_w)
-    out = np.empty_like(x[:, :, ::pool_h, ::pool_w])     # the input's memory layout
+    windows = _window_indices(pool_h, pool_w, stride, out_h, out_w)
+    out = np.empty_like(x[windows[0]])                   # the input's memory layout
     _called(2)
 
     def one_slice(part: int, start: int, end: int) -> None:
         block, target = x[start:end], out[start:end]
-        windows = [block[:, :, i::pool_h, j::pool_w] for i, j in window_offsets(pool_h, pool_w)]
-        np.copyto(target, windows[0])
+        np.copyto(target, block[windows[0]])
         for window in windows[1:]:
-            np.maximum(target, window, out=target)
+            np.maximum(target, block[window], out=target)
         _called(2 + 2 * len(windows))
 
     run_in_slices(x.shape[0], one_slice, x.nbytes + out.nbytes, uses_blas=False)
-    return out, ("tiles", x, out, pool_h, pool_w)
+    return out, ("tiles", x, out, windows)
 
 
 def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
     """Each window's gradient to its first maximum (as the reference), slice by slice."""
     if not isinstance(cache[0], str):            # the reference's cache
         return counting.counted(reference.maxpool2d_backward, xp, dout, cache)
-    _, x, out, pool_h, pool_w = cache
+    _, x, out, windows = cache
     dx = np.empty_like(x, dtype=dout.dtype)              # every pixel is in one window: written once
     _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         block, maxima, target = x[start:end], out[start:end], dx[start:end]
         remaining = dout[start:end]                      # gradient of windows whose max is not found yet
-        offsets = list(window_offsets(pool_h, pool_w))
-        for k, (i, j) in enumerate(offsets):
-            if k == len(offsets) - 1:
+        for k, window in enumerate(windows):
+            if k == len(windows) - 1:
                 grad = remaining
             else:
-                grad = np.multiply(block[:, :, i::pool_h, j::pool_w] == maxima, remaining)
+                grad = np.multiply(block[window] == maxima, remaining)
                 remaining = remaining - grad if k == 0 else np.subtract(remaining, grad, out=remaining)
                 _called(4)
-            target[:, :, i::pool_h, j::pool_w] = grad
+            target[window] = grad
             _called(2)
         _called(4)
 

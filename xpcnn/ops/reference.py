@@ -126,7 +126,7 @@ def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: 
 
 # ------------------------------------------------------------------------ max pooling
 
-def _pool_tiles(x_shape: tuple, pool_h: int, pool_w: int, stride: int, pad: int) -> bool:
+def pool_tiles(x_shape: tuple, pool_h: int, pool_w: int, stride: int, pad: int) -> bool:
     """Whether the windows tile the input exactly (e.g. 2x2, stride 2, even sizes)."""
     return (pad == 0 and stride == pool_h == pool_w
             and x_shape[2] % pool_h == 0 and x_shape[3] % pool_w == 0)
@@ -154,7 +154,7 @@ def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
     x, windows, out, pool_h, pool_w, stride, pad = cache
     n, c, h, w = x.shape
     _, _, out_h, out_w = dout.shape
-    tiles = _pool_tiles((n, c, h, w), pool_h, pool_w, stride, pad)
+    tiles = pool_tiles((n, c, h, w), pool_h, pool_w, stride, pad)
     if tiles:
         # Every input pixel is in exactly one window: each is written once, no zero fill,
         # and dx takes the input's memory layout.
