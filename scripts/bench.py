@@ -811,7 +811,8 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
 
 def count_step_calls(args, host_params, data) -> int:
     """Array-library calls of one xpcnn training step (after a warm-up step), counted by
-    wrapping the backend's namespace (`xpcnn.backend.counting`); CuPy kernels count their own."""
+    wrapping the backend's namespace (`xpcnn.backend.counting`); each fast entry of the table
+    counts one call (the CUDA emulation counts CuPy's launches one by one)."""
     from xpcnn.backend.counting import count_calls, counting_backend
 
     x, t, _, _ = data

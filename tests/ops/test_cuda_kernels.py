@@ -22,7 +22,7 @@ import pytest
 
 from xpcnn import AdaGrad, Adam, DeepConvNet, SimpleConvNet
 from xpcnn.backend.counting import count_calls, counting_backend
-from xpcnn.ops import reference
+from xpcnn.ops import ops_for, reference
 
 from emulation import cupy_internals, emulator
 from emulation.available import require_cupy_wheels
@@ -288,6 +288,27 @@ def test_the_emulation_catches_a_mutated_kernel(emulation_runner, mutation):
 
 
 # ------------------------------------------------------------- calls per training step
+
+def test_the_stand_in_counts_each_launch_from_outside(emulated_fast_cupy, rng):
+    """fast_cupy.py carries no counters: the stand-in counts its kernels, its library calls
+    and the operators on its arrays (Affine forward: the product and the bias added in place;
+    backward: two products and a reduction; the convolution: im2col, the product, the bias)."""
+    with emulator.use_fast_module(emulated_fast_cupy) as base:
+        be = counting_backend(base)
+        ops = ops_for(be.xp)
+        x, W, b = (be.asarray(rng.standard_normal(shape), "float32") for shape in ((7, 12), (12, 5), (5,)))
+        images = be.asarray(rng.standard_normal((2, 1, 6, 6)), "float32")
+        filters, bias = be.asarray(rng.standard_normal((4, 1, 3, 3)), "float32"), be.asarray(np.zeros(4), "float32")
+        counts = []
+        with count_calls() as counter:
+            out = ops.affine_forward(x, W, b)
+            counts.append(counter.calls)
+            ops.affine_backward(out, x, W, True)
+            counts.append(counter.calls)
+            ops.conv2d_forward(images, filters, bias, 1, 0, 4, 4)
+            counts.append(counter.calls)
+    assert counts == [2, 5, 8]
+
 
 #: Array-library calls of one SimpleConvNet training step on CuPy's fast path (issue 9's
 #: budget; 27 when this was written). Each call costs 8-28 us from Python on an H200.

@@ -81,8 +81,8 @@ def _hands_back_to_reference(backend, channels, n=2):
     channels on a batch of `n` (NumPy's, `fast_numpy`, does for one channel: the per-image
     layout is faster there; cut into slices of the batch it is compared, slices and sums)."""
     entry = ops_for(backend.xp).conv2d_forward
-    return (getattr(entry, "func", entry) is fast_numpy.conv2d_forward and reference.per_image_layout_wins(channels)
-            and not _sliced(n))
+    return (getattr(entry, "__wrapped__", None) is fast_numpy.conv2d_forward
+            and reference.per_image_layout_wins(channels) and not _sliced(n))
 
 
 def _skip_where_fast_is_reference(backend, channels, n=2):

@@ -1,10 +1,19 @@
-"""Count the array-library calls a piece of code makes, on any backend.
+"""Count the array-library calls a piece of code makes, on any backend, from outside.
 
 On a GPU each call into the array library is at least one kernel launch and ~10-30 us of
 Python, so the number of calls per training step is the budget of a fast step. This module
 wraps a backend's namespace (and the arrays it returns) so that every function call, array
-operator, index and in-place update made through it is counted; fast operations of a
-backend's table (CuPy kernels) add their own calls with `add`.
+operator, index and in-place update made through it is counted. The operations carry no
+instruments (as Chainer's function hooks measure its functions from outside):
+
+* code written against the namespace (layers, the reference operations) is counted call by
+  call through the wrapper;
+* a fast entry of the operation table (`xpcnn.ops.table`) runs on the library's own arrays,
+  behind `CountingNamespace.wrap_fast_table`: it counts what its library reports through
+  `add` while it runs (the CUDA emulation's stand-in for CuPy counts each launch, see
+  tests/ops/emulation), and one call, the call into the table, where the library reports
+  nothing (NumPy, a compiled kernel, CuPy itself). A fast entry that hands a case back to the
+  reference (it returns ``NotImplemented``) has the reference's calls counted one by one.
 
     >>> with count_calls() as counter:
     ...     net = SimpleConvNet(backend=counting_backend(get_backend("cpu")), seed=0)
@@ -21,7 +30,7 @@ import contextlib
 import operator
 from dataclasses import replace
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -34,7 +43,8 @@ def enabled() -> bool:
 
 
 def add(calls: int = 1) -> None:
-    """Record `calls` array-library calls (used by fast operations that call the library directly)."""
+    """Record `calls` array-library calls; for a library that counts its own calls from
+    outside the operations (the CUDA emulation's stand-in for CuPy)."""
     if _STATE["active"]:
         _STATE["calls"] += calls
 
@@ -59,19 +69,6 @@ def count_calls() -> Iterator[Counter]:
         yield Counter()
     finally:
         _STATE["active"] -= 1
-
-
-def counted(function: Any, xp: Any, *args: Any) -> Any:
-    """``function(xp, *args)`` with its calls counted while a `count_calls` block runs.
-
-    For a fast operation that hands a case back to the reference code: the fast table is
-    called with the library's own namespace and arrays (`ops.table`), so without this the
-    reference's calls would go uncounted. Outside a block it is a plain call.
-    """
-    if not enabled():
-        return function(xp, *args)
-    namespace = CountingNamespace(xp)
-    return unwrap(function(namespace, *_wrap(args, namespace)))
 
 
 def unwrap(value: Any) -> Any:
@@ -114,6 +111,28 @@ class CountingNamespace:
     def __init__(self, xp: ModuleType):
         self.inner = xp
         self.__name__ = f"counting({getattr(xp, '__name__', xp)})"
+
+    def wrap_fast_table(self, fast: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+        """`fast` (the inner library's fast entries, ``function(xp, *args)``) for this namespace:
+        each runs on the inner library's own arrays and counts as described in the module's
+        docstring. The operation table (`xpcnn.ops.table`) asks a namespace that stands in
+        front of another for its entries this way."""
+        return {name: self._counted_entry(function) for name, function in fast.items()}
+
+    def _counted_entry(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        inner = self.inner
+
+        def entry(xp: Any, *args: Any) -> Any:
+            before = _STATE["calls"]
+            result = function(inner, *unwrap(args))
+            if result is NotImplemented:           # the table runs the reference, counted call by call
+                return result
+            if _STATE["calls"] == before:
+                add(1)                             # the library reported nothing: one call into the table
+            return _wrap(result, self)
+
+        entry.__name__ = getattr(function, "__name__", "entry")
+        return entry
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)

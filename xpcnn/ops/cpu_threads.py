@@ -30,7 +30,6 @@ try:
 except ImportError:  # pragma: no cover - a dependency; kept optional for minimal installs
     ThreadpoolController = None
 
-from ..backend import counting
 from ..errors import ConfigError
 
 #: Environment variable that fixes the number of slices (a positive integer).
@@ -138,13 +137,12 @@ def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int, *,
     much memory the work reads and writes; ``uses_blas=False`` (elementwise work) leaves
     BLAS's thread count alone.
 
-    One slice, on the calling thread, when NumPy's BLAS uses one thread, when `n` is 1, while
-    `counting` counts calls (its count is not shared between threads), or when the work is
-    under `MIN_PARALLEL_BYTES` (handing it to a thread would cost more than it saves); BLAS
+    One slice, on the calling thread, when NumPy's BLAS uses one thread, when `n` is 1, or
+    when the work is under `MIN_PARALLEL_BYTES` (handing it to a thread would cost more than it saves); BLAS
     stays at one thread there too, so that it never wakes its own threads, which would then
     spin on the core the next sliced operation needs.
     """
-    threads = 1 if counting.enabled() else thread_count()
+    threads = thread_count()
     parts = min(threads, n) if nbytes >= MIN_PARALLEL_BYTES else 1
     if parts <= 1:
         with blas_at_one_thread() if threads > 1 and uses_blas else contextlib.nullcontext():

@@ -20,17 +20,10 @@ from typing import Any, Callable
 import cupy
 import numpy as np
 
-from ..backend import counting
 from . import reference
 from .functions import one_hot
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int64): "long long"}
-
-
-def _launched(calls: int = 1) -> None:
-    """Record `calls` array-library calls (kernel launches or cuBLAS calls) for `counting`."""
-    if counting.enabled():
-        counting.add(calls)
 
 
 def _c_type(dtype: Any) -> str:
@@ -100,7 +93,6 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     _im2col_kernel(x, c, h, w, filter_h, filter_w, out_h, out_w, stride, pad, col)
     out = cupy.matmul(W.reshape(filter_num, -1), col)
     out += b.reshape(filter_num, 1)
-    _launched(3)
     return out.reshape(n, filter_num, out_h, out_w), (col, (n, c, h, w))
 
 
@@ -116,17 +108,14 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     # dW[f, k] = sum over images and pixels of dout[n, f, p] * col[n, k, p]: one GEMM of
     # (FN, N*P) by (N*P, K) through tensordot over both axes.
     dW = cupy.tensordot(dout_mat, col, axes=([0, 2], [0, 2])).reshape(W.shape)
-    _launched(2)
     if dW_out is not None:
         dW_out[...] = dW
         dW = dW_out
-        _launched()
     if not need_input_grad:
         return None, dW, db
     dcol = cupy.matmul(W.reshape(filter_num, -1).T, dout_mat)      # (N, K, P)
     dx = cupy.empty((n, c, h, w), dtype=dout.dtype)
     _col2im_kernel(dcol, c, h, w, filter_h, filter_w, out_h, out_w, stride, pad, dx)
-    _launched(2)
     return dx, dW, db
 
 
@@ -136,7 +125,6 @@ def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
     """One product, the bias added in place: 2 calls (the reference makes a third array)."""
     out = cupy.matmul(x, W)
     out += b
-    _launched(2)
     return out
 
 
@@ -146,10 +134,8 @@ def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: 
     transposed operands without copies)."""
     dW = cupy.matmul(x.T, dout, out=dW_out)
     db = cupy.sum(dout, axis=0, out=db_out)
-    _launched(2)
     if not need_input_grad:
         return None, dW, db
-    _launched()
     return cupy.matmul(dout, W.T), dW, db
 
 
@@ -225,7 +211,6 @@ def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: 
     out = cupy.empty((n, c, out_h, out_w), dtype=x.dtype)
     arg = cupy.empty((n, c, out_h, out_w), dtype=cupy.int32)
     _maxpool_forward_kernel(x, h, w, pool_h, pool_w, out_h, out_w, stride, pad, out, arg)
-    _launched()
     return out, (arg, (n, c, h, w), pool_h, pool_w, stride, pad)
 
 
@@ -235,7 +220,6 @@ def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
     _, _, out_h, out_w = dout.shape
     dx = cupy.empty((n, c, h, w), dtype=dout.dtype)
     _maxpool_backward_kernel(cupy.ascontiguousarray(dout), arg, h, w, pool_h, pool_w, out_h, out_w, stride, pad, dx)
-    _launched()
     return dx
 
 
@@ -246,12 +230,10 @@ _relu_backward_kernel = cupy.ElementwiseKernel(
 
 
 def relu_forward(xp: ModuleType, x: Any) -> Any:
-    _launched()
     return cupy.maximum(x, 0)
 
 
 def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
-    _launched()
     return _relu_backward_kernel(out, dout)
 
 
@@ -324,13 +306,11 @@ def _row_reduction(source: str, name: str, c_type: str, result_dtype: Any, input
     result = cupy.empty((), dtype=result_dtype)
     if blocks == 1:
         _raw_kernel(source, name, c_type)((1,), (_THREADS,), (*inputs[:-2], result, *inputs[-2:]))
-        _launched()
         return result
     block_sums = cupy.empty(blocks, dtype=result_dtype)
     _raw_kernel(source, name, c_type)((blocks,), (_THREADS,), (*inputs[:-2], block_sums, *inputs[-2:]))
     _raw_kernel(_SUM_BLOCKS_SOURCE, "xpcnn_sum_blocks", _c_type(result_dtype))(
         (1,), (_THREADS,), (block_sums, result, np.int32(blocks), divisor))
-    _launched(2)
     return result
 
 
@@ -351,7 +331,7 @@ def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[
     """One kernel for integer labels (probabilities and the mean loss; a second one adds the
     blocks' sums above 256 rows); one-hot labels take the reference path."""
     if t.ndim != 1:
-        return reference.softmax_cross_entropy_forward(xp, scores, t)
+        return NotImplemented
     n, k = scores.shape
     scores = cupy.ascontiguousarray(scores)
     labels = t if t.dtype == cupy.int64 else t.astype(cupy.int64)
@@ -364,17 +344,16 @@ def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> tuple[
 
 def softmax_cross_entropy_backward(xp: ModuleType, cache: Any, dout: Any) -> Any:
     """One kernel: ``(y - onehot(t)) * dout / N``."""
-    if len(cache) != 3 or not isinstance(dout, (int, float)):
-        probs, labels = cache[0], cache[1]
-        if len(cache) == 3:        # integer labels with an array dout: build the reference's form
-            t_hot = one_hot(labels, probs.shape[1], probs.dtype, xp=xp)
-            return reference.softmax_cross_entropy_backward(xp, (probs, t_hot), dout)
-        return reference.softmax_cross_entropy_backward(xp, cache, dout)
+    if len(cache) != 3:            # the reference's forward ran (one-hot labels)
+        return NotImplemented
+    if not isinstance(dout, (int, float)):
+        probs, labels, _ = cache   # an array dout: the reference's formula on the one-hot labels
+        t_hot = one_hot(labels, probs.shape[1], probs.dtype, xp=xp)
+        return reference.softmax_cross_entropy_backward(xp, (probs, t_hot), dout)
     probs, labels, _ = cache
     n, k = probs.shape
     dx = cupy.empty_like(probs)
     _softmax_ce_backward_kernel(probs, labels, k, probs.dtype.type(dout / n), dx)
-    _launched()
     return dx
 
 
@@ -437,26 +416,22 @@ _adam_kernel = cupy.ElementwiseKernel(
 def sgd_update(xp: ModuleType, param: Any, grad: Any, lr: float) -> None:
     t = param.dtype.type
     _sgd_kernel(grad, t(lr), param)
-    _launched()
 
 
 def momentum_update(xp: ModuleType, param: Any, grad: Any, v: Any, lr: float, momentum: float) -> None:
     t = param.dtype.type
     _momentum_kernel(grad, t(lr), t(momentum), param, v)
-    _launched()
 
 
 def adagrad_update(xp: ModuleType, param: Any, grad: Any, h: Any, lr: float, eps: float) -> None:
     t = param.dtype.type
     _adagrad_kernel(grad, t(lr), t(eps), param, h)
-    _launched()
 
 
 def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: float,
                 beta1: float, beta2: float, eps: float) -> None:
     t = param.dtype.type
     _adam_kernel(grad, t(lr_t), t(1.0 - beta1), t(1.0 - beta2), t(eps), param, m, v)
-    _launched()
 
 
 def fast_ops() -> dict[str, Callable[..., Any]]:

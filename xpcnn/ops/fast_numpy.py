@@ -31,12 +31,8 @@ case); chunks and slices are summed in a fixed order, so runs with the same numb
 threads are bit-identical. Registered for NumPy in `ops.table._fast_table`; `reference=True` turns
 it off.
 
-Call counting (`xpcnn.backend.counting`): this code calls NumPy directly, so it reports its
-own calls with `_called(n)` next to them (as `fast_cupy` reports its launches), counting what
-the counting namespace would count on the reference path: every function, operator and index
-that returns an array, views included. The one-channel cases it hands to the reference run
-through `counting.counted`, so their calls are counted too (tests/backend/test_counting.py).
-While calls are counted, everything runs in one slice.
+Pooling geometries whose windows do not tile the input are left to the reference (the
+entries return ``NotImplemented``, `xpcnn.ops.table`).
 """
 
 from __future__ import annotations
@@ -47,7 +43,6 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..backend import counting
 from . import reference
 from .cpu_threads import run_in_slices, run_over
 from .geometry import spatial_slices, window_offsets
@@ -58,14 +53,8 @@ from .reference import store_gradient
 CHUNK_BYTES = 2 << 20
 
 
-def _called(calls: int = 1) -> None:
-    """Record `calls` NumPy calls for `counting` (while a `count_calls` block runs)."""
-    counting.add(calls)
-
-
 def _channels_last(x: np.ndarray) -> np.ndarray:
     """``(N, C, H, W) -> (N, H, W, C)``, a view (contiguous if the memory is channels-last)."""
-    _called()
     return x.transpose(0, 2, 3, 1)
 
 
@@ -73,11 +62,9 @@ def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
     """``(N, H, W, C)`` zero-padded on the two spatial axes, C-contiguous (one copy at most),
     each slice of the batch copied by its own thread."""
     if pad_h == 0 and pad_w == 0 and x_last.flags.c_contiguous:
-        _called()
         return np.ascontiguousarray(x_last)
     n, h, w, c = x_last.shape
     out = np.empty((n, h + 2 * pad_h, w + 2 * pad_w, c), dtype=x_last.dtype)
-    _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         block = out[start:end]
@@ -85,7 +72,6 @@ def _padded(x_last: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
                        block[:, pad_h:pad_h + h, pad_w + w:]):
             border.fill(0)
         block[:, pad_h:pad_h + h, pad_w:pad_w + w] = x_last[start:end]
-        _called(12)                              # six slices, four fills, the store, x's slice
 
     run_in_slices(n, one_slice, 2 * out.nbytes, uses_blas=False)
     return out
@@ -97,7 +83,6 @@ def _windows(x_pad: np.ndarray, filter_h: int, filter_w: int, stride: int,
     ``[n, oh, ow, i, j, c] = x_pad[n, oh*stride + i, ow*stride + j, c]``."""
     s_n, s_h, s_w, s_c = x_pad.strides
     shape = (x_pad.shape[0], out_h, out_w, filter_h, filter_w, x_pad.shape[3])
-    _called()
     return as_strided(x_pad, shape, (s_n, s_h * stride, s_w * stride, s_h, s_w, s_c), writeable=False)
 
 
@@ -116,12 +101,10 @@ def _each_chunk_of_columns(windows: np.ndarray, work: Callable[[int, int, int, n
 
     def one_slice(part: int, first: int, last: int) -> None:
         buffer = np.empty((min(size, last - first),) + windows.shape[1:], dtype=windows.dtype)
-        _called()
         for start in range(first, last, size):
             end = min(start + size, last)
             chunk = buffer[:end - start]
             np.copyto(chunk, windows[start:end])
-            _called(4)                           # two slices, the copy, the reshape below
             work(part, start, end, chunk.reshape(-1, row_len))
 
     return run_in_slices(n, one_slice, windows.nbytes)
@@ -141,17 +124,14 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
     w_cols = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, filter_num)   # rows (i, j, c)
     out = np.empty((x.shape[0], out_h, out_w, filter_num), dtype=x.dtype)
     out_rows = out.reshape(-1, filter_num)
-    _called(5)                                   # w_cols (3), out, out_rows
     rows_per_image = out_h * out_w
 
     def product(part: int, start: int, end: int, columns: np.ndarray) -> None:
         rows = out_rows[start * rows_per_image:end * rows_per_image]
         np.matmul(columns, w_cols, out=rows)
         rows += b
-        _called(3)
 
     _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), product)
-    _called()
     return out.transpose(0, 3, 1, 2), (x_pad, tuple(x.shape))
 
 
@@ -176,39 +156,32 @@ def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, 
     cols_shape = (filter_h * filter_w * channels, filter_num)
     ones = np.ones(_chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout.itemsize) * rows_per_image,
                    dtype=dout.dtype)
-    _called(3)                                   # the copy, the reshape, ones
 
     def weight_gradient(part: int, start: int, end: int, columns: np.ndarray) -> None:
         if part not in partial_sums:
             partial_sums[part] = (np.zeros(cols_shape, dtype=dout.dtype), np.empty(cols_shape, dtype=dout.dtype),
                                   np.zeros(filter_num, dtype=dout.dtype), np.empty(filter_num, dtype=dout.dtype))
-            _called(4)
         dW_sum, dW_product, db_sum, db_product = partial_sums[part]
         rows = dout_rows[start * rows_per_image:end * rows_per_image]
         np.matmul(columns.T, rows, out=dW_product)
         np.add(dW_sum, dW_product, out=dW_sum)
         np.matmul(ones[:rows.shape[0]], rows, out=db_product)
         np.add(db_sum, db_product, out=db_sum)
-        _called(8)
 
     slices = _each_chunk_of_columns(_windows(x_pad, filter_h, filter_w, stride, out_h, out_w), weight_gradient)
     dW_cols, db = partial_sums[0][0], partial_sums[0][2]
     for part in range(1, slices):
         dW_cols += partial_sums[part][0]
         db += partial_sums[part][2]
-        _called(2)
     db = store_gradient(db_out, db)
-    _called(db_out is not None)
     dW_view = dW_cols.reshape(filter_h, filter_w, channels, filter_num).transpose(3, 2, 0, 1)
     dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
-    _called(3)                                   # reshape, transpose, the copy or the store
     if not need_input_grad:
         return None, dW, db
     if stride == 1 and pad < filter_h and pad < filter_w:
         dx_last = _input_gradient_as_convolution(dout_last, W, pad, height, width)
     else:
         dx_last = _input_gradient_by_col2im(dout_rows, W, stride, pad, (n, height, width, channels), out_h, out_w)
-    _called()
     return dx_last.transpose(0, 3, 1, 2), dW, db
 
 
@@ -221,12 +194,10 @@ def _input_gradient_as_convolution(dout_last: np.ndarray, W: np.ndarray, pad: in
     flipped_cols = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, channels)
     dx = np.empty((dout_last.shape[0], height, width, channels), dtype=dout_last.dtype)
     dx_rows = dx.reshape(-1, channels)
-    _called(6)                                   # flip, transpose, copy, reshape; dx, dx_rows
     rows_per_image = height * width
 
     def product(part: int, start: int, end: int, columns: np.ndarray) -> None:
         np.matmul(columns, flipped_cols, out=dx_rows[start * rows_per_image:end * rows_per_image])
-        _called(2)
 
     _each_chunk_of_columns(_windows(dout_pad, filter_h, filter_w, 1, height, width), product)
     return dx
@@ -239,7 +210,6 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
     filter_num, _, filter_h, filter_w = W.shape
     w_rows = np.ascontiguousarray(W.transpose(0, 2, 3, 1)).reshape(filter_num, -1)   # columns (i, j, c)
     dx_pad = np.zeros((n, height + 2 * pad, width + 2 * pad, channels), dtype=dout_rows.dtype)
-    _called(4)                                   # w_rows (3), dx_pad
     rows_per_image = out_h * out_w
     size = _chunk_size(n, rows_per_image, filter_h * filter_w * channels, dout_rows.itemsize)
 
@@ -248,13 +218,10 @@ def _input_gradient_by_col2im(dout_rows: np.ndarray, W: np.ndarray, stride: int,
             end = min(start + size, last)
             columns = dout_rows[start * rows_per_image:end * rows_per_image] @ w_rows
             columns = columns.reshape(end - start, out_h, out_w, filter_h, filter_w, channels)
-            _called(3)
             for i, j in window_offsets(filter_h, filter_w):
                 dx_pad[(slice(start, end),) + spatial_slices(i, j, stride, out_h, out_w)] += columns[:, :, :, i, j, :]
-                _called(4)                           # two slices, the add, the store
 
     run_in_slices(n, one_slice, dx_pad.nbytes + dout_rows.nbytes)
-    _called()
     return dx_pad[:, pad:pad + height, pad:pad + width, :]
 
 
@@ -268,7 +235,7 @@ def _per_image_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad:
     out = np.empty((n, W.shape[0], out_h, out_w), dtype=x.dtype)
 
     def one_slice(part: int, start: int, end: int) -> None:
-        result = counting.counted(reference.conv2d_forward, xp, x[start:end], W, b, stride, pad, out_h, out_w)
+        result = reference.conv2d_forward(xp, x[start:end], W, b, stride, pad, out_h, out_w)
         if end - start == n:
             whole.append(result)                  # one slice: the reference's own result and cache
             return
@@ -285,8 +252,7 @@ def _per_image_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: i
     """The backward of `_per_image_forward`: the reference's on each slice the forward made,
     the slices' dW and db summed in order."""
     if cache[0] is not None:                     # one slice: the reference's own cache
-        return counting.counted(reference.conv2d_backward, xp, dout, cache, W, stride, pad, need_input_grad,
-                                dW_out, db_out)
+        return reference.conv2d_backward(xp, dout, cache, W, stride, pad, need_input_grad, dW_out, db_out)
     _, bounds, caches = cache
     n = bounds[-1][1]
     dx = np.empty((n,) + tuple(caches[0][1][1:]), dtype=dout.dtype) if need_input_grad else None
@@ -313,12 +279,10 @@ def _per_image_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: i
 def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
     """``(N, in) @ (in, out) + (out,)``, rows in slices."""
     out = np.empty((x.shape[0], W.shape[1]), dtype=np.result_type(x, W))
-    _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         np.matmul(x[start:end], W, out=out[start:end])
         out[start:end] += b
-        _called(5)
 
     run_in_slices(x.shape[0], one_slice, x.nbytes + W.nbytes + out.nbytes)
     return out
@@ -329,33 +293,27 @@ def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: 
     """``dout (N, out) -> (dx (N, in) or None, dW, db)``; dW and db summed over the slices in order."""
     sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     dx = np.empty_like(x, dtype=dout.dtype) if need_input_grad else None
-    _called(need_input_grad)
 
     def one_slice(part: int, start: int, end: int) -> None:
         rows = dout[start:end]
         sums[part] = (x[start:end].T @ rows, rows.sum(axis=0))
         if need_input_grad:
             np.matmul(rows, W.T, out=dx[start:end])
-            _called(3)
-        _called(5)
 
     slices = run_in_slices(x.shape[0], one_slice, x.nbytes + 2 * W.nbytes + 2 * dout.nbytes)
     dW, db = sums[0]
     for part in range(1, slices):
         dW += sums[part][0]
         db += sums[part][1]
-        _called(2)
     return dx, store_gradient(dW_out, dW), store_gradient(db_out, db)
 
 
 def relu_forward(xp: ModuleType, x: Any) -> Any:
     """``max(x, 0)`` in the input's memory layout."""
     out = np.empty_like(x)
-    _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         np.maximum(x[start:end], 0.0, out=out[start:end])
-        _called(3)
 
     run_in_slices(x.shape[0], one_slice, 2 * x.nbytes, uses_blas=False)
     return out
@@ -364,11 +322,9 @@ def relu_forward(xp: ModuleType, x: Any) -> Any:
 def relu_backward(xp: ModuleType, out: Any, dout: Any) -> Any:
     """``dout`` where the output was > 0, else 0, in the output's memory layout."""
     dx = np.empty_like(out, dtype=dout.dtype)
-    _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         np.multiply(out[start:end] > 0, dout[start:end], out=dx[start:end])
-        _called(5)
 
     run_in_slices(out.shape[0], one_slice, 3 * out.nbytes, uses_blas=False)
     return dx
@@ -385,17 +341,15 @@ def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: 
     """Windows that tile the input (DeepConvNet's 2x2, stride 2): the elementwise maximum of
     the window slices, written slice by slice; other geometries: the reference."""
     if not reference.pool_tiles(x.shape, pool_h, pool_w, stride, pad):
-        return counting.counted(reference.maxpool2d_forward, xp, x, pool_h, pool_w, stride, pad, out_h, out_w)
+        return NotImplemented
     windows = _window_indices(pool_h, pool_w, stride, out_h, out_w)
     out = np.empty_like(x[windows[0]])                   # the input's memory layout
-    _called(2)
 
     def one_slice(part: int, start: int, end: int) -> None:
         block, target = x[start:end], out[start:end]
         np.copyto(target, block[windows[0]])
         for window in windows[1:]:
             np.maximum(target, block[window], out=target)
-        _called(2 + 2 * len(windows))
 
     run_in_slices(x.shape[0], one_slice, x.nbytes + out.nbytes, uses_blas=False)
     return out, ("tiles", x, out, windows)
@@ -404,10 +358,9 @@ def maxpool2d_forward(xp: ModuleType, x: Any, pool_h: int, pool_w: int, stride: 
 def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
     """Each window's gradient to its first maximum (as the reference), slice by slice."""
     if not isinstance(cache[0], str):            # the reference's cache
-        return counting.counted(reference.maxpool2d_backward, xp, dout, cache)
+        return NotImplemented
     _, x, out, windows = cache
     dx = np.empty_like(x, dtype=dout.dtype)              # every pixel is in one window: written once
-    _called()
 
     def one_slice(part: int, start: int, end: int) -> None:
         block, maxima, target = x[start:end], out[start:end], dx[start:end]
@@ -418,10 +371,7 @@ def maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any) -> Any:
             else:
                 grad = np.multiply(block[window] == maxima, remaining)
                 remaining = remaining - grad if k == 0 else np.subtract(remaining, grad, out=remaining)
-                _called(4)
             target[window] = grad
-            _called(2)
-        _called(4)
 
     run_in_slices(x.shape[0], one_slice, 2 * x.nbytes + 2 * out.nbytes, uses_blas=False)
     return dx

@@ -6,6 +6,13 @@ they run on. The reference entries are in `reference.py`; NumPy's fast entries i
 `fast_numpy.py`, CuPy's in `fast_cupy.py`. `ops_for(xp, reference=True)` gives the reference
 path on any namespace (the tests and benchmarks check the fast paths against it).
 
+A fast entry takes the reference's arguments and returns its result, or ``NotImplemented``
+for a case it leaves to the reference (e.g. a pooling geometry it has no kernel for): the
+table then calls the reference with the same arguments. A namespace that stands in front of
+another one (`xpcnn.backend.counting.CountingNamespace`, which counts calls) has an ``inner``
+namespace and a ``wrap_fast_table`` method: its table holds the inner library's fast
+entries as that method wraps them, so measuring happens outside the operations.
+
     >>> ops = ops_for(array_api_compat.numpy)             # the fast table, where one exists
     >>> out, cache = ops.maxpool2d_forward(x, 2, 2, 2, 0, 14, 14)
     >>> ops_for(xp, reference=True)                       # the reference path, always
@@ -19,7 +26,6 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from ..backend import counting
 from . import fast_numpy, reference
 
 #: Every operation a table holds, with its signature (after `xp`).
@@ -61,21 +67,35 @@ class Ops:
             raise ValueError(f"unknown fast operations {sorted(unknown)}; known: {sorted(OP_SIGNATURES)}")
         self.fast_names = tuple(sorted(fast))
         self.reference = not fast
-        for name, function in {**_REFERENCE, **fast}.items():
-            setattr(self, name, functools.partial(function, xp))
+        for name, reference_function in _REFERENCE.items():
+            setattr(self, name, _entry(xp, name, reference_function, fast.get(name)))
 
     def __repr__(self) -> str:
         kind = "reference" if self.reference else f"fast: {', '.join(self.fast_names)}"
         return f"Ops({getattr(self.xp, '__name__', self.xp)}, {kind})"
 
 
-def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
+def _entry(xp: ModuleType, name: str, reference_function: Callable[..., Any],
+           fast_function: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The table's entry `name` bound to `xp`: the fast function, falling back to the
+    reference where it returns ``NotImplemented``; the reference alone without one."""
+    if fast_function is None:
+        return functools.partial(reference_function, xp)
+
+    def entry(*args: Any) -> Any:
+        result = fast_function(xp, *args)
+        return reference_function(xp, *args) if result is NotImplemented else result
+
+    entry.__name__ = name
+    entry.__wrapped__ = fast_function            # the fast function behind the entry (for tests and tools)
+    return entry
+
+
+def _fast_table(xp: Any) -> dict[str, Callable[..., Any]]:
     """The fast entries for `xp`'s library (none for libraries without a fast module)."""
-    if isinstance(xp, counting.CountingNamespace):
-        # Measuring: the inner library's fast entries, on unwrapped arrays (they count
-        # their own calls).
-        inner = xp.inner
-        return {name: _counted_fast(function, inner, xp) for name, function in _fast_table(inner).items()}
+    wrap = getattr(xp, "wrap_fast_table", None)
+    if wrap is not None:                 # a namespace in front of another: the other's entries, wrapped
+        return wrap(_fast_table(xp.inner))
     if array_api_compat.is_cupy_namespace(xp):
         from . import fast_cupy  # imports CuPy: only where CuPy is in use (an optional library)
 
@@ -83,12 +103,6 @@ def _fast_table(xp: ModuleType) -> dict[str, Callable[..., Any]]:
     if array_api_compat.is_numpy_namespace(xp):
         return fast_numpy.fast_ops()
     return {}
-
-
-def _counted_fast(function: Callable[..., Any], inner: ModuleType, outer: Any) -> Callable[..., Any]:
-    def call(xp: Any, *args: Any) -> Any:
-        return counting._wrap(function(inner, *counting.unwrap(args)), outer)
-    return call
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,6 +6,14 @@ device headers) and run them on NumPy arrays.
     fast_cupy = load_fast_cupy(standin)         # the module's code, unmodified, on the stand-in
     loss, cache = fast_cupy.softmax_cross_entropy_forward(xp, scores, labels)
 
+Calls are counted from outside fast_cupy.py, as CuPy's cost model has them: inside the
+emulated module arrays are `DeviceArray` (a NumPy subclass standing for a CuPy array), and
+each kernel, each library call that launches one (products, reductions, `zeros`, copies)
+and each operator, in-place update, store and `astype` on a device array adds one call to a
+running `xpcnn.backend.counting.count_calls` block; allocations (`empty`) and views
+(slices, reshapes, ``.T``) are free, as on a GPU. `use_fast_module` hands the module's
+entries device arrays and takes NumPy arrays back.
+
 The stand-in follows CuPy's rules for a kernel call: an `ElementwiseKernel`'s non-raw array
 arguments are broadcast together (outputs must have the broadcast shape; missing outputs are
 allocated), raw arrays are passed whole, scalars are cast to the parameter's type as CuPy
@@ -41,7 +49,7 @@ from typing import Any, Iterator
 import array_api_compat
 import numpy as np
 
-from xpcnn.backend import get_backend
+from xpcnn.backend import counting, get_backend
 from xpcnn.ops import table
 
 from . import cupy_internals
@@ -251,6 +259,84 @@ class GxxRunner:
             raise EmulationError(f"{name}: {library.xpcnn_message().decode()}")
 
 
+# --------------------------------------------------------------- device arrays, counted
+
+def _host(value: Any) -> Any:
+    """`value` with every `DeviceArray` (in lists, tuples and dicts too) viewed as a plain NumPy array."""
+    if isinstance(value, DeviceArray):
+        return value.view(np.ndarray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _host(v) for k, v in value.items()}
+    return value
+
+
+def _device(value: Any) -> Any:
+    """`value` with every NumPy array (in lists and tuples too) viewed as a `DeviceArray`."""
+    if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
+        return value.view(DeviceArray)
+    if isinstance(value, np.generic):                   # a reduction's scalar: a 0-d array on a GPU
+        return np.asarray(value).view(DeviceArray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_device(v) for v in value)
+    return value
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array standing for a CuPy array inside the emulated fast_cupy.py. Each ufunc on
+    it (every operator and in-place operator), each store into it and each `astype` is one
+    launch on a GPU, counted with `counting.add`; views are free."""
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
+        counting.add(1)
+        if out is not None:
+            kwargs["out"] = _host(out)
+        result = getattr(ufunc, method)(*_host(inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _device(result)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        counting.add(1)
+        self.view(np.ndarray)[key] = _host(value)
+
+    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> Any:
+        counting.add(1)
+        return _device(self.view(np.ndarray).astype(dtype, *args, **kwargs))
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        counting.add(1)
+        return _device(self.view(np.ndarray).copy(*args, **kwargs))
+
+
+def _launching(function: Any) -> Any:
+    """A library function that launches one kernel on a GPU: counted, run on plain arrays."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        counting.add(1)
+        out = kwargs.get("out")
+        result = function(*_host(args), **_host(kwargs))
+        return out if out is not None else _device(result)
+    call.__name__ = function.__name__
+    return call
+
+
+def _allocating(function: Any) -> Any:
+    """A library function that only allocates on a GPU (no launch): not counted."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _device(function(*_host(args), **_host(kwargs)))
+    call.__name__ = function.__name__
+    return call
+
+
+def _ascontiguousarray(array: Any, dtype: Any = None) -> Any:
+    """A copy (one launch) only where the array is not C-contiguous already."""
+    host = _host(array)
+    if not host.flags.c_contiguous or (dtype is not None and np.dtype(dtype) != host.dtype):
+        counting.add(1)
+    return _device(np.ascontiguousarray(host, dtype=dtype))
+
+
 # ------------------------------------------------------------------------ the stand-in
 
 def _scalar_dtype(value: Any) -> np.dtype:
@@ -282,7 +368,8 @@ class ElementwiseKernel:
             raise NotImplementedError("the emulation does not support ElementwiseKernel(size=...)")
         if len(args) not in (self.nin, self.nin + self.nout):
             raise TypeError(f"{self.name} takes {self.nin} or {self.nin + self.nout} arguments, got {len(args)}")
-        ins, outs = list(args[:self.nin]), list(args[self.nin:])
+        given_outs = args[self.nin:]
+        ins, outs = list(_host(args[:self.nin])), list(_host(given_outs))
         raw = [is_raw for _, is_raw, _ in self.params]
         in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
         out_dtypes = tuple(a.dtype for a in outs)
@@ -306,6 +393,10 @@ class ElementwiseKernel:
                 values.append(np.asarray(arg).astype(in_types[k]))
         values += outs
         size = int(np.prod(shape))
+        if given_outs:
+            outs = list(given_outs)                      # the caller's arrays come back as given
+        else:
+            outs = _device(outs)
         if size == 0:
             return outs[0] if self.nout == 1 else tuple(outs)
         broadcastable = [(k, v) for k, v in enumerate(values) if v.ndim and not raw[k]]
@@ -326,7 +417,8 @@ class ElementwiseKernel:
         indexer = np.empty(indexer_shape, dtype=np.int8)       # only its shape is read
         grid = min(-(-size // block_size), ELEMENTWISE_MAX_GRID)
         dtype = str(next((v.dtype for v in values if v.dtype.kind == "f"), values[0].dtype))
-        self.runner.launch(self.name, source, dtype, [*values, indexer], grid, block_size, cooperative=False)
+        counting.add(1)
+        self.runner.launch(self.name, source, dtype, [*_host(values), indexer], grid, block_size, cooperative=False)
         return outs[0] if self.nout == 1 else tuple(outs)
 
 
@@ -349,7 +441,7 @@ class RawKernel:
         if shared_mem:
             raise NotImplementedError(f"{self.name}: dynamic shared memory is not emulated")
         guarded, values = [], []
-        for k, arg in enumerate(args):
+        for k, arg in enumerate(_host(tuple(args))):
             if isinstance(arg, np.ndarray):
                 if not arg.flags.c_contiguous:
                     raise EmulationError(f"{self.name}: argument {k} is not C-contiguous, but a raw kernel gets "
@@ -364,6 +456,7 @@ class RawKernel:
                 values.append(np.asarray(arg, dtype=_scalar_dtype(arg)))
         typedef = re.search(r"typedef\s+([\w ]+?)\s+T\s*;", self.code)
         dtype = _C_TYPE_NAMES.get(typedef.group(1), typedef.group(1)) if typedef else ""
+        counting.add(1)
         self.runner.launch(self.name, self.code, dtype, values, grid[0], block[0], cooperative=True)
         for k, arg, buffer, inner in guarded:
             outside = np.concatenate([buffer[:GUARD_ELEMENTS], buffer[GUARD_ELEMENTS + arg.size:]])
@@ -390,13 +483,15 @@ class StandInCupy(types.ModuleType):
         super().__init__("cupy", "stand-in for CuPy on the CPU (tests/ops/emulation/emulator.py)")
         self.runner = runner
         self.__version__ = "emulated"
-        self.ndarray = np.ndarray
+        self.ndarray = DeviceArray
         for name in ("float32", "float64", "int32", "int64", "bool_"):
             setattr(self, name, getattr(np, name))
-        for name in ("ascontiguousarray", "empty", "empty_like", "zeros", "zeros_like", "matmul", "tensordot",
-                     "maximum"):
-            setattr(self, name, getattr(np, name))
-        self.sum = _sum
+        for name in ("empty", "empty_like"):
+            setattr(self, name, _allocating(getattr(np, name)))
+        for name in ("zeros", "zeros_like", "matmul", "tensordot", "maximum"):
+            setattr(self, name, _launching(getattr(np, name)))
+        self.sum = _launching(_sum)
+        self.ascontiguousarray = _ascontiguousarray
 
     def ElementwiseKernel(self, *args: Any, **kwargs: Any) -> ElementwiseKernel:  # noqa: N802 (CuPy's name)
         return ElementwiseKernel(self.runner, *args, **kwargs)
@@ -405,7 +500,7 @@ class StandInCupy(types.ModuleType):
         return RawKernel(self.runner, *args, **kwargs)
 
     def asnumpy(self, array: Any) -> np.ndarray:
-        return np.asarray(array)
+        return np.array(_host(array))
 
 
 _LOADED = {"count": 0}
@@ -433,15 +528,43 @@ def load_fast_cupy(standin: StandInCupy, source: str | None = None) -> types.Mod
     return module
 
 
+def _on_device(function: Any) -> Any:
+    """A fast entry of the emulated module taking and giving NumPy arrays: its arguments are
+    viewed as device arrays (so that its calls are counted), its results as NumPy arrays."""
+    def entry(xp: Any, *args: Any) -> Any:
+        originals: dict[int, np.ndarray] = {}
+
+        def to_device(value: Any) -> Any:
+            if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
+                view = value.view(DeviceArray)
+                originals[id(view)] = value          # given back as the caller's own array
+                return view
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_device(v) for v in value)
+            return value
+
+        def to_host(value: Any) -> Any:
+            if isinstance(value, DeviceArray):
+                return originals.get(id(value), value.view(np.ndarray))
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_host(v) for v in value)
+            return value
+
+        return to_host(function(xp, *to_device(args)))
+    entry.__name__ = function.__name__
+    return entry
+
+
 @contextlib.contextmanager
 def use_fast_module(module: types.ModuleType) -> Iterator[Any]:
     """NumPy's backend whose fast table is `module`'s entries (e.g. fast_cupy on the
     emulation) inside the block; the table is restored afterwards."""
     original = table._fast_table
+    entries = {name: _on_device(function) for name, function in module.fast_ops().items()}
 
     def fast_table(xp):
         if array_api_compat.is_numpy_namespace(xp):
-            return module.fast_ops()
+            return entries
         return original(xp)
 
     table._fast_table = fast_table
