@@ -4,6 +4,7 @@
                   BatchNormalization, SoftmaxWithLoss
     params.py     parameters as views of one flat buffer
     optim.py      SGD, Momentum, AdaGrad, Adam (one update over the flat buffer)
+    fusion.py     the layers as steps: runs of layers one fused operation computes
     network.py    `Network`: the base of every model (predict, loss, gradient, accuracy)
     inference.py  batched class probabilities and top-k
 """

@@ -82,6 +82,12 @@ class Convolution:
         self.grad_out: tuple = (None, None)   # (dW, db) arrays to write into; see bind_gradients
 
     def forward(self, x: Any) -> Any:
+        out_h, out_w = self.output_size(x)
+        out, self.cache = self.ops.conv2d_forward(x, self.W, self.b, self.stride, self.pad, out_h, out_w)
+        return out
+
+    def output_size(self, x: Any) -> tuple[int, int]:
+        """``(OH, OW)`` of the output for input `x`, after checking `x` against the filters."""
         _check_input(x, self.W, "Convolution")
         check_rank(x, 4, "Convolution", "(N, C, H, W)")
         _, channels, filter_h, filter_w = self.W.shape
@@ -89,10 +95,8 @@ class Convolution:
         if c != channels:
             raise ShapeError(f"Convolution: input has {c} channels, but the filters expect {channels} "
                              f"(W shape {tuple(self.W.shape)})")
-        out_h = conv_output_size(h, filter_h, self.stride, self.pad, what="Convolution (height)")
-        out_w = conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)")
-        out, self.cache = self.ops.conv2d_forward(x, self.W, self.b, self.stride, self.pad, out_h, out_w)
-        return out
+        return (conv_output_size(h, filter_h, self.stride, self.pad, what="Convolution (height)"),
+                conv_output_size(w, filter_w, self.stride, self.pad, what="Convolution (width)"))
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, FN, OH, OW) -> dx (N, C, H, W)``; sets `dW` and `db`."""
@@ -132,11 +136,14 @@ class Pooling(_OpsFromInput):
         check_rank(x, 4, "Pooling", "(N, C, H, W)")
         if x.dtype not in (ops.xp.float32, ops.xp.float64):
             raise DTypeError(f"Pooling: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
-        _, _, h, w = x.shape
-        out_h = conv_output_size(h, self.pool_h, self.stride, self.pad, what="Pooling (height)")
-        out_w = conv_output_size(w, self.pool_w, self.stride, self.pad, what="Pooling (width)")
-        self.out, self.cache = ops.maxpool2d_forward(x, self.pool_h, self.pool_w, self.stride, self.pad, out_h, out_w)
+        self.out, self.cache = ops.maxpool2d_forward(x, *self.geometry(x.shape[2], x.shape[3]))
         return self.out
+
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, int, int, int]:
+        """``(pool_h, pool_w, stride, pad, OH, OW)`` for an input of `height` x `width`."""
+        return (self.pool_h, self.pool_w, self.stride, self.pad,
+                conv_output_size(height, self.pool_h, self.stride, self.pad, what="Pooling (height)"),
+                conv_output_size(width, self.pool_w, self.stride, self.pad, what="Pooling (width)"))
 
     def backward(self, dout: Any) -> Any:
         """``dout (N, C, OH, OW) -> dx (N, C, H, W)``: each window's gradient goes to its max."""
@@ -169,6 +176,15 @@ class Affine:
         self.grad_out: tuple = (None, None)   # (dW, db) arrays to write into; see bind_gradients
 
     def forward(self, x: Any) -> Any:
+        return self.ops.affine_forward(self.keep_input(x), self.W, self.b)
+
+    def backward(self, dout: Any) -> Any:
+        """``dout (N, out) -> dx`` of the input's original shape; sets `dW` and `db`."""
+        dx, self.dW, self.db = self.ops.affine_backward(dout, self.x, self.W, self.need_input_grad, *self.grad_out)
+        return self.input_shaped(dx)
+
+    def keep_input(self, x: Any) -> Any:
+        """`x` checked against the weights and flattened to ``(N, in)``, kept for backward."""
         _check_input(x, self.W, "Affine")
         if x.ndim < 2:
             raise ShapeError(f"Affine: expected input (N, ...) with a batch axis, got shape {tuple(x.shape)}")
@@ -178,11 +194,10 @@ class Affine:
                              f"but W expects {self.W.shape[0]}")
         self.x_shape = tuple(x.shape)
         self.x = self.ops.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
-        return self.ops.affine_forward(self.x, self.W, self.b)
+        return self.x
 
-    def backward(self, dout: Any) -> Any:
-        """``dout (N, out) -> dx`` of the input's original shape; sets `dW` and `db`."""
-        dx, self.dW, self.db = self.ops.affine_backward(dout, self.x, self.W, self.need_input_grad, *self.grad_out)
+    def input_shaped(self, dx: Any) -> Any:
+        """The input gradient ``(N, in)`` in the shape of the last input (None stays None)."""
         if dx is None or len(self.x_shape) == 2:
             return dx
         return self.ops.xp.reshape(dx, self.x_shape)

@@ -23,8 +23,9 @@ from ..errors import ConfigError, ShapeError
 from ..ops.functions import host_class_labels
 from ..ops.geometry import positive_int
 from ..ops.table import Ops, ops_of
+from . import fusion
 from .inference import predict_proba
-from .layers import BatchNormalization, Dropout, check_train_flg
+from .layers import BatchNormalization, check_train_flg
 from .params import make_params
 
 
@@ -121,12 +122,17 @@ class Network:
     def predict(self, x: Any, train_flg: bool = False) -> Any:
         """Class scores ``(N, output_size)``; `train_flg` switches Dropout/BatchNorm to training."""
         train_flg = check_train_flg(train_flg, f"{type(self).__name__}.predict")
-        for layer in self.layers.values():
-            if isinstance(layer, (Dropout, BatchNormalization)):
-                x = layer.forward(x, train_flg)
-            else:
-                x = layer.forward(x)
+        for step in self._steps():
+            x = step.forward(x, train_flg)
         return x
+
+    def _steps(self) -> list:
+        """The layers as steps, runs of them fused where the table has one operation for them
+        (`xpcnn.nn.fusion`); made again when ``self.layers`` changes."""
+        key = tuple(map(id, self.layers.values()))
+        if getattr(self, "_plan_key", None) != key:
+            self._plan, self._plan_key = fusion.steps(list(self.layers.values())), key
+        return self._plan
 
     def loss(self, x: Any, t: Any) -> Any:
         """Mean cross-entropy of a batch in training mode, as a 0-d array on the backend."""
@@ -134,8 +140,8 @@ class Network:
 
     def _backward(self) -> None:
         dout = self.last_layer.backward(1)
-        for layer in reversed(list(self.layers.values())):
-            dout = layer.backward(dout)
+        for step in reversed(self._steps()):
+            dout = step.backward(dout)
 
     def gradient(self, x: Any, t: Any) -> dict[str, Any]:
         """Forward (training mode) and backward on a batch: the gradients, keyed like `params`.

@@ -7,6 +7,8 @@
                    optimizer updates), written once against the array API
     fast_numpy.py  NumPy's faster convolution (channels-last, cache-sized chunks)
     fast_cupy.py   CuPy's kernels for the hot operations
+    fused.py       the fused operations (a convolution with its ReLU and pooling, Affine with
+                   its ReLU), defined on the table's own entries
     table.py       `Ops`, `ops_for`: one table per namespace, reference entries overridden by
                    the fast ones
 

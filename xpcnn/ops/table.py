@@ -6,12 +6,17 @@ they run on. The reference entries are in `reference.py`; NumPy's fast entries i
 `fast_numpy.py`, CuPy's in `fast_cupy.py`. `ops_for(xp, reference=True)` gives the reference
 path on any namespace (the tests and benchmarks check the fast paths against it).
 
+The fused entries (`fused.py`: a convolution with its ReLU and pooling, Affine with ReLU)
+are defined as the table's own unfused entries called in turn; a backend with a fused kernel
+replaces that definition.
+
 A fast entry takes the reference's arguments and returns its result, or ``NotImplemented``
 for a case it leaves to the reference (e.g. a pooling geometry it has no kernel for): the
-table then calls the reference with the same arguments. A namespace that stands in front of
-another one (`xpcnn.backend.counting.CountingNamespace`, which counts calls) has an ``inner``
-namespace and a ``wrap_fast_table`` method: its table holds the inner library's fast
-entries as that method wraps them, so measuring happens outside the operations.
+table then calls the reference (for a fused entry, its definition) with the same arguments.
+A namespace that stands in front of another one (`xpcnn.backend.counting.CountingNamespace`,
+which counts calls) has an ``inner`` namespace and a ``wrap_fast_table`` method: its table
+holds the inner library's fast entries as that method wraps them, so measuring happens
+outside the operations.
 
     >>> ops = ops_for(array_api_compat.numpy)             # the fast table, where one exists
     >>> out, cache = ops.maxpool2d_forward(x, 2, 2, 2, 0, 14, 14)
@@ -26,7 +31,7 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from . import fast_numpy, reference
+from . import fast_numpy, fused, reference
 
 #: Every operation a table holds, with its signature (after `xp`).
 OP_SIGNATURES = {
@@ -45,9 +50,18 @@ OP_SIGNATURES = {
     "momentum_update": "(param, grad, v, lr, momentum) -> None",
     "adagrad_update": "(param, grad, h, lr, eps) -> None",
     "adam_update": "(param, grad, m, v, lr_t, beta1, beta2, eps) -> None",
+    # Fused (fused.py): runs of layers in one operation; `pool` is (pool_h, pool_w, stride, pad, out_h, out_w).
+    "conv2d_relu_forward": "(x, W, b, stride, pad, out_h, out_w) -> (out, cache)",
+    "conv2d_relu_backward": "(dout, cache, W, stride, pad, need_input_grad, dW_out, db_out) -> (dx or None, dW, db)",
+    "conv2d_relu_maxpool2d_forward": "(x, W, b, stride, pad, out_h, out_w, pool) -> (out, cache)",
+    "conv2d_relu_maxpool2d_backward": "(dout, cache, W, stride, pad, need_input_grad, dW_out, db_out) -> "
+                                      "(dx or None, dW, db)",
+    "affine_relu_forward": "(x2d, W, b) -> (out, cache)",
+    "affine_relu_backward": "(dout, cache, x2d, W, need_input_grad, dW_out, db_out) -> (dx2d or None, dW, db)",
 }
 
-_REFERENCE: dict[str, Callable[..., Any]] = {name: getattr(reference, name) for name in OP_SIGNATURES}
+_REFERENCE: dict[str, Callable[..., Any]] = {name: getattr(reference, name) for name in OP_SIGNATURES
+                                             if name not in fused.FUSED}
 
 
 class Ops:
@@ -69,6 +83,9 @@ class Ops:
         self.reference = not fast
         for name, reference_function in _REFERENCE.items():
             setattr(self, name, _entry(xp, name, reference_function, fast.get(name)))
+        for name, definition in fused.FUSED.items():      # defined on this table's own entries
+            setattr(self, name, _entry(xp, name, functools.partial(definition, self), fast.get(name),
+                                       fallback_takes_xp=False))
 
     def __repr__(self) -> str:
         kind = "reference" if self.reference else f"fast: {', '.join(self.fast_names)}"
@@ -76,15 +93,18 @@ class Ops:
 
 
 def _entry(xp: ModuleType, name: str, reference_function: Callable[..., Any],
-           fast_function: Callable[..., Any] | None) -> Callable[..., Any]:
+           fast_function: Callable[..., Any] | None, fallback_takes_xp: bool = True) -> Callable[..., Any]:
     """The table's entry `name` bound to `xp`: the fast function, falling back to the
-    reference where it returns ``NotImplemented``; the reference alone without one."""
+    reference where it returns ``NotImplemented``; the reference alone without one.
+    `reference_function` takes `xp` first unless ``fallback_takes_xp=False`` (a fused
+    definition already bound to its table)."""
+    fallback = functools.partial(reference_function, xp) if fallback_takes_xp else reference_function
     if fast_function is None:
-        return functools.partial(reference_function, xp)
+        return fallback
 
     def entry(*args: Any) -> Any:
         result = fast_function(xp, *args)
-        return reference_function(xp, *args) if result is NotImplemented else result
+        return fallback(*args) if result is NotImplemented else result
 
     entry.__name__ = name
     entry.__wrapped__ = fast_function            # the fast function behind the entry (for tests and tools)
