@@ -16,15 +16,18 @@ import pytest
 
 from xpcnn import AdaGrad, Adam, DeepConvNet, SimpleConvNet, get_backend
 from xpcnn.backend.counting import count_calls, counting_backend
-from xpcnn.ops import ops_for, table
+from xpcnn.ops import cpu_kernels, ops_for
+from xpcnn.ops import table as op_table
 
 #: Calls of one SimpleConvNet training step (gradient + AdaGrad, 16 images), per
-#: (backend, table): measured (116 on the reference tables; 38 on NumPy's fast table, whose
-#: eight entries count one call each) plus one. Lower a budget when a change removes calls.
-SIMPLE_STEP_CALLS = {("numpy", "reference"): 117, ("numpy", "fast"): 39, ("array_api_strict", "reference"): 117}
-#: One step of a small DeepConvNet (1x12x12 inputs, 4 images, Adam) on NumPy: measured 421
-#: (reference) and 73 (fast), plus one.
-DEEP_STEP_CALLS = {"reference": 422, "fast": 74}
+#: (backend, table): measured plus one (116 on the reference tables; on NumPy's fast table,
+#: whose entries count one call each, 13 with the compiled kernels and 38 with NumPy's calls
+#: only). Lower a budget when a change removes calls.
+SIMPLE_STEP_CALLS = {("numpy", "reference"): 117, ("numpy", "compiled"): 14, ("numpy", "numpy-calls"): 39,
+                     ("array_api_strict", "reference"): 117}
+#: One step of a small DeepConvNet (1x12x12 inputs, 4 images, Adam) on NumPy: measured plus
+#: one (421 on the reference table, 45 compiled, 73 with NumPy's calls only).
+DEEP_STEP_CALLS = {"reference": 422, "compiled": 46, "numpy-calls": 74}
 #: The fast path's budget on a GPU (issue 9: <= 30). Counted on a real GPU, where CuPy reports
 #: nothing of its own, a fast entry counts one call, so this is the count's floor there; the
 #: emulation counts each launch (tests/ops/test_cuda_kernels.py).
@@ -70,25 +73,45 @@ def _check_budget(what, calls, budget, counted, plain):
         np.testing.assert_array_equal(counted[key], plain[key])
 
 
+@pytest.fixture
+def kernels(monkeypatch):
+    """Selects NumPy's CPU kernels for the test: ``kernels("compiled")`` or ``kernels("numpy-calls")``
+    (XPCNN_CPU_KERNELS); the table cache is cleared before and after."""
+    def select(table):
+        monkeypatch.setenv(cpu_kernels.KERNELS_VARIABLE, "numpy" if table == "numpy-calls" else "numba")
+        op_table.ops_for.cache_clear()
+    yield select
+    monkeypatch.undo()
+    op_table.ops_for.cache_clear()
+
+
 @pytest.mark.parametrize("name, table", list(SIMPLE_STEP_CALLS))
-def test_step_call_count_is_held(name, table):
+def test_step_call_count_is_held(name, table, kernels):
+    kernels(table)
     backend = get_backend(name, reference=table == "reference")
     assert ops_for(backend.xp, reference=backend.reference).reference == (table == "reference")
     calls, counted = count_step_calls(backend)
     _check_budget(f"{name} {table} table", calls, SIMPLE_STEP_CALLS[name, table], counted, plain_step_weights(backend))
 
 
-#: The fast operations a SimpleConvNet step calls on NumPy (each a forward and backward
-#: pair: a backward reads its own forward's cache).
-STEP_FAST_OPERATIONS = ["conv2d", "affine", "relu", "maxpool2d"]
+#: The fast operations a SimpleConvNet step calls on NumPy, per kernels (each a forward and
+#: backward pair where it has one: a backward reads its own forward's cache).
+STEP_FAST_OPERATIONS = [("numpy-calls", ("conv2d_forward", "conv2d_backward")),
+                        ("numpy-calls", ("affine_forward", "affine_backward")),
+                        ("numpy-calls", ("relu_forward", "relu_backward")),
+                        ("numpy-calls", ("maxpool2d_forward", "maxpool2d_backward")),
+                        ("compiled", ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")),
+                        ("compiled", ("softmax_cross_entropy_forward", "softmax_cross_entropy_backward")),
+                        ("compiled", ("adagrad_update",))]
 
 
-@pytest.mark.parametrize("operation", STEP_FAST_OPERATIONS)
-def test_a_fast_entry_falling_back_to_the_reference_fails_the_budget(monkeypatch, operation):
+@pytest.mark.parametrize("table, names", STEP_FAST_OPERATIONS)
+def test_a_fast_entry_falling_back_to_the_reference_fails_the_budget(monkeypatch, kernels, table, names):
     """The control for the budgets: NumPy's table without one operation's fast entries (it
-    runs the reference) makes a step cost more than the fast table's budget."""
-    original = table._fast_table
-    names = (f"{operation}_forward", f"{operation}_backward")
+    runs the reference, or a fused operation's definition on the other entries) makes a step
+    cost more than the fast table's budget."""
+    kernels(table)
+    original = op_table._fast_table
 
     def without_entry(xp):
         entries = dict(original(xp))
@@ -97,17 +120,13 @@ def test_a_fast_entry_falling_back_to_the_reference_fails_the_budget(monkeypatch
                 del entries[name]
         return entries
 
-    monkeypatch.setattr(table, "_fast_table", without_entry)
-    table.ops_for.cache_clear()
-    try:
-        backend = get_backend("numpy")
-        assert not set(names) & set(ops_for(backend.xp).fast_names)
-        calls, _ = count_step_calls(backend)
-    finally:
-        monkeypatch.undo()
-        table.ops_for.cache_clear()
-    print(f"without NumPy's fast {operation}: {calls} calls per step")
-    assert calls > SIMPLE_STEP_CALLS["numpy", "fast"], (operation, calls)
+    monkeypatch.setattr(op_table, "_fast_table", without_entry)
+    op_table.ops_for.cache_clear()
+    backend = get_backend("numpy")
+    assert not set(names) & set(ops_for(backend.xp).fast_names)
+    calls, _ = count_step_calls(backend)
+    print(f"{table} without the fast {names}: {calls} calls per step")
+    assert calls > SIMPLE_STEP_CALLS["numpy", table], (names, calls)
 
 
 def test_a_case_handed_back_to_the_reference_counts_the_reference_calls(rng):
@@ -145,7 +164,8 @@ def test_a_fast_entry_whose_library_reports_nothing_counts_one_call(rng):
 
 
 @pytest.mark.parametrize("table", list(DEEP_STEP_CALLS))
-def test_deep_step_call_count_is_held_on_numpy(table):
+def test_deep_step_call_count_is_held_on_numpy(table, kernels):
+    kernels(table)
     backend = get_backend("numpy", reference=table == "reference")
     calls, counted = count_step_calls(backend, _make_deep)
     _check_budget(f"numpy {table} table, DeepConvNet", calls, DEEP_STEP_CALLS[table], counted,

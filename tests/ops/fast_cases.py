@@ -18,6 +18,17 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
     (5, 64, 7, 7, 64, 3, 3, 1, 1),     # its sixth: odd sizes, an uneven cut into slices
     (1, 16, 13, 11, 8, 3, 3, 1, 2),    # N = 1, odd sizes, pad 2
 ]
+#: Convolution, ReLU and a square max pooling (fused): (N, C, H, W, FN, FH, FW, stride, pad, pool size);
+#: the pooling's stride is its size.
+CONV_RELU_POOL_GEOMETRIES = [
+    (3, 1, 28, 28, 30, 5, 5, 1, 0, 2),   # SimpleConvNet
+    (2, 1, 12, 12, 4, 3, 3, 1, 1, 2),    # one channel, padded
+    (3, 1, 16, 12, 5, 3, 3, 2, 1, 2),    # stride 2, not square
+    (2, 1, 10, 10, 3, 5, 5, 1, 1, 4),    # a 4x4 pooling
+    (1, 1, 11, 9, 3, 3, 2, 2, 1, 2),     # output 6x5: the pooling does not tile it
+    (2, 16, 14, 14, 16, 3, 3, 1, 1, 2),  # DeepConvNet's second convolution
+    (2, 3, 9, 7, 4, 3, 2, 2, 1, 1),      # 1x1 pooling
+]
 POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (2, 3, 24, 24, 2, 2, 2, 0),
     (1, 2, 9, 7, 3, 2, 2, 1),

@@ -28,12 +28,21 @@ import pytest
 
 from xpcnn import AdaGrad, Adam, Convolution, DeepConvNet, SimpleConvNet
 from xpcnn.backend import get_backend
-from xpcnn.ops import cpu_threads, fast_numpy, ops_for, reference
+from xpcnn.ops import cpu_kernels, cpu_threads, fast_numpy, fused, ops_for, reference
+from xpcnn.ops import table as op_table
 
-from fast_cases import CONV_GEOMETRIES, OPTIMIZER_CASES, OPTIMIZER_STATE_STARTS, POOL_GEOMETRIES, SCORE_ROWS, TOL
+from fast_cases import (
+    CONV_GEOMETRIES,
+    CONV_RELU_POOL_GEOMETRIES,
+    OPTIMIZER_CASES,
+    OPTIMIZER_STATE_STARTS,
+    POOL_GEOMETRIES,
+    SCORE_ROWS,
+    TOL,
+)
 from fast_cases import out_size as _out
 
-FAST_BACKENDS = ["numpy", "numpy-sliced", "cupy", "cupy-emulated"]
+FAST_BACKENDS = ["numpy", "numpy-sliced", "numpy-calls", "cupy", "cupy-emulated"]
 #: Slices of the batch "numpy-sliced" cuts (three: uneven, and more than this machine's cores).
 SLICES = 3
 
@@ -51,6 +60,13 @@ def fast_backend(request):
         return request.getfixturevalue("gpu_backend")
     if request.param == "cupy-emulated":
         return request.getfixturevalue("cupy_emulated_backend")
+    if request.param == "numpy-calls":
+        # NumPy's fast path without compiled kernels (XPCNN_CPU_KERNELS=numpy, or no Numba).
+        patch = request.getfixturevalue("monkeypatch")
+        patch.setenv(cpu_kernels.KERNELS_VARIABLE, "numpy")
+        op_table.ops_for.cache_clear()
+        request.addfinalizer(op_table.ops_for.cache_clear)
+        return get_backend("numpy")
     if request.param == "numpy-sliced":
         # NumPy's fast path as it runs on large batches: each slice of the batch on its own
         # thread (xpcnn/ops/cpu_threads.py), here for every size and on any number of cores.
@@ -62,10 +78,12 @@ def fast_backend(request):
 
 
 def _tables(backend, *names):
-    """(fast table, reference table); skips unless the backend replaces every one of `names`."""
+    """(fast table, reference table); skips unless the backend replaces every one of `names`
+    (a fused entry is always compared: without a fused kernel it runs the table's own fast
+    entries in turn)."""
     fast, ref = ops_for(backend.xp), ops_for(backend.xp, reference=True)
     assert not fast.reference and ref.reference, fast
-    missing = [name for name in names if name not in fast.fast_names]
+    missing = [name for name in names if name not in fast.fast_names and name not in fused.FUSED]
     if missing:
         pytest.skip(f"{backend.name} has no fast {', '.join(missing)} (the reference is its path)")
     return fast, ref
@@ -175,6 +193,75 @@ def test_affine_matches_reference(fast_backend, rng, dtype, into_buffers):
         results.append((dx, dW, db))
     for name, got, want in zip(("dx", "dW", "db"), *results):
         _close(be, got, want, dtype, f"affine {name}")
+
+
+def _compare_gradients(be, got, want, dtype, what):
+    for name, g, r in zip(("dx", "dW", "db"), got, want):
+        if r is None:
+            assert g is None, f"{what} {name}: expected None"
+        else:
+            _close(be, g, r, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("geometry", CONV_RELU_POOL_GEOMETRIES)
+@pytest.mark.parametrize("need_input_grad", [True, False])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_conv_relu_pool_matches_reference(fast_backend, rng, dtype, geometry, need_input_grad, ties):
+    """The fused convolution + ReLU + max pooling against the reference's layers; with
+    ``ties`` the filters are zero, so every window ties (at the bias: positive in some
+    channels, negative in others) and the first maximum must win."""
+    n, c, h, w, fn, fh, fw, stride, pad, size = geometry
+    be = fast_backend
+    fast, ref = _tables(be, "conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")
+    oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
+    pool = (size, size, size, 0, _out(oh, size, size, 0), _out(ow, size, size, 0))
+    x = be.asarray(rng.standard_normal((n, c, h, w)), dtype)
+    W = be.asarray(np.zeros((fn, c, fh, fw)) if ties else rng.standard_normal((fn, c, fh, fw)), dtype)
+    b = be.asarray(rng.standard_normal(fn), dtype)
+    dout = be.asarray(rng.standard_normal((n, fn, pool[4], pool[5])), dtype)
+    results = []
+    for table in (fast, ref):
+        out, cache = table.conv2d_relu_maxpool2d_forward(x, W, b, stride, pad, oh, ow, pool)
+        buffers = (be.asarray(np.zeros((fn, c, fh, fw)), dtype), be.asarray(np.zeros(fn), dtype))
+        grads = table.conv2d_relu_maxpool2d_backward(dout, cache, W, stride, pad, need_input_grad, *buffers)
+        assert grads[1] is buffers[0] and grads[2] is buffers[1]
+        results.append((out, grads))
+    _close(be, results[0][0], results[1][0], dtype, "conv-relu-pool forward")
+    _compare_gradients(be, results[0][1], results[1][1], dtype, "conv-relu-pool")
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES)
+@pytest.mark.parametrize("need_input_grad", [True, False])
+def test_fused_conv_relu_matches_reference(fast_backend, rng, dtype, geometry, need_input_grad):
+    n, c, h, w, fn, fh, fw, stride, pad = geometry
+    be = fast_backend
+    fast, ref = _tables(be, "conv2d_relu_forward", "conv2d_relu_backward")
+    oh, ow = _out(h, fh, stride, pad), _out(w, fw, stride, pad)
+    x = be.asarray(rng.standard_normal((n, c, h, w)), dtype)
+    W = be.asarray(rng.standard_normal((fn, c, fh, fw)), dtype)
+    b = be.asarray(rng.standard_normal(fn), dtype)
+    dout = be.asarray(rng.standard_normal((n, fn, oh, ow)), dtype)
+    results = []
+    for table in (fast, ref):
+        out, cache = table.conv2d_relu_forward(x, W, b, stride, pad, oh, ow)
+        results.append((out, table.conv2d_relu_backward(dout, cache, W, stride, pad, need_input_grad)))
+    _close(be, results[0][0], results[1][0], dtype, "conv-relu forward")
+    _compare_gradients(be, results[0][1], results[1][1], dtype, "conv-relu")
+
+
+def test_fused_affine_relu_matches_reference(fast_backend, rng, dtype):
+    be = fast_backend
+    fast, ref = _tables(be, "affine_relu_forward", "affine_relu_backward")
+    x = be.asarray(rng.standard_normal((7, 12)), dtype)
+    W = be.asarray(rng.standard_normal((12, 5)), dtype)
+    b = be.asarray(rng.standard_normal(5), dtype)
+    dout = be.asarray(rng.standard_normal((7, 5)), dtype)
+    results = []
+    for table in (fast, ref):
+        out, cache = table.affine_relu_forward(x, W, b)
+        results.append((out, table.affine_relu_backward(dout, cache, x, W, True)))
+    _close(be, results[0][0], results[1][0], dtype, "affine-relu forward")
+    _compare_gradients(be, results[0][1], results[1][1], dtype, "affine-relu")
 
 
 @pytest.mark.parametrize("geometry", POOL_GEOMETRIES)

@@ -20,6 +20,10 @@ from typing import Any
 
 from .layers import Affine, BatchNormalization, Convolution, Dropout, Pooling, ReLU
 
+#: The table's fused operations the steps call.
+FUSED_OPERATIONS = ("conv2d_relu_forward", "conv2d_relu_backward", "conv2d_relu_maxpool2d_forward",
+                    "conv2d_relu_maxpool2d_backward", "affine_relu_forward", "affine_relu_backward")
+
 
 class LayerStep:
     """One layer on its own."""

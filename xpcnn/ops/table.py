@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import array_api_compat
 
-from . import fast_numpy, fused, reference
+from . import cpu_kernels, fast_numpy, fused, reference
 
 #: Every operation a table holds, with its signature (after `xp`).
 OP_SIGNATURES = {
@@ -121,7 +121,7 @@ def _fast_table(xp: Any) -> dict[str, Callable[..., Any]]:
 
         return fast_cupy.fast_ops()
     if array_api_compat.is_numpy_namespace(xp):
-        return fast_numpy.fast_ops()
+        return {**fast_numpy.fast_ops(), **cpu_kernels.compiled_ops()}
     return {}
 
 
