@@ -5,13 +5,13 @@ each function here replaces an operation of the table with compiled loops that m
 over memory where NumPy makes several:
 
     operation                               kernel
-    conv2d_relu_maxpool2d_*, one channel    the convolution computed row by row, its bias,
-                                            ReLU and the pooling's maximum (with the window
-                                            offset of the maximum) while the rows are in
-                                            cache; backward: dW and db only at the pooled
-                                            maxima that passed the ReLU (a quarter of the
-                                            products of the dense dW for 2x2 pooling)
-    conv2d_relu_*, one channel              the same convolution with its bias and ReLU
+    conv2d_relu_maxpool2d_*, one channel,   the convolution computed plane by plane (a long
+    stride 1                                multiply-add per tap, vectorised), its bias, ReLU
+                                            and the pooling's maximum with the window offset of
+                                            the maximum while the plane is in cache; backward:
+                                            the gradient placed at the pooled maxima that passed
+                                            the ReLU, then dW as one dot product per tap
+    conv2d_relu_*, one channel, stride 1    the same convolution with its bias and ReLU
     softmax_cross_entropy_*                 one pass per row: probabilities, loss, and the
                                             gradient for ``dout = 1`` (backward returns it)
     count_correct                           argmax and comparison in one pass
@@ -59,139 +59,184 @@ _TAG = "numba"
 
 
 # --------------------------------------------------------------------- one-channel convolution
+# Stride 1. An image is padded into a flat buffer of `width` columns; the output pixel
+# (oh, ow) of a filter is then ``plane[oh * width + ow]`` and its tap (i, j) reads
+# ``image[oh * width + ow + i * width + j]``: each tap is one long contiguous multiply-add over
+# the whole plane (``out_h * width`` values, the columns past ``out_w`` computed and never
+# read), which vectorises; the image buffer has ``filter_w`` spare values at its end for the
+# last row's unread columns. (Slices, not computed indices, in the inner loops: Numba checks
+# a computed index for a negative value, which keeps LLVM from vectorising the loop.)
 
-@njit(nogil=True, fastmath=_SUMS)
-def _conv1_rows(image, W, b, f, first_row, rows, stride, rows_out):
-    """Rows ``first_row .. first_row+rows-1`` of filter `f`'s output on one padded image:
-    ``rows_out[r, ow] = b[f] + sum_ij W[f, 0, i, j] * image[(first_row+r)*stride + i, ow*stride + j]``."""
-    filter_h, filter_w = W.shape[2], W.shape[3]
-    out_w = rows_out.shape[1]
-    for r in range(rows):
-        top = (first_row + r) * stride
-        row = rows_out[r]
-        for ow in range(out_w):
-            row[ow] = b[f]
-        for i in range(filter_h):
-            source = image[top + i]
-            for j in range(filter_w):
-                weight = W[f, 0, i, j]
-                for ow in range(out_w):
-                    row[ow] += weight * source[ow * stride + j]
+@njit(nogil=True, error_model="numpy")
+def _load_image(x, n, pad, width, image):
+    """Image `n` of ``x (N, 1, H, W)`` into the flat zero-padded `image` (borders stay zero)."""
+    for y in range(x.shape[2]):
+        start = (y + pad) * width + pad
+        image[start:start + x.shape[3]] = x[n, 0, y]
 
 
-@njit(nogil=True)
-def _pad_image(x, n, pad, image):
-    """Image `n` of ``x (N, 1, H, W)`` into the middle of ``image`` (its border stays zero)."""
-    height, width = x.shape[2], x.shape[3]
-    for y in range(height):
-        for z in range(width):
-            image[pad + y, pad + z] = x[n, 0, y, z]
+@njit(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_plane(image, width, W, f, bias, plane):
+    """``plane[p] = bias + sum_ij W[f, 0, i, j] * image[p + i * width + j]``, four taps a pass."""
+    filter_h, filter_w, size = W.shape[2], W.shape[3], plane.shape[0]
+    for p in range(size):
+        plane[p] = bias
+    for i in range(filter_h):
+        j = 0
+        while j + 4 <= filter_w:
+            at = i * width + j
+            s0, s1, s2, s3 = image[at:at + size], image[at + 1:at + 1 + size], image[at + 2:at + 2 + size], \
+                image[at + 3:at + 3 + size]
+            w0, w1, w2, w3 = W[f, 0, i, j], W[f, 0, i, j + 1], W[f, 0, i, j + 2], W[f, 0, i, j + 3]
+            for p in range(size):
+                plane[p] += w0 * s0[p] + w1 * s1[p] + w2 * s2[p] + w3 * s3[p]
+            j += 4
+        while j < filter_w:
+            at = i * width + j
+            s0, w0 = image[at:at + size], W[f, 0, i, j]
+            for p in range(size):
+                plane[p] += w0 * s0[p]
+            j += 1
 
 
-@kernel(nogil=True, fastmath=_SUMS)
-def _conv1_relu_pool_forward(x, W, b, stride, pad, out_w, pool, start, end, out, arg):
-    """Images ``start..end-1``: ``out[n, f] = maxpool(relu(conv(x[n], W[f]) + b[f]))`` for a
-    tiling ``pool x pool`` window; ``arg`` is the offset ``r * pool + c`` of the window's first
-    maximum, or -1 where the ReLU passed nothing back (maximum <= 0 or NaN)."""
-    filter_num = W.shape[0]
-    pooled_h, pooled_w = out.shape[2], out.shape[3]
-    image = np.zeros((x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype=x.dtype)
-    rows = np.empty((pool, out_w), dtype=x.dtype)
-    for n in range(start, end):
-        _pad_image(x, n, pad, image)
-        for f in range(filter_num):
-            for ph in range(pooled_h):
-                _conv1_rows(image, W, b, f, ph * pool, pool, stride, rows)
-                for pw in range(pooled_w):
-                    best = rows[0, pw * pool]
-                    offset = 0
-                    for r in range(pool):
-                        for c in range(pool):
-                            value = rows[r, pw * pool + c]
-                            if (value > best or (np.isnan(value) and not np.isnan(best))) and r * pool + c > 0:
-                                best = value
-                                offset = r * pool + c
-                    passed = best > 0
-                    out[n, f, ph, pw] = best if passed or np.isnan(best) else 0
-                    arg[n, f, ph, pw] = offset if passed else -1
-
-
-@njit(nogil=True, fastmath=_SUMS)
-def _conv1_window_backward(g, W, f, image, top, left, pad, dW, dx, n):
-    """One output pixel's gradient `g` of filter `f`, whose window starts at ``(top, left)`` of
-    the padded image: into dW (``g * window``) and, where `dx` has images, dx (``g * W[f]``)."""
-    filter_h, filter_w = W.shape[2], W.shape[3]
+@njit(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_plane_backward(image, width, W, f, grad, dW, dimage):
+    """The gradient `grad` of filter `f`'s plane: ``dW[f, 0, i, j] += sum_p grad[p] * image[p + i *
+    width + j]``, and, when `dimage` is not empty, ``dimage[p + i * width + j] += W[f, 0, i, j] * grad[p]``."""
+    filter_h, filter_w, size = W.shape[2], W.shape[3], grad.shape[0]
     for i in range(filter_h):
         for j in range(filter_w):
-            dW[f, 0, i, j] += g * image[top + i, left + j]
-    if dx.shape[0] > 0:
-        for i in range(filter_h):
-            y = top + i - pad
-            if 0 <= y < dx.shape[2]:
-                for j in range(filter_w):
-                    z = left + j - pad
-                    if 0 <= z < dx.shape[3]:
-                        dx[n, 0, y, z] += g * W[f, 0, i, j]
+            at = i * width + j
+            source = image[at:at + size]
+            total = dW.dtype.type(0)
+            for p in range(size):
+                total += grad[p] * source[p]
+            dW[f, 0, i, j] += total
+            if dimage.shape[0] > 0:
+                target, weight = dimage[at:at + size], W[f, 0, i, j]
+                for p in range(size):
+                    target[p] += weight * grad[p]
 
 
-@kernel(nogil=True, fastmath=_SUMS)
-def _conv1_relu_pool_backward(x, W, dout, arg, stride, pad, pool, start, end, dW, db, dx):
-    """Images ``start..end-1``: dW and db summed (into `dW`, `db`) over the pooled maxima that
-    passed the ReLU; `dx` (zeros, or no images when not wanted) gets each one's ``g * W``."""
-    filter_num = dout.shape[1]
-    pooled_h, pooled_w = dout.shape[2], dout.shape[3]
-    image = np.zeros((x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype=x.dtype)
+@njit(nogil=True, error_model="numpy")
+def _store_input_gradient(dimage, n, pad, width, dx):
+    """The middle of the flat padded `dimage` into ``dx[n, 0]``."""
+    for y in range(dx.shape[2]):
+        start = (y + pad) * width + pad
+        dx[n, 0, y] = dimage[start:start + dx.shape[3]]
+
+
+@kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_relu_pool_forward(x, W, b, pad, pool, start, end, out, arg):
+    """Images ``start..end-1``: ``out[n, f] = maxpool(relu(conv(x[n], W[f]) + b[f]))`` for a
+    tiling ``pool x pool`` window; ``arg`` is the offset ``r * pool + c`` of the window's first
+    maximum, or -1 where the ReLU passed nothing back (maximum <= 0, or NaN). A pooled row at
+    a time, each window offset a strided slice across the row's windows (vectorised)."""
+    width = x.shape[3] + 2 * pad
+    out_h = x.shape[2] + 2 * pad - W.shape[2] + 1
+    pooled_w = out.shape[3]
+    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
+    plane = np.empty(out_h * width, dtype=x.dtype)
+    best = np.empty(pooled_w, dtype=x.dtype)
+    offset = np.empty(pooled_w, dtype=np.int8)
     for n in range(start, end):
-        _pad_image(x, n, pad, image)
-        for f in range(filter_num):
-            for ph in range(pooled_h):
+        _load_image(x, n, pad, width, image)
+        for f in range(W.shape[0]):
+            _conv1_plane(image, width, W, f, b[f], plane)
+            for ph in range(out.shape[2]):
+                corner = ph * pool * width
+                first = plane[corner:corner + pooled_w * pool:pool]
                 for pw in range(pooled_w):
-                    offset = arg[n, f, ph, pw]
-                    if offset < 0:
-                        continue
-                    g = dout[n, f, ph, pw]
-                    db[f] += g
-                    _conv1_window_backward(g, W, f, image, (ph * pool + offset // pool) * stride,
-                                           (pw * pool + offset % pool) * stride, pad, dW, dx, n)
+                    best[pw] = first[pw]
+                    offset[pw] = 0
+                for k in range(1, pool * pool):
+                    at = corner + (k // pool) * width + k % pool
+                    candidate = plane[at:at + pooled_w * pool:pool]
+                    for pw in range(pooled_w):
+                        # Larger, or a NaN: a NaN wins and stays (`not <=` is true for a NaN).
+                        if not (candidate[pw] <= best[pw]) and best[pw] == best[pw]:
+                            best[pw] = candidate[pw]
+                            offset[pw] = k
+                target, where = out[n, f, ph], arg[n, f, ph]
+                for pw in range(pooled_w):
+                    value = best[pw]
+                    target[pw] = value if not (value <= 0) else 0        # a NaN stays NaN
+                    where[pw] = offset[pw] if value > 0 else -1
 
 
-@kernel(nogil=True, fastmath=_SUMS)
-def _conv1_relu_forward(x, W, b, stride, pad, start, end, out):
-    """Images ``start..end-1``: ``out[n, f] = relu(conv(x[n], W[f]) + b[f])`` (NaN stays NaN)."""
-    filter_num, out_h = W.shape[0], out.shape[2]
-    image = np.zeros((x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype=x.dtype)
+@kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_relu_pool_backward(x, W, dout, arg, pad, pool, start, end, dW, db, dx):
+    """Images ``start..end-1``: dW and db summed (into `dW`, `db`) over the pooled maxima that
+    passed the ReLU; `dx` (or an empty array when not wanted) gets the input gradient."""
+    width = x.shape[3] + 2 * pad
+    out_h = x.shape[2] + 2 * pad - W.shape[2] + 1
+    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
+    grad = np.zeros(out_h * width, dtype=x.dtype)
+    dimage = np.zeros(image.shape[0] if dx.shape[0] > 0 else 0, dtype=x.dtype)
     for n in range(start, end):
-        _pad_image(x, n, pad, image)
-        for f in range(filter_num):
-            plane = out[n, f]
-            _conv1_rows(image, W, b, f, 0, out_h, stride, plane)
+        _load_image(x, n, pad, width, image)
+        dimage[:] = 0
+        for f in range(W.shape[0]):
+            grad[:] = 0
+            total = db.dtype.type(0)
+            for ph in range(dout.shape[2]):
+                for pw in range(dout.shape[3]):
+                    offset = arg[n, f, ph, pw]
+                    if offset >= 0:
+                        g = dout[n, f, ph, pw]
+                        grad[(ph * pool + offset // pool) * width + pw * pool + offset % pool] = g
+                        total += g
+            db[f] += total
+            _conv1_plane_backward(image, width, W, f, grad, dW, dimage)
+        if dx.shape[0] > 0:
+            _store_input_gradient(dimage, n, pad, width, dx)
+
+
+@kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_relu_forward(x, W, b, pad, start, end, out):
+    """Images ``start..end-1``: ``out[n, f] = relu(conv(x[n], W[f]) + b[f])`` (NaN stays NaN)."""
+    width = x.shape[3] + 2 * pad
+    out_h, out_w = out.shape[2], out.shape[3]
+    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
+    plane = np.empty(out_h * width, dtype=x.dtype)
+    for n in range(start, end):
+        _load_image(x, n, pad, width, image)
+        for f in range(W.shape[0]):
+            _conv1_plane(image, width, W, f, b[f], plane)
             for oh in range(out_h):
-                row = plane[oh]
-                for ow in range(row.shape[0]):
-                    if row[ow] <= 0:
-                        row[ow] = 0
+                row, target = plane[oh * width:oh * width + out_w], out[n, f, oh]
+                for ow in range(out_w):
+                    target[ow] = row[ow] if not (row[ow] <= 0) else 0      # a NaN stays NaN
 
 
-@kernel(nogil=True, fastmath=_SUMS)
-def _conv1_relu_backward(x, W, dout, out, stride, pad, start, end, dW, db, dx):
+@kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _conv1_relu_backward(x, W, dout, out, pad, start, end, dW, db, dx):
     """Images ``start..end-1``: dW and db summed where the output passed the ReLU; `dx` as in
     `_conv1_relu_pool_backward`."""
-    filter_num, out_h, out_w = dout.shape[1], dout.shape[2], dout.shape[3]
-    image = np.zeros((x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype=x.dtype)
+    width = x.shape[3] + 2 * pad
+    out_h, out_w = dout.shape[2], dout.shape[3]
+    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
+    grad = np.zeros(out_h * width, dtype=x.dtype)
+    dimage = np.zeros(image.shape[0] if dx.shape[0] > 0 else 0, dtype=x.dtype)
     for n in range(start, end):
-        _pad_image(x, n, pad, image)
-        for f in range(filter_num):
+        _load_image(x, n, pad, width, image)
+        dimage[:] = 0
+        for f in range(W.shape[0]):
+            total = db.dtype.type(0)
             for oh in range(out_h):
+                row, passed, target = dout[n, f, oh], out[n, f, oh], grad[oh * width:oh * width + out_w]
                 for ow in range(out_w):
-                    if out[n, f, oh, ow] > 0:
-                        g = dout[n, f, oh, ow]
-                        db[f] += g
-                        _conv1_window_backward(g, W, f, image, oh * stride, ow * stride, pad, dW, dx, n)
+                    target[ow] = row[ow] if passed[ow] > 0 else 0
+                    total += target[ow]
+            db[f] += total
+            _conv1_plane_backward(image, width, W, f, grad, dW, dimage)
+        if dx.shape[0] > 0:
+            _store_input_gradient(dimage, n, pad, width, dx)
 
 
 # ------------------------------------------------------------------ softmax with cross-entropy
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _softmax_cross_entropy(scores, labels, scale, probs, grad):
     """Row by row: the softmax into `probs`, ``(probs - onehot) * scale`` into `grad`; returns
     the sum of the rows' losses ``-log softmax[label]`` (NaN rows stay NaN)."""
@@ -215,7 +260,7 @@ def _softmax_cross_entropy(scores, labels, scale, probs, grad):
     return total_loss
 
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _count_correct(scores, labels):
     """Rows whose first maximum (or first NaN) is at their label."""
     hits = 0
@@ -235,29 +280,33 @@ def _count_correct(scores, labels):
 # The reference's formulas in its order of operations, with the hyper-parameters in the
 # buffer's dtype (as NumPy computes them): elementwise, so any slicing gives the same bits.
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _sgd(param, grad, lr, start, end):
-    for i in range(start, end):
+    param, grad = param[start:end], grad[start:end]      # slices: the loops below vectorise
+    for i in range(param.shape[0]):
         param[i] -= lr * grad[i]
 
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _momentum(param, grad, v, lr, momentum, start, end):
-    for i in range(start, end):
+    param, grad, v = param[start:end], grad[start:end], v[start:end]
+    for i in range(param.shape[0]):
         v[i] = v[i] * momentum - lr * grad[i]
         param[i] += v[i]
 
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _adagrad(param, grad, h, lr, eps, start, end):
-    for i in range(start, end):
+    param, grad, h = param[start:end], grad[start:end], h[start:end]
+    for i in range(param.shape[0]):
         h[i] += grad[i] * grad[i]
         param[i] -= grad[i] / (np.sqrt(h[i]) + eps) * lr
 
 
-@kernel(nogil=True)
+@kernel(nogil=True, error_model="numpy")
 def _adam(param, grad, m, v, lr_t, one_minus_beta1, one_minus_beta2, eps, start, end):
-    for i in range(start, end):
+    param, grad, m, v = param[start:end], grad[start:end], m[start:end], v[start:end]
+    for i in range(param.shape[0]):
         m[i] += one_minus_beta1 * (grad[i] - m[i])
         v[i] += one_minus_beta2 * (grad[i] * grad[i] - v[i])
         param[i] -= lr_t * m[i] / (np.sqrt(v[i]) + eps)
@@ -270,6 +319,11 @@ def _tiling_pool(pool: tuple, out_h: int, out_w: int) -> int:
     pool_h, pool_w, pool_stride, pool_pad, _, _ = pool
     tiles = pool_h == pool_w == pool_stride and pool_pad == 0 and out_h % pool_h == 0 and out_w % pool_w == 0
     return pool_h if tiles and pool_h <= 11 else 0
+
+
+def _one_channel_stride_1(W: Any, stride: int) -> bool:
+    """Whether the one-channel kernels take this convolution (one input channel, stride 1)."""
+    return W.shape[1] == 1 and stride == 1
 
 
 def _sum_slices(sums: dict, slices: int) -> tuple:
@@ -285,14 +339,14 @@ def conv2d_relu_maxpool2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride
                                   out_w: int, pool: tuple) -> Any:
     """One input channel and a tiling pooling: one kernel (see the module docstring)."""
     size = _tiling_pool(pool, out_h, out_w)
-    if W.shape[1] != 1 or not size:
+    if not _one_channel_stride_1(W, stride) or not size:
         return NotImplemented
     x = np.ascontiguousarray(x)
     n, filter_num = x.shape[0], W.shape[0]
     out = np.empty((n, filter_num, out_h // size, out_w // size), dtype=x.dtype)
     arg = np.empty(out.shape, dtype=np.int8)
-    run_in_slices(n, lambda part, start, end: _conv1_relu_pool_forward(
-        x, W, b, stride, pad, out_w, size, start, end, out, arg), 8 * out.nbytes * size * size, uses_blas=False)
+    run_in_slices(n, lambda part, start, end: _conv1_relu_pool_forward(x, W, b, pad, size, start, end, out, arg),
+                  8 * out.nbytes * size * size, uses_blas=False)
     return out, (_TAG, x, arg, size)
 
 
@@ -308,7 +362,7 @@ def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any
 
     def one_slice(part: int, start: int, end: int) -> None:
         sums[part] = (np.zeros(W.shape, dtype=dout.dtype), np.zeros(W.shape[0], dtype=dout.dtype))
-        _conv1_relu_pool_backward(x, W, dout, arg, stride, pad, size, start, end, *sums[part], dx)
+        _conv1_relu_pool_backward(x, W, dout, arg, pad, size, start, end, *sums[part], dx)
 
     dW, db = _sum_slices(sums, run_in_slices(x.shape[0], one_slice, 8 * dout.nbytes * size * size,
                                              uses_blas=False))
@@ -318,11 +372,11 @@ def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any
 def conv2d_relu_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
                         out_h: int, out_w: int) -> Any:
     """One input channel: one kernel for the convolution, its bias and ReLU."""
-    if W.shape[1] != 1:
+    if not _one_channel_stride_1(W, stride):
         return NotImplemented
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype)
-    run_in_slices(x.shape[0], lambda part, start, end: _conv1_relu_forward(x, W, b, stride, pad, start, end, out),
+    run_in_slices(x.shape[0], lambda part, start, end: _conv1_relu_forward(x, W, b, pad, start, end, out),
                   8 * out.nbytes, uses_blas=False)
     return out, (_TAG, x, out)
 
@@ -339,7 +393,7 @@ def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: 
 
     def one_slice(part: int, start: int, end: int) -> None:
         sums[part] = (np.zeros(W.shape, dtype=dout.dtype), np.zeros(W.shape[0], dtype=dout.dtype))
-        _conv1_relu_backward(x, W, dout, out, stride, pad, start, end, *sums[part], dx)
+        _conv1_relu_backward(x, W, dout, out, pad, start, end, *sums[part], dx)
 
     dW, db = _sum_slices(sums, run_in_slices(x.shape[0], one_slice, 8 * dout.nbytes, uses_blas=False))
     return (dx if need_input_grad else None), store_gradient(dW_out, dW), store_gradient(db_out, db)
