@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and count its array-library calls per step")
     p.add_argument("--reference", action="store_true",
                    help="run xpcnn on the array-API reference code (no fast paths of the backend)")
+    p.add_argument("--cpu-kernels", choices=["numba", "numpy"], default=None,
+                   help="NumPy's fast path: compiled kernels (numba, the default) or NumPy's calls only (numpy); "
+                        "sets XPCNN_CPU_KERNELS")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-sample", type=int, default=None,
@@ -118,6 +121,8 @@ def device_kind(args) -> str:
 
 
 ARGS = parse_args()
+if ARGS.cpu_kernels is not None:
+    os.environ["XPCNN_CPU_KERNELS"] = ARGS.cpu_kernels
 if ARGS.threads is not None:
     # Must happen before numpy (and its OpenBLAS) is first imported.
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -136,6 +141,11 @@ from xpcnn.backend import get_backend  # noqa: E402
 from xpcnn.models import SimpleConvNet  # noqa: E402
 from xpcnn.nn.optim import AdaGrad  # noqa: E402
 from xpcnn.ops import ops_of  # noqa: E402
+
+try:
+    from xpcnn.ops.table import describe as describe_table  # noqa: E402
+except ImportError:  # an xpcnn from before 2026-12-06 (one kind of CPU kernels)
+    describe_table = None
 
 try:
     from xpcnn.ops import cpu_threads  # noqa: E402
@@ -714,6 +724,8 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
         "numpy_blas_threads_source": threads_how,
         "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
         "xpcnn_cpu_threads": cpu_threads.thread_count() if cpu_threads else "n/a (no xpcnn.ops.cpu_threads)",
+        "xpcnn_runs": (describe_table(ops_of(get_backend(args.backend, reference=args.reference)))
+                       if describe_table else "n/a (an xpcnn without ops.table.describe)"),
         "xpcnn_backend": args.backend,
         "dtype": args.dtype,
         "batch_size": args.batch_size,
@@ -958,6 +970,10 @@ def main(args) -> int:
     first_loss = {c.name: c.loss_value() for c in contenders}
 
     for c in contenders:
+        first = time.perf_counter()
+        c.step()                   # the first step compiles (or loads) xpcnn's CPU kernels
+        c.sync()
+        info[f"first_step_s_{c.name}"] = round(time.perf_counter() - first, 3)
         for _ in range(args.warmup):
             c.step()
         c.sync()
@@ -998,10 +1014,13 @@ def main(args) -> int:
     print("# xpcnn training-step benchmark")
     for key in ("date", "command", "cpu", "cores", "cores_usable", "python", "numpy", "blas",
                 "numpy_blas_threads", "numpy_blas_threads_source", "torch", "torch_threads",
-                "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_cpu_threads", "xpcnn_backend", "dtype",
-                "batch_size",
+                "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_cpu_threads", "xpcnn_runs", "xpcnn_backend",
+                "dtype", "batch_size",
                 "load_average_at_start", "load_average_after_timing", "settle_s"):
         if key in info:
+            print(f"{key:26s} {info[key]}")
+    for key in info:
+        if key.startswith("first_step_s_"):
             print(f"{key:26s} {info[key]}")
     print(f"{'initial loss':26s} " + ", ".join(f"{k} {v:.6f}" for k, v in first_loss.items()))
     print()

@@ -61,6 +61,8 @@ from ..errors import (
 from ..models.multi_layer_net_extend import ACTIVATIONS
 from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
 from ..nn.optim import OPTIMIZERS
+from ..ops.table import describe as describe_table
+from ..ops.table import ops_of
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .plots import plot_accuracy, plot_filters, plot_loss
@@ -433,6 +435,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"({trainer.train_size} train / {x_test.shape[0]} test images), "
           f"backend {backend}, {run['dtype']}, {type(trainer.optimizer).__name__} lr {trainer.optimizer.lr}, "
           f"batch {run['batch_size']}, epochs {epochs}", flush=True)
+    print(f"running {describe_table(ops_of(backend))}", flush=True)
     started = time.perf_counter()
     try:
         # A diverging run overflows before the NaN check stops it: one clear error, no warnings.

@@ -58,6 +58,6 @@ def describe() -> str:
     module = _compiled_module()
     if module is None:
         return f"NumPy calls (compiled kernels unavailable: {_IMPORT['reason']})"
-    import numba  # already imported by fast_numba
+    from .kernel_cache import cache_dir
 
-    return f"compiled (Numba {numba.__version__})"
+    return f"compiled kernels (Numba {module.numba_version()}; compiled on first use, kept in {cache_dir()})"

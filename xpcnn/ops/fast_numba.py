@@ -463,6 +463,10 @@ def adam_update(xp: ModuleType, param: Any, grad: Any, m: Any, v: Any, lr_t: flo
                                                  start, end), 4)
 
 
+def numba_version() -> str:
+    return kernel_cache.numba.__version__
+
+
 def fast_ops() -> dict[str, Callable[..., Any]]:
     """The entries this module lays over NumPy's table (`xpcnn.ops.table`)."""
     return {name: globals()[name] for name in (

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import array_api_compat
 
 from . import cpu_kernels, fast_numpy, fused, reference
+from .cpu_threads import thread_count
 
 #: Every operation a table holds, with its signature (after `xp`).
 OP_SIGNATURES = {
@@ -129,6 +130,15 @@ def _fast_table(xp: Any) -> dict[str, Callable[..., Any]]:
 def ops_for(xp: ModuleType, reference: bool = False) -> Ops:
     """The operation table for namespace `xp`: its fast table, or the reference with `reference=True`."""
     return Ops(xp, None if reference else _fast_table(xp))
+
+
+def describe(ops: Ops) -> str:
+    """One line on the code a table runs (for `xpcnn train`'s banner and the benchmarks)."""
+    if ops.reference:
+        return "the array-API reference code"
+    if array_api_compat.is_numpy_namespace(ops.xp):
+        return f"NumPy's fast path, {cpu_kernels.describe()}, {thread_count()} thread(s)"
+    return f"the fast path of {getattr(ops.xp, '__name__', ops.xp)}"
 
 
 def ops_of(backend: Any) -> Ops:
