@@ -128,7 +128,8 @@ def _init_std(text: str) -> "float | str":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
+        prog="xpcnn", description="The book's CNNs (SimpleConvNet, DeepConvNet, MultiLayerNetExtend) on NumPy, "
+                                 "CuPy or PyTorch: train, evaluate, predict, tune, serve.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
 

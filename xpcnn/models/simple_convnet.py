@@ -34,7 +34,8 @@ class SimpleConvNet(Network):
         hidden_size: units of the hidden affine layer.
         output_size: number of classes.
         weight_init_std: standard deviation of the Gaussian initial weights.
-        backend: ``"cpu"``, ``"gpu"``, ``"array_api_strict"`` or a `Backend`.
+        backend: a backend name (``cpu``, ``gpu``, ``torch``, ``torch:cuda``, ``torch:mps``,
+            ``array_api_strict``: see `get_backend`) or a `Backend`.
         dtype: ``"float32"`` (default) or ``"float64"``.
         seed: seed of the host generator that draws the weights, so every backend starts
             from identical weights.

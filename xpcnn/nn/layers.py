@@ -57,8 +57,8 @@ class _OpsFromInput:
 class Convolution:
     """2-D convolution by im2col: ``(N, C, H, W) -> (N, FN, OH, OW)``.
 
-    Operations: ``conv2d_forward`` / ``conv2d_backward`` of the table (reference in
-    `xpcnn.ops.reference`; fast variants in `xpcnn.ops.fast_numpy` and `xpcnn.ops.fast_cupy`).
+    Operations: ``conv2d_forward`` / ``conv2d_backward`` of the backend's operation table
+    (`xpcnn.ops.table`: the reference in `xpcnn.ops.reference`, or the backend's fast variant).
 
     Args:
         W: filters ``(FN, C, FH, FW)``.
@@ -112,8 +112,7 @@ class Pooling(_OpsFromInput):
     so every window holds a real pixel). On ties the first maximum in the window (row-major)
     gets the gradient, as with the book's argmax.
 
-    Operations: ``maxpool2d_forward`` / ``maxpool2d_backward`` (`xpcnn.ops.reference`; CuPy's
-    kernels in `xpcnn.ops.fast_cupy`).
+    Operations: ``maxpool2d_forward`` / ``maxpool2d_backward`` of the backend's operation table.
     """
 
     def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
@@ -146,8 +145,7 @@ class Pooling(_OpsFromInput):
 class Affine:
     """Fully connected layer: ``(N, ...) -> (N, out)``; inputs are flattened per sample.
 
-    Operations: ``affine_forward`` / ``affine_backward`` (`xpcnn.ops.reference`; CuPy's in
-    `xpcnn.ops.fast_cupy`).
+    Operations: ``affine_forward`` / ``affine_backward`` of the backend's operation table.
 
     Args:
         W: weights ``(in, out)``; ``in`` must equal the product of the input's trailing dims.
@@ -195,8 +193,7 @@ class Affine:
 class ReLU(_OpsFromInput):
     """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0.
 
-    Operations: ``relu_forward`` / ``relu_backward`` (`xpcnn.ops.reference`; CuPy's kernels
-    in `xpcnn.ops.fast_cupy`)."""
+    Operations: ``relu_forward`` / ``relu_backward`` of the backend's operation table."""
 
     def __init__(self, *, ops: Ops | None = None):
         super().__init__(ops)
@@ -224,9 +221,8 @@ class SoftmaxWithLoss(_OpsFromInput):
     ``(N, K)`` one-hot rows (the book's form), and returns the loss as a 0-d array (it stays
     on the device; convert with ``float()`` only when you log it).
 
-    Operations: ``softmax_cross_entropy_forward`` / ``softmax_cross_entropy_backward``
-    (`xpcnn.ops.reference`, built on `xpcnn.ops.functions`; one fused CuPy kernel in
-    `xpcnn.ops.fast_cupy`).
+    Operations: ``softmax_cross_entropy_forward`` / ``softmax_cross_entropy_backward`` of the
+    backend's operation table (the reference is built on `xpcnn.ops.functions`).
     """
 
     def __init__(self, *, ops: Ops | None = None):
