@@ -16,9 +16,9 @@ from helpers import REPO
 PACKAGE = REPO / "xpcnn"
 
 #: What each part of the package may import from xpcnn (besides itself).
-BASE = {"errors", "fileio", "_version"}
+BASE = {"errors", "fileio", "_version", "checks"}
 ALLOWED = {
-    "errors": set(), "fileio": set(), "_version": set(),
+    "errors": set(), "fileio": set(), "_version": set(), "checks": {"errors"},
     "backend": BASE,
     "ops": BASE | {"backend"},
     "nn": BASE | {"backend", "ops"},

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..backend.devices import Backend
 from ..errors import ConfigError
-from ..nn.layers import Affine, BatchNormalization, Dropout, ReLU, Sigmoid, SoftmaxWithLoss, check_dropout_ratio
+from ..nn.layers import Affine, BatchNormalization, Dropout, ReLU, Sigmoid, SoftmaxWithLoss
 from ..nn.network import Network
-from ..ops.geometry import positive_int
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
 
@@ -62,23 +62,20 @@ class MultiLayerNetExtend(Network):
                  backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
                  reference: bool = False):
         what = "MultiLayerNetExtend"
-        input_size = positive_int(input_size, "input_size", what)
-        output_size = positive_int(output_size, "output_size", what)
+        input_size = checks.positive_int(input_size, "input_size", what)
+        output_size = checks.positive_int(output_size, "output_size", what)
         if isinstance(hidden_size_list, (str, bytes)) or not hasattr(hidden_size_list, "__iter__"):
             raise ConfigError(f"{what}: hidden_size_list must be a list of integers >= 1, got {hidden_size_list!r}")
-        hidden = [positive_int(v, "hidden_size_list entries", what) for v in hidden_size_list]
+        hidden = [checks.positive_int(v, "hidden_size_list entries", what) for v in hidden_size_list]
         if activation not in ACTIVATIONS:
             raise ConfigError(f"{what}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(weight_decay_lambda, bool) or not isinstance(weight_decay_lambda, (int, float)) \
-                or not 0 <= weight_decay_lambda < math.inf:
-            raise ConfigError(f"{what}: weight_decay_lambda must be a number >= 0, got {weight_decay_lambda!r}")
+        weight_decay_lambda = checks.number_in(weight_decay_lambda, "weight_decay_lambda", what, low_open=False)
         if dropout_ratio is not None and dropout_ration != 0.5 and dropout_ratio != dropout_ration:
             raise ConfigError(f"{what}: dropout_ration={dropout_ration!r} and dropout_ratio={dropout_ratio!r} "
                               f"differ; give one")
-        ratio = check_dropout_ratio(dropout_ration if dropout_ratio is None else dropout_ratio, what)
-        for name, flag in (("use_dropout", use_dropout), ("use_batchnorm", use_batchnorm)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{what}: {name} must be True or False, got {flag!r}")
+        dropout = checks.dropout_ratio(dropout_ration if dropout_ratio is None else dropout_ratio, what)
+        use_dropout = checks.flag(use_dropout, "use_dropout", what)
+        use_batchnorm = checks.flag(use_batchnorm, "use_batchnorm", what)
         sizes = [input_size, *hidden, output_size]
         scales = [init_scale(weight_init_std, fan_in) for fan_in in sizes[:-1]]
 
@@ -90,7 +87,7 @@ class MultiLayerNetExtend(Network):
         self.config = {"input_size": input_size, "hidden_size_list": hidden, "output_size": output_size,
                        "activation": activation, "weight_init_std": weight_init_std,
                        "weight_decay_lambda": float(weight_decay_lambda), "use_dropout": use_dropout,
-                       "dropout_ratio": ratio, "use_batchnorm": use_batchnorm}
+                       "dropout_ratio": dropout, "use_batchnorm": use_batchnorm}
 
         host: dict[str, np.ndarray] = {}
         for idx in range(1, len(sizes)):
@@ -109,7 +106,7 @@ class MultiLayerNetExtend(Network):
                 layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
             layers[f"Activation_function{idx}"] = ACTIVATIONS[activation](**activation_kw)
             if use_dropout:
-                layers[f"Dropout{idx}"] = Dropout(ratio, rng=self._random_source())
+                layers[f"Dropout{idx}"] = Dropout(dropout, rng=self._random_source())
         last = self.hidden_layer_num + 1
         layers[f"Affine{last}"] = Affine(p[f"W{last}"], p[f"b{last}"], ops=ops)
         layers["Affine1"].need_input_grad = False

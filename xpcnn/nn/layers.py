@@ -19,12 +19,13 @@ from typing import Any
 
 import array_api_compat
 
+from .. import checks
 from ..backend.arrays import check_same_device, dtype_name, namespace_of
 from ..backend.devices import backend_of
 from ..backend.random import RandomSource
 from ..errors import ConfigError, DTypeError, ShapeError
 from ..ops.functions import check_labels
-from ..ops.geometry import check_rank, check_stride_pad, conv_output_size, positive_int
+from ..ops.geometry import check_rank, check_stride_pad, conv_output_size
 from ..ops.table import Ops, ops_for
 
 
@@ -116,7 +117,8 @@ class Pooling(_OpsFromInput):
     """
 
     def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
-        pool_h, pool_w = positive_int(pool_h, "pool_h", "Pooling"), positive_int(pool_w, "pool_w", "Pooling")
+        pool_h = checks.positive_int(pool_h, "pool_h", "Pooling")
+        pool_w = checks.positive_int(pool_w, "pool_w", "Pooling")
         check_stride_pad(stride, pad, "Pooling")
         if pad >= min(pool_h, pool_w):
             raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all "
@@ -257,20 +259,6 @@ class SoftmaxWithLoss(_OpsFromInput):
 # ------------------------------------------------------------- chapter 6 layers
 
 
-def check_train_flg(train_flg: Any, what: str) -> bool:
-    """`train_flg` as a bool; `ConfigError` for anything else (a string "False" is truthy)."""
-    if not isinstance(train_flg, bool) and type(train_flg).__name__ != "bool_":
-        raise ConfigError(f"{what}: train_flg must be True or False, got {train_flg!r} ({type(train_flg).__name__})")
-    return bool(train_flg)
-
-
-def check_dropout_ratio(ratio: Any, what: str) -> float:
-    """A dropout ratio as a float in [0, 1); `ConfigError` otherwise."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ConfigError(f"{what}: dropout ratio must be a number in [0, 1), got {ratio!r}")
-    return float(ratio)
-
-
 class Sigmoid:
     """``1 / (1 + exp(-x))`` elementwise; backward is ``dout * out * (1 - out)``."""
 
@@ -296,7 +284,7 @@ class Dropout:
     """
 
     def __init__(self, dropout_ratio: float = 0.5, *, rng: RandomSource | None = None):
-        self.dropout_ratio = check_dropout_ratio(dropout_ratio, "Dropout")
+        self.dropout_ratio = checks.dropout_ratio(dropout_ratio, "Dropout")
         self.rng = rng
         self.mask: Any = None       # 0/1 mask of the last training forward, in the input's dtype
 
@@ -304,7 +292,7 @@ class Dropout:
         xp = namespace_of(x)
         if not xp.isdtype(x.dtype, "real floating"):
             raise DTypeError(f"Dropout: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
-        if not check_train_flg(train_flg, "Dropout"):
+        if not checks.flag(train_flg, "train_flg", "Dropout"):
             return x * (1.0 - self.dropout_ratio) if self.dropout_ratio else x
         if self.dropout_ratio == 0.0:
             self.mask = None
@@ -347,10 +335,9 @@ class BatchNormalization:
             if value is not None and tuple(value.shape) != tuple(gamma.shape):
                 raise ShapeError(f"BatchNormalization: {name} must have gamma's shape {tuple(gamma.shape)}, "
                                  f"got {tuple(value.shape)}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"BatchNormalization: momentum must be a number in [0, 1], got {momentum!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError(f"BatchNormalization: eps must be a number > 0, got {eps!r}")
+        momentum = checks.number_in(momentum, "momentum", "BatchNormalization", low=0.0, high=1.0,
+                                    low_open=False, high_open=False)
+        eps = checks.number_in(eps, "eps", "BatchNormalization")
         device = array_api_compat.device(gamma)
         self.gamma, self.beta, self.momentum, self.eps = gamma, beta, float(momentum), float(eps)
         self.per_activation = bool(per_activation)
@@ -385,7 +372,7 @@ class BatchNormalization:
 
     def forward(self, x: Any, train_flg: bool = True) -> Any:
         xp = namespace_of(x)
-        train_flg = check_train_flg(train_flg, "BatchNormalization")
+        train_flg = checks.flag(train_flg, "train_flg", "BatchNormalization")
         self.input_shape = tuple(x.shape)
         x_in, axes, shape = self._layout(x, xp)
         gamma, beta = xp.reshape(self.gamma, shape), xp.reshape(self.beta, shape)

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import checks
 from ..backend.arrays import values_are_free_to_read
 from ..backend.devices import out_of_memory_as_error
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
 from ..nn.optim import Optimizer, make_optimizer
 from ..ops.functions import host_class_labels
-from ..ops.geometry import positive_int
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .history import History
 
@@ -43,10 +43,6 @@ class TrainingInterrupted(XpcnnError):
                  signum: int = signal.SIGINT):
         super().__init__(message)
         self.checkpoint_path, self.epoch, self.step, self.signum = checkpoint_path, epoch, step, int(signum)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    return positive_int(value, name, "Trainer")
 
 
 class Trainer:
@@ -87,13 +83,13 @@ class Trainer:
                  epoch_callback: "Callable[[Trainer], None] | None" = None):
         self.network = network
         self.backend = network.backend
-        self.epochs = _positive_int("epochs", epochs)
-        self.batch_size = _positive_int("mini_batch_size", mini_batch_size)
-        self.log_every = _positive_int("log_every", log_every)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.epochs = checks.positive_int(epochs, "epochs", "Trainer")
+        self.batch_size = checks.positive_int(mini_batch_size, "mini_batch_size", "Trainer")
+        self.log_every = checks.positive_int(log_every, "log_every", "Trainer")
+        self.eval_batch_size = checks.positive_int(eval_batch_size, "eval_batch_size", "Trainer")
         if evaluate_sample_num_per_epoch is not None:
-            evaluate_sample_num_per_epoch = _positive_int("evaluate_sample_num_per_epoch",
-                                                          evaluate_sample_num_per_epoch)
+            evaluate_sample_num_per_epoch = checks.positive_int(evaluate_sample_num_per_epoch,
+                                                         "evaluate_sample_num_per_epoch", "Trainer")
         self.evaluate_sample_num = evaluate_sample_num_per_epoch
         if on_nan not in ON_NAN_CHOICES:
             raise ConfigError(f"Trainer: on_nan must be one of {ON_NAN_CHOICES}, got {on_nan!r}")
@@ -115,9 +111,7 @@ class Trainer:
             raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set "
                               f"({self.train_size} images)")
 
-        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
-            raise ConfigError(f"Trainer: seed must be None or an integer >= 0, got {seed!r}")
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(checks.seed_or_none(seed, "Trainer"))
         self.epoch = 0                      # finished epochs
         self.step_in_epoch = 0              # finished steps of the epoch in progress
         self._epoch_rng_state = self.rng.bit_generator.state
