@@ -11,7 +11,15 @@
     >>> be.to_numpy(x)                                   # backend -> host, at the edges
 """
 
-from .arrays import FLOAT_DTYPES, check_same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
+from .arrays import (
+    FLOAT_DTYPES,
+    check_same_device,
+    dtype_name,
+    namespace_of,
+    resolve_dtype,
+    same_device,
+    values_are_free_to_read,
+)
 from .devices import (
     BACKEND_ALIASES,
     GPU_INSTALL_HINT,
@@ -27,7 +35,8 @@ from .devices import (
 from .random import RandomSource
 
 __all__ = [
-    "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "values_are_free_to_read",
+    "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "same_device",
+    "values_are_free_to_read",
     "BACKEND_ALIASES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend", "backend_of",
     "get_backend", "is_out_of_memory", "out_of_memory_as_error", "out_of_memory_message", "RandomSource",
 ]

@@ -22,7 +22,8 @@ import array_api_compat
 import numpy as np
 
 from ..errors import BackendUnavailable, ConfigError, DeviceMemoryError, DTypeError, XpcnnError
-from .arrays import FLOAT_DTYPES, _same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
+from .arrays import FLOAT_DTYPES, dtype_name, namespace_of, resolve_dtype, same_device, values_are_free_to_read
+from .counting import unwrap
 
 #: Names accepted by `get_backend`, mapped to the canonical backend name.
 BACKEND_ALIASES = {
@@ -106,7 +107,7 @@ class Backend:
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
-        array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
+        array = unwrap(array)                       # a counting.CountedArray: the array inside
         if values_are_free_to_read(array):
             return array
         if self.name == "cupy":
@@ -148,7 +149,7 @@ class Backend:
             xp = array_api_compat.array_namespace(array)
         except TypeError:
             return False
-        return xp is self.xp and _same_device(array_api_compat.device(array), self.device)
+        return xp is self.xp and same_device(array_api_compat.device(array), self.device)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.device})"
