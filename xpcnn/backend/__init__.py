@@ -1,8 +1,9 @@
 """Backends: which array library and device a model runs on, and the helpers around that.
 
     arrays.py    helpers that name no library: `namespace_of`, dtypes, device checks
-    devices.py   `Backend`, `get_backend` (the only module that names CuPy or PyTorch, with
-                 random.py), host <-> device copies, out-of-memory mapping
+    devices.py   `Backend` and one class per library (`NumpyBackend`, `CupyBackend`,
+                 `TorchBackend`, `StrictBackend`), `get_backend`: host <-> device copies, random
+                 generators, out-of-memory mapping (the only module that names CuPy or PyTorch)
     random.py    `RandomSource`: seeded random numbers made on the backend's device
     counting.py  counting the array-library calls of a piece of code (for measuring)
 
@@ -22,10 +23,15 @@ from .arrays import (
 )
 from .devices import (
     BACKEND_ALIASES,
+    BACKEND_CLASSES,
     GPU_INSTALL_HINT,
     TORCH_DEVICE_TYPES,
     TORCH_INSTALL_HINT,
     Backend,
+    CupyBackend,
+    NumpyBackend,
+    StrictBackend,
+    TorchBackend,
     backend_of,
     get_backend,
     is_out_of_memory,
@@ -37,6 +43,7 @@ from .random import RandomSource
 __all__ = [
     "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "same_device",
     "values_are_free_to_read",
-    "BACKEND_ALIASES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend", "backend_of",
+    "BACKEND_ALIASES", "BACKEND_CLASSES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend",
+    "NumpyBackend", "CupyBackend", "TorchBackend", "StrictBackend", "backend_of",
     "get_backend", "is_out_of_memory", "out_of_memory_as_error", "out_of_memory_message", "RandomSource",
 ]
