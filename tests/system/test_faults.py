@@ -55,6 +55,15 @@ def metadata_of(path: Path) -> dict:
         return json.loads(npz["metadata"].tobytes().decode("utf-8"))
 
 
+def wait_for_first_checkpoint(run: subprocess.Popen, checkpoint: Path, timeout: float = 120) -> None:
+    """Wait until the training `run` has finished its first epoch: its checkpoint appears
+    (atomically, so it is complete once it exists); fail if the run ends or stalls first."""
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), "the run never finished its first epoch"
+
+
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A learnable MNIST-named dataset (2000 train / 200 test, 28x28): each class lights its own rows."""
@@ -143,12 +152,9 @@ def test_sigint_saves_exits_130_and_resume_matches_an_uninterrupted_run(tmp_path
     interrupted = subprocess.Popen(cli(*args, "--out", str(interrupted_out)), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
     try:
-        # Wait until epoch 1 is finished (its checkpoint appears atomically), then interrupt epoch 2.
+        # Wait until epoch 1 is finished, then interrupt epoch 2.
         checkpoint = interrupted_out / "checkpoint.npz"
-        deadline = time.monotonic() + 120
-        while not checkpoint.exists() and interrupted.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert checkpoint.exists(), "the run never finished its first epoch"
+        wait_for_first_checkpoint(interrupted, checkpoint)
         time.sleep(0.3)
         interrupted.send_signal(signal.SIGINT)
         _, stderr = interrupted.communicate(timeout=120)
@@ -183,10 +189,7 @@ def test_sigterm_saves_and_exits_143(tmp_path: Path, digits_dir: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(tmp_path))
     try:
         checkpoint = out / "checkpoint.npz"
-        deadline = time.monotonic() + 120
-        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert checkpoint.exists(), "the run never finished its first epoch"
+        wait_for_first_checkpoint(proc, checkpoint)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
