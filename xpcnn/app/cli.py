@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError, DatasetError, OutputError, Xp
 from ..models.multi_layer_net_extend import ACTIVATIONS
 from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
 from ..nn.optim import OPTIMIZERS
-from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
+from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint, network_like
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .exit_codes import ExitCode, exit_code_for
 from .plots import plot_accuracy, plot_filters, plot_loss
@@ -361,18 +361,21 @@ def run_train(args: argparse.Namespace) -> int:
         x_test, t_test = x_test[:run["test_size"]], t_test[:run["test_size"]]
 
     if checkpoint is not None:
-        network = build_from_checkpoint(checkpoint, backend)
+        # The checkpoint's weights, optimizer state and progress come in once, by trainer.resume_from;
+        # its optimizer keeps its own lr (_run_settings refuses a different --lr).
+        network = network_like(checkpoint, backend)
         optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
+        optimizer_param = None
         epochs = args.epochs or int(checkpoint.extra.get("epochs", model_entry(run["model"]).epochs))
         initial_w1 = checkpoint.extra.get("W1_initial")
     else:
         network = build_network(run, tuple(x_train.shape[1:]), 10, backend)
-        optimizer = run["optimizer"]
+        optimizer, optimizer_param = run["optimizer"], {"lr": run["lr"]}
         epochs = args.epochs or model_entry(run["model"]).epochs
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
-                      optimizer=optimizer, optimizer_param={"lr": run["lr"]}, seed=run["seed"],
+                      optimizer=optimizer, optimizer_param=optimizer_param, seed=run["seed"],
                       log_every=args.log_every, eval_batch_size=args.eval_batch_size, progress=not args.quiet,
                       checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
     trainer.extra_state.update(dataset=run["dataset"], run=run, W1_initial=initial_w1)

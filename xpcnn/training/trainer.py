@@ -56,7 +56,8 @@ class Trainer:
         epochs: epochs to train in total (a resumed run continues up to this number).
         mini_batch_size: images per step.
         optimizer: a name (``sgd``, ``momentum``, ``adagrad``, ``adam``) or an `Optimizer`.
-        optimizer_param: the optimizer's arguments when it is given by name.
+        optimizer_param: the optimizer's arguments when it is given by name (an `Optimizer`
+            already has its own: giving both is a `ConfigError`).
         evaluate_sample_num_per_epoch: None (default) scores the FULL train and test sets
             each epoch; a number scores only that many images, as the book did.
         verbose: print one summary line per epoch.
@@ -98,6 +99,9 @@ class Trainer:
         self.checkpoint_path = None if checkpoint_path is None else str(checkpoint_path)
 
         if isinstance(optimizer, Optimizer):
+            if optimizer_param is not None:
+                raise ConfigError(f"Trainer: optimizer_param {optimizer_param} applies to an optimizer given by name, "
+                                  f"but an {type(optimizer).__name__} (lr {optimizer.lr}) was given; drop one")
             self.optimizer = optimizer
         else:
             self.optimizer = make_optimizer(optimizer,
