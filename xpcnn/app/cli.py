@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
 
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_tune_parser(sub)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
                                        "(SimpleConvNet: AdaGrad lr 0.06, 10 epochs), deep (DeepConvNet: Adam "
@@ -128,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true",
                        help="no progress bar (the one-line epoch summaries still print)")
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="score a saved checkpoint on a dataset split")
     evaluate.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
     _add_backend_args(evaluate)
@@ -137,10 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", metavar="DIR", default=None,
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
-    _add_predict_parser(sub)
-    _add_tune_parser(sub)
-    _add_serve_parser(sub)
-    return parser
 
 
 def _device_list(text: str) -> list[int]:

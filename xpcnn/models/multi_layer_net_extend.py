@@ -82,39 +82,47 @@ class MultiLayerNetExtend(Network):
         rng = self._init_backend(backend, dtype, seed, reference)
         self.input_size, self.hidden_size_list, self.output_size = input_size, hidden, output_size
         self.hidden_layer_num = len(hidden)
-        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = (float(weight_decay_lambda), use_dropout,
-                                                                          use_batchnorm)
+        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = weight_decay_lambda, use_dropout, use_batchnorm
         self.config = {"input_size": input_size, "hidden_size_list": hidden, "output_size": output_size,
                        "activation": activation, "weight_init_std": weight_init_std,
-                       "weight_decay_lambda": float(weight_decay_lambda), "use_dropout": use_dropout,
+                       "weight_decay_lambda": weight_decay_lambda, "use_dropout": use_dropout,
                        "dropout_ratio": dropout, "use_batchnorm": use_batchnorm}
+        self._init_params(self._initial_params(sizes, scales, rng))
+        self._build_layers(ACTIVATIONS[activation], dropout)
 
+    def _initial_params(self, sizes: list[int], scales: list[float], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``W1 b1 ... Wn bn`` (Gaussian weights of the given scales, zero biases) and, with
+        batch normalization, ``gamma1 beta1 ...`` (ones, zeros), on the host."""
         host: dict[str, np.ndarray] = {}
         for idx in range(1, len(sizes)):
             host[f"W{idx}"] = scales[idx - 1] * rng.standard_normal((sizes[idx - 1], sizes[idx]))
             host[f"b{idx}"] = np.zeros(sizes[idx])
-        if use_batchnorm:
-            for idx, units in enumerate(hidden, start=1):
+        if self.use_batchnorm:
+            for idx, units in enumerate(sizes[1:-1], start=1):
                 host[f"gamma{idx}"], host[f"beta{idx}"] = np.ones(units), np.zeros(units)
-        self._init_params(host)
+        return host
 
+    def _build_layers(self, activation: type, dropout_ratio: float) -> None:
+        """``Affine - [BatchNorm] - activation - [Dropout]`` per hidden layer, then ``Affine``,
+        the loss layer, and where each parameter's gradient comes from."""
         p, layers, self.grad_sources, ops = self.params, {}, {}, self.ops
-        activation_kw = {"ops": ops} if activation == "relu" else {}
-        for idx in range(1, self.hidden_layer_num + 1):
+        activation_kw = {"ops": ops} if activation is ReLU else {}
+
+        def affine(idx: int) -> None:
             layers[f"Affine{idx}"] = Affine(p[f"W{idx}"], p[f"b{idx}"], ops=ops)
-            if use_batchnorm:
-                layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
-            layers[f"Activation_function{idx}"] = ACTIVATIONS[activation](**activation_kw)
-            if use_dropout:
-                layers[f"Dropout{idx}"] = Dropout(dropout, rng=self._random_source())
-        last = self.hidden_layer_num + 1
-        layers[f"Affine{last}"] = Affine(p[f"W{last}"], p[f"b{last}"], ops=ops)
-        layers["Affine1"].need_input_grad = False
-        for idx in range(1, last + 1):
             self.grad_sources[f"W{idx}"], self.grad_sources[f"b{idx}"] = (f"Affine{idx}", "dW"), (f"Affine{idx}", "db")
-            if use_batchnorm and idx != last:
+
+        for idx in range(1, self.hidden_layer_num + 1):
+            affine(idx)
+            if self.use_batchnorm:
+                layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
                 self.grad_sources[f"gamma{idx}"] = (f"BatchNorm{idx}", "dgamma")
                 self.grad_sources[f"beta{idx}"] = (f"BatchNorm{idx}", "dbeta")
+            layers[f"Activation_function{idx}"] = activation(**activation_kw)
+            if self.use_dropout:
+                layers[f"Dropout{idx}"] = Dropout(dropout_ratio, rng=self._random_source())
+        affine(self.hidden_layer_num + 1)
+        layers["Affine1"].need_input_grad = False
         self.layers = layers
         self.last_layer = SoftmaxWithLoss(ops=ops)
         self._bind_gradients()
