@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
+
+from xpcnn.ops import cpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +35,16 @@ def unavailable(reason: str) -> None:
 
 def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for an xpcnn subprocess: one BLAS thread (bit-reproducible, no
-    oversubscription), a fresh HOME and cache, no XPCNN_* settings, the checkout importable."""
+    oversubscription), a fresh HOME and cache, no XPCNN_* settings, the checkout importable.
+    The compiled CPU kernels are shared with this process (`XPCNN_KERNEL_CACHE`): compiling
+    them again in every subprocess would cost seconds each; the tests of the cache itself
+    give their own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XPCNN_")}
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", XPCNN_KERNEL_CACHE=str(cpu_kernels.cache_dir()),
+               **extra)
     return env
 
 #: The largest gradient-check relative error seen in this test run (reported by a final test).
@@ -138,6 +145,57 @@ def tie_free(rng, shape) -> np.ndarray:
     """Float64 values that are all distinct and well separated (for max pooling checks)."""
     values = rng.permutation(int(np.prod(shape))).astype(np.float64)
     return (values / values.size - 0.5).reshape(shape) * 4.0
+
+
+# ------------------------------------------------------------------ property tests (hypothesis)
+
+def _window_geometry(draw, window_h: int, window_w: int, stride: int, pad: int) -> tuple[int, int, int]:
+    """(H, W, pad) that give a whole-number output of 1..4 pixels a side; pad dropped where the
+    input would vanish."""
+    out_h, out_w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h, w = (out_h - 1) * stride + window_h - 2 * pad, (out_w - 1) * stride + window_w - 2 * pad
+    if min(h, w) < 1:
+        h, w, pad = h + 2 * pad, w + 2 * pad, 0
+    return h, w, pad
+
+
+@st.composite
+def conv_geometries(draw):
+    """(N, C, H, W, FN, FH, FW, stride, pad) with a whole-number output size."""
+    fh, fw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride, pad = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    h, w, pad = _window_geometry(draw, fh, fw, stride, pad)
+    return draw(st.integers(1, 3)), draw(st.integers(1, 3)), h, w, draw(st.integers(1, 4)), fh, fw, stride, pad
+
+
+@st.composite
+def pool_geometries(draw):
+    """(N, C, H, W, PH, PW, stride, pad) with pad < window and a whole-number output size."""
+    ph, pw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.integers(1, 3))
+    h, w, pad = _window_geometry(draw, ph, pw, stride, draw(st.integers(0, min(ph, pw) - 1)))
+    return draw(st.integers(1, 3)), draw(st.integers(1, 3)), h, w, ph, pw, stride, pad
+
+
+#: A seed for ``numpy.random.default_rng``, drawn by hypothesis.
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def directional_derivatives(f, analytic_grads, params, directions, h=1e-6) -> tuple[float, float]:
+    """``(sum <grad, direction>, d/de f(params + e * directions) at 0)``: the analytic directional
+    derivative and its central difference; `params` are host arrays shifted in place and restored."""
+    def shifted(eps):
+        saved = [p.copy() for p in params]
+        for p, d in zip(params, directions):
+            p += eps * d
+        value = f()
+        for p, s in zip(params, saved):
+            p[...] = s
+        return value
+
+    numeric = (shifted(h) - shifted(-h)) / (2 * h)
+    analytic = sum(float(np.sum(g * d)) for g, d in zip(analytic_grads, directions))
+    return analytic, numeric
 
 
 def _find_mnist_dir() -> Path:

@@ -15,13 +15,18 @@ The packages, from the bottom up (each imports only from those above it in this 
     models/          SimpleConvNet, DeepConvNet, MultiLayerNetExtend and their registry
     data/            IDX files, datasets, image files
     training/        Trainer, History, checkpoints
-    app/             the command line, predict, report, plots
+    app/             the command line, predict, report, plots, tune, serve
+
+This module loads the library floors (backend to training), never the app floor: ``import
+xpcnn.ops`` or ``from xpcnn import SimpleConvNet`` reads no command-line code.
 """
 
+import importlib as _importlib
+import importlib.util as _importlib_util
 import sys as _sys
+from types import ModuleType as _ModuleType
 
 from ._version import __version__
-from .app import report
 from .backend import Backend, get_backend
 from .data import DatasetSpec, load_dataset, load_idx_pair, load_images, load_mnist, load_split, read_idx, write_idx
 from .errors import (
@@ -53,12 +58,45 @@ from .nn import (
     make_optimizer,
 )
 from .ops import col2im, conv_output_size, cross_entropy_error, im2col, softmax
-from .training import History, Trainer, TrainingInterrupted, checkpoint, load_checkpoint, save_checkpoint
+from .training import History, Trainer, TrainingInterrupted, load_checkpoint, save_checkpoint
 
-# The module names of the flat layout that the docs show, kept importable:
-# ``import xpcnn.checkpoint``, ``from xpcnn.report import write_report``.
-_sys.modules[__name__ + ".checkpoint"] = checkpoint
-_sys.modules[__name__ + ".report"] = report
+#: The module names of xpcnn 0.1's flat layout that the docs show, kept importable
+#: (``import xpcnn.checkpoint``, ``from xpcnn.report import write_report``, ``xpcnn.report``) and
+#: loaded only when asked for.
+_ALIASES = {"checkpoint": "xpcnn.training.checkpoint", "report": "xpcnn.app.report"}
+
+
+class _AliasFinder:
+    """Imports ``xpcnn.NAME`` of `_ALIASES` as the module it names: one module object, which
+    ``sys.modules`` then lists under both names (only after the alias is first imported).
+
+    A meta-path finder and its loader (the protocol of ``importlib.abc.MetaPathFinder`` and
+    ``Loader``, whose module would add ``importlib.resources`` to every ``import xpcnn``)."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in _ALIASES:
+            return None
+        return _importlib_util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: object) -> None:
+        return None                         # a placeholder, replaced in exec_module
+
+    def exec_module(self, module: _ModuleType) -> None:
+        # The import system hands back what sys.modules holds once this returns: the real module.
+        _sys.modules[module.__name__] = _importlib.import_module(_ALIASES[module.__name__.rpartition(".")[2]])
+
+
+if not any(isinstance(finder, _AliasFinder) for finder in _sys.meta_path):
+    _sys.meta_path.append(_AliasFinder())
+
+
+def __getattr__(name: str) -> _ModuleType:
+    """``xpcnn.report`` and ``xpcnn.checkpoint`` as attributes: imported on first use."""
+    if name in _ALIASES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__", "Backend", "get_backend",

@@ -74,3 +74,20 @@ def test_mixing_backends_is_reported():
 def test_resolve_dtype_rejects_non_float32_64(bad):
     with pytest.raises(DTypeError, match="dtype must be one of"):
         resolve_dtype(get_backend("cpu").xp, bad)
+
+
+def test_no_code_branches_on_a_backend_name():
+    """One class per device (docs/architecture.md): what differs between libraries lives in
+    each library's `Backend` subclass, so no code compares a backend's name. Reads source only."""
+    import re
+    from pathlib import Path
+
+    import xpcnn
+
+    pattern = re.compile(r"\.name\s*(==|!=|\bin\b|\bnot in\b)\s*\(?[\"'](numpy|cupy|torch|array_api_strict)[\"']")
+    package = Path(xpcnn.__file__).parent
+    offenders = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py"))
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, "\n".join(offenders)

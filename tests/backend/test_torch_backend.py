@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from xpcnn import AdaGrad, SimpleConvNet, Trainer, get_backend
-from xpcnn.backend import Backend, backend_of, namespace_of
+from xpcnn.backend import Backend, TorchBackend, backend_of, namespace_of
 from xpcnn.cli import main
 from xpcnn.errors import BackendMismatch, BackendUnavailable, ConfigError, DTypeError
 from xpcnn.nn.optim import make_optimizer
@@ -156,7 +156,7 @@ def test_a_float32_only_device_refuses_float64_clearly():
     import array_api_compat.torch as xp_torch
     import torch
 
-    float32_only = Backend("torch", xp_torch, torch.device("cpu"), float_dtypes=("float32",))
+    float32_only = TorchBackend(xp_torch, torch.device("cpu"), float_dtypes=("float32",))
     with pytest.raises(DTypeError, match=r"has no float64: it computes in float32 only \(Apple's MPS has no float64\)"):
         SimpleConvNet(backend=float32_only, dtype="float64")
     with pytest.raises(DTypeError, match="has no float64"):

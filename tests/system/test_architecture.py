@@ -5,6 +5,8 @@ the top of each file except those of the optional heavy libraries."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,9 @@ from helpers import REPO
 PACKAGE = REPO / "xpcnn"
 
 #: What each part of the package may import from xpcnn (besides itself).
-BASE = {"errors", "fileio", "_version"}
+BASE = {"errors", "fileio", "_version", "checks"}
 ALLOWED = {
-    "errors": set(), "fileio": set(), "_version": set(),
+    "errors": set(), "fileio": set(), "_version": set(), "checks": {"errors"},
     "backend": BASE,
     "ops": BASE | {"backend"},
     "nn": BASE | {"backend", "ops"},
@@ -29,10 +31,12 @@ ALLOWED = {
 TOP = {"__init__", "cli", "__main__"}
 
 #: Libraries a function may import where it needs them: optional, heavy, or only present with
-#: a GPU (and xpcnn's CuPy fast path, which imports CuPy); the web server of ``xpcnn serve``
+#: a GPU (and xpcnn's CuPy fast path, which imports CuPy, and its compiled CPU kernels, which
+#: import Numba and may fail to on an unsupported platform); the web server of ``xpcnn serve``
 #: (FastAPI, Starlette, uvicorn, python-multipart) is the optional extra ``serve``.
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy", "fastapi", "starlette", "uvicorn", "multipart", "optuna"}
+                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "fastapi", "starlette", "uvicorn",
+                        "multipart", "optuna"}
 
 
 def _modules() -> dict[str, Path]:
@@ -124,3 +128,28 @@ def test_imports_sit_at_the_top_except_optional_heavy_libraries() -> None:
             if late and target.split(".")[0] not in LATE_IMPORTS_ALLOWED and target not in LATE_IMPORTS_ALLOWED:
                 offenders.append(f"{path.relative_to(REPO)}:{line} imports {target} inside a function")
     assert not offenders, "\n".join(offenders)
+
+
+def _run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_package_root_loads_no_app_module() -> None:
+    """``import xpcnn.ops`` (which runs ``xpcnn/__init__.py`` first) loads nothing of the app
+    floor: no command line, report, plots, tune or serve. Checked in a fresh interpreter."""
+    loaded = _run_python("import sys, xpcnn.ops; print(sorted(m for m in sys.modules if m.startswith('xpcnn.app')))")
+    assert loaded == "[]", f"import xpcnn.ops loaded {loaded}"
+
+
+def test_the_flat_layout_names_are_the_modules_themselves() -> None:
+    """``xpcnn.checkpoint`` and ``xpcnn.report`` (xpcnn 0.1's names, shown in the docs) are the
+    modules of training/ and app/ themselves, imported on first use."""
+    code = ("import sys, xpcnn; before = 'xpcnn.app.report' in sys.modules\n"
+            "import xpcnn.checkpoint, xpcnn.training.checkpoint\n"
+            "from xpcnn.report import write_report\n"
+            "import xpcnn.app.report\n"
+            "print(before, xpcnn.checkpoint is xpcnn.training.checkpoint, xpcnn.report is xpcnn.app.report,\n"
+            "      write_report is xpcnn.app.report.write_report, xpcnn.app.report.__spec__.name)")
+    assert _run_python(code) == "False True True True xpcnn.app.report"

@@ -13,9 +13,9 @@ Each row lists words that must appear in the message: the value that was given a
 value (or rule) that was expected. Rows marked xfail are library gaps listed in
 docs/reliability.md.
 
-Then come property tests (hypothesis) of convolution, pooling and gradients against loop
-references, and the checks that no bare ``assert`` does validation (the suite passes under
-``python -O``).
+Then come the checks that no bare ``assert`` does validation (the suite passes under
+``python -O``). The property tests of convolution and pooling are in
+tests/ops/test_conv_properties.py, the whole network's in tests/models/test_simple_convnet.py.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import xpcnn
 from xpcnn import data
@@ -50,11 +48,11 @@ from xpcnn.errors import (
 from xpcnn.models import SimpleConvNet
 from xpcnn.nn.layers import Affine, Convolution, Pooling, SoftmaxWithLoss
 from xpcnn.nn.optim import SGD, AdaGrad, make_optimizer
-from xpcnn.ops import col2im, conv_output_size, im2col
+from xpcnn.ops import im2col
 from xpcnn.training import Trainer
 from xpcnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 
-from helpers import cli_env, error_line, naive_conv, naive_maxpool, run_cli, tie_free
+from helpers import cli_env, error_line, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(xpcnn.__file__).resolve().parent
@@ -527,13 +525,13 @@ def test_cli_bad_input(case: CliCase, tmp_path: Path, cli_dataset: Path) -> None
 
 
 def test_cli_exit_codes_are_documented() -> None:
-    """Every exit code the CLI tests expect appears in the table of cli.py's docstring."""
-    import xpcnn.app.cli as cli
+    """Every exit code the CLI tests expect appears in the table `ExitCode` (which docs/cli.md
+    shows row for row: tests/app/test_exit_codes.py)."""
+    from xpcnn.app.exit_codes import ExitCode
 
-    table = {int(line.split()[0]) for line in (cli.__doc__ or "").splitlines()
-             if line.strip() and line.split()[0].isdigit()}
+    table = {int(code) for code in ExitCode}
     expected = {case.exit_code for case in CLI_CASES} | {0, 6, 130, 143}
-    assert expected <= table, f"codes {sorted(expected - table)} are not in the cli.py docstring table {sorted(table)}"
+    assert expected <= table, f"codes {sorted(expected - table)} are not in the table ExitCode {sorted(table)}"
 
 
 # ------------------------------------------------------------------------------ no asserts, python -O
@@ -562,136 +560,3 @@ def test_bad_input_suite_passes_under_python_O(tmp_path: Path) -> None:
     # the child really ran with asserts stripped
     probe = subprocess.run([sys.executable, "-O", "-c", "assert False"], capture_output=True, env=env)
     assert probe.returncode == 0
-
-
-# ------------------------------------------------------------------------------ property tests
-
-@st.composite
-def conv_geometries(draw):
-    """(N, C, H, W, FN, FH, FW, stride, pad) with a whole-number output size."""
-    fh, fw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride, pad = draw(st.integers(1, 3)), draw(st.integers(0, 2))
-    out_h, out_w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    h, w = (out_h - 1) * stride + fh - 2 * pad, (out_w - 1) * stride + fw - 2 * pad
-    if min(h, w) < 1:
-        h, w, pad = h + 2 * pad, w + 2 * pad, 0
-    return draw(st.integers(1, 3)), draw(st.integers(1, 3)), h, w, draw(st.integers(1, 4)), fh, fw, stride, pad
-
-
-@st.composite
-def pool_geometries(draw):
-    """(N, C, H, W, PH, PW, stride, pad) with pad < window and a whole-number output size."""
-    ph, pw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = draw(st.integers(1, 3))
-    pad = draw(st.integers(0, min(ph, pw) - 1))
-    out_h, out_w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    h, w = (out_h - 1) * stride + ph - 2 * pad, (out_w - 1) * stride + pw - 2 * pad
-    if min(h, w) < 1:
-        h, w, pad = h + 2 * pad, w + 2 * pad, 0
-    return draw(st.integers(1, 3)), draw(st.integers(1, 3)), h, w, ph, pw, stride, pad
-
-
-SEEDS = st.integers(0, 2**32 - 1)
-PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@PROPERTY_SETTINGS
-@given(geometry=conv_geometries(), seed=SEEDS)
-def test_property_convolution_equals_loop(geometry, seed):
-    n, c, h, w, fn, fh, fw, stride, pad = geometry
-    rng = np.random.default_rng(seed)
-    x, W, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((fn, c, fh, fw)), rng.standard_normal(fn)
-    out = Convolution(W, b, stride, pad).forward(x)
-    np.testing.assert_allclose(out, naive_conv(x, W, b, stride, pad), rtol=1e-10, atol=1e-10)
-
-
-@PROPERTY_SETTINGS
-@given(geometry=conv_geometries(), seed=SEEDS)
-def test_property_im2col_col2im_adjoint(geometry, seed):
-    n, c, h, w, _, fh, fw, stride, pad = geometry
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, h, w))
-    y = rng.standard_normal((n * conv_output_size(h, fh, stride, pad) * conv_output_size(w, fw, stride, pad),
-                             c * fh * fw))
-    lhs = float(np.sum(im2col(x, fh, fw, stride, pad) * y))
-    rhs = float(np.sum(x * col2im(y, x.shape, fh, fw, stride, pad)))
-    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
-
-
-@PROPERTY_SETTINGS
-@given(geometry=pool_geometries(), seed=SEEDS)
-def test_property_pooling_equals_loop_max(geometry, seed):
-    n, c, h, w, ph, pw, stride, pad = geometry
-    x = tie_free(np.random.default_rng(seed), (n, c, h, w))
-    out = Pooling(ph, pw, stride, pad).forward(x)
-    np.testing.assert_array_equal(out, naive_maxpool(x, ph, pw, stride, pad))
-
-
-def _directional_check(f, analytic_grads, params, directions, h=1e-6):
-    """``d/de f(params + e * directions)`` at 0 by central differences vs ``sum <grad, direction>``."""
-    def shifted(eps):
-        saved = [p.copy() for p in params]
-        for p, d in zip(params, directions):
-            p += eps * d
-        value = f()
-        for p, s in zip(params, saved):
-            p[...] = s
-        return value
-
-    numeric = (shifted(h) - shifted(-h)) / (2 * h)
-    analytic = sum(float(np.sum(g * d)) for g, d in zip(analytic_grads, directions))
-    return analytic, numeric
-
-
-@PROPERTY_SETTINGS
-@given(geometry=conv_geometries(), seed=SEEDS)
-def test_property_convolution_gradient_directional(geometry, seed):
-    n, c, h, w, fn, fh, fw, stride, pad = geometry
-    rng = np.random.default_rng(seed)
-    x, W, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((fn, c, fh, fw)), rng.standard_normal(fn)
-    layer = Convolution(W, b, stride, pad)
-    weights = rng.standard_normal(layer.forward(x).shape)   # loss = sum(out * weights)
-    dx = layer.backward(weights)
-    grads = [dx, layer.dW, layer.db]
-    directions = [rng.standard_normal(a.shape) for a in (x, W, b)]
-    analytic, numeric = _directional_check(lambda: float(np.sum(layer.forward(x) * weights)), grads, [x, W, b],
-                                           directions)
-    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-6)
-
-
-@PROPERTY_SETTINGS
-@given(geometry=pool_geometries(), seed=SEEDS)
-def test_property_pooling_gradient_directional(geometry, seed):
-    n, c, h, w, ph, pw, stride, pad = geometry
-    rng = np.random.default_rng(seed)
-    x = tie_free(rng, (n, c, h, w))          # values at least 4/size apart: h cannot flip a max
-    layer = Pooling(ph, pw, stride, pad)
-    weights = rng.standard_normal(layer.forward(x).shape)
-    dx = layer.backward(weights)
-    direction = rng.standard_normal(x.shape)
-    analytic, numeric = _directional_check(lambda: float(np.sum(layer.forward(x) * weights)), [dx], [x], [direction],
-                                           h=1e-7)
-    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-6)
-
-
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=SEEDS, batch=st.integers(1, 4), filter_size=st.sampled_from([1, 3, 5]), pad=st.integers(0, 2))
-def test_property_network_gradient_directional(seed, batch, filter_size, pad):
-    """The whole float64 SimpleConvNet: analytic gradients agree with a directional difference."""
-    size = 8 + (filter_size + 1) % 2                   # conv output must be even for the 2x2 pool
-    # pad >= filter_size would make all-padding windows whose outputs equal the bias exactly: ties in
-    # the max pooling, where the loss has no gradient. Keep every window on at least one real pixel.
-    pad = min(pad, filter_size - 1)
-    net = SimpleConvNet(input_dim=(2, size, size), conv_param={"filter_num": 3, "filter_size": filter_size, "pad": pad},
-                        hidden_size=6, output_size=4, weight_init_std=0.3, dtype="float64", seed=seed)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 2, size, size))
-    t = rng.integers(0, 4, batch)
-    grads = net.gradient(x, t)
-    keys = sorted(net.params)
-    directions = [rng.standard_normal(net.params[k].shape) for k in keys]
-    analytic, numeric = _directional_check(lambda: float(net.loss(x, t)), [grads[k] for k in keys],
-                                           [net.params[k] for k in keys], directions, h=1e-6)
-    # ReLU kinks and max switches make a rare non-smooth point possible; a 1e-6 step crosses one
-    # with vanishing probability, and then only by a tiny amount.
-    assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-6)

@@ -212,6 +212,45 @@ def test_cli_resume_keeps_the_run_settings(fashion_like_dir, tmp_path, capsys):
     assert "(400 train / 200 test images)" in printed and "batch 40" in printed
 
 
+def test_cli_resume_restores_the_checkpoint_once(fashion_like_dir, tmp_path, monkeypatch):
+    """``--resume`` puts the checkpoint's weights into the network once (by Trainer.resume_from),
+    and the resumed optimizer is the checkpoint's, lr included."""
+    from xpcnn.nn.network import Network
+
+    out = tmp_path / "run"
+    common = ["--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--quiet", "--no-plots",
+              "--train-size", "200", "--batch-size", "50"]
+    assert main(["train", *common, "--epochs", "1", "--lr", "0.05", "--out", str(out)]) == 0
+    restored, optimizers = [], []
+    real_set_params, real_resume_from = Network.set_params, Trainer.resume_from
+
+    def set_params(self, params):
+        restored.append(type(self).__name__)
+        real_set_params(self, params)
+
+    def resume_from(self, checkpoint):
+        real_resume_from(self, checkpoint)
+        optimizers.append((type(self.optimizer).__name__, self.optimizer.lr))
+
+    monkeypatch.setattr(Network, "set_params", set_params)
+    monkeypatch.setattr(Trainer, "resume_from", resume_from)
+    assert main(["train", *common, "--epochs", "2", "--out", str(out), "--resume", str(out / "checkpoint.npz")]) == 0
+    assert restored == ["SimpleConvNet"]
+    assert optimizers == [("AdaGrad", 0.05)]
+
+
+def test_an_optimizer_object_takes_no_optimizer_param(learnable):
+    """optimizer_param configures an optimizer given by name; with an `Optimizer` it would be
+    ignored, so it is refused."""
+    from xpcnn.errors import ConfigError
+    from xpcnn.nn.optim import AdaGrad
+
+    with pytest.raises(ConfigError, match=r"optimizer_param \{'lr': 0.5\} applies to an optimizer given by name, "
+                                          r"but an AdaGrad \(lr 0.1\) was given"):
+        Trainer(tiny_net(), *learnable, epochs=1, mini_batch_size=30, optimizer=AdaGrad(0.1),
+                optimizer_param={"lr": 0.5}, verbose=False)
+
+
 def test_cli_on_nan_skip_finishes_with_plots_and_strict_json(fashion_like_dir, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--dataset", "fashion-mnist", "--data-dir", str(fashion_like_dir), "--optimizer", "sgd",

@@ -1,26 +1,7 @@
 """Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune`` and ``xpcnn serve``.
 
-Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
-
-====  =====================================================================
-code  meaning
-====  =====================================================================
-0     success
-1     any other xpcnn error
-2     bad arguments or options (also argparse's own usage errors)
-3     backend unavailable (e.g. ``--backend gpu`` without CuPy or a GPU, ``torch`` without PyTorch)
-4     dataset unknown, missing, corrupted or failing its checksum
-5     checkpoint missing, corrupted or not matching the model
-6     training stopped: the loss became NaN or infinite
-7     output directory not writable, or an I/O error while saving (e.g. disk full)
-8     out of (GPU) memory: a batch did not fit; the message names the option to lower
-9     predict: a file could not be read or used (the other files were still classified)
-10    an optional extra is missing (``xpcnn tune`` without Optuna: ``pip install 'xpcnn[tune]'``; ``xpcnn serve``
-      without the web server: ``pip install 'xpcnn[serve]'``), or serve's address is taken
-11    tune: the study's storage cannot be reached or used (a server down, a bad URL, a driver missing)
-130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved; tune: rerun to resume)
-143   stopped by SIGTERM (the checkpoint is saved the same way)
-====  =====================================================================
+Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code of
+the table `ExitCode` (``exit_codes.py``; docs/cli.md shows it).
 """
 
 from __future__ import annotations
@@ -28,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -41,52 +23,20 @@ from ..backend.arrays import FLOAT_DTYPES
 from ..backend.devices import get_backend, out_of_memory_as_error
 from ..data.datasets import class_names, get_spec, load_dataset, load_split
 from ..data.images import FIT_CHOICES, INVERT_CHOICES
-from ..errors import (
-    BackendUnavailable,
-    CheckpointError,
-    CheckpointWriteError,
-    ConfigError,
-    DatasetError,
-    DeviceMemoryError,
-    DTypeError,
-    ImageFileError,
-    MissingDependency,
-    OutputError,
-    ServeError,
-    ShapeError,
-    StorageError,
-    TrainingError,
-    XpcnnError,
-)
+from ..errors import CheckpointError, ConfigError, DatasetError, OutputError, XpcnnError
 from ..models.multi_layer_net_extend import ACTIVATIONS
 from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
 from ..nn.optim import OPTIMIZERS
 from ..ops.table import describe as describe_table
 from ..ops.table import ops_of
-from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
+from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint, network_like
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
+from .exit_codes import ExitCode, exit_code_for
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
 from .serve import DEFAULT_MAX_BATCH, MAX_WAIT, ServedModel, require_server_packages, serve
 from .tune import TuneConfig, run_tune
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_DATASET, EXIT_CHECKPOINT, EXIT_TRAINING, EXIT_IO = (
-    0, 1, 2, 3, 4, 5, 6, 7)
-EXIT_MEMORY = 8
-EXIT_INTERRUPTED = 130
-EXIT_INPUT_FILE = 9
-EXIT_MISSING_EXTRA, EXIT_STORAGE = 10, 11
-EXIT_SERVE = EXIT_MISSING_EXTRA        # serve: the extra missing, or the address taken
-
-
-_EXIT_CODES = [  # most specific first
-    (OutputError, EXIT_IO), (CheckpointWriteError, EXIT_IO), (DeviceMemoryError, EXIT_MEMORY),
-    (BackendUnavailable, EXIT_BACKEND), (DatasetError, EXIT_DATASET), (CheckpointError, EXIT_CHECKPOINT),
-    (TrainingError, EXIT_TRAINING), (ConfigError, EXIT_USAGE), (ShapeError, EXIT_USAGE), (DTypeError, EXIT_USAGE),
-    (ImageFileError, EXIT_INPUT_FILE), (ServeError, EXIT_SERVE), (MissingDependency, EXIT_MISSING_EXTRA),
-    (StorageError, EXIT_STORAGE),
-]
 
 
 def _int_at_least(low: int):
@@ -130,10 +80,20 @@ def _init_std(text: str) -> "float | str":
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
+        prog="xpcnn", description="The book's CNNs (SimpleConvNet, DeepConvNet, MultiLayerNetExtend) on NumPy, "
+                                 "CuPy or PyTorch: train, evaluate, predict, tune, serve.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
 
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
+    _add_tune_parser(sub)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_train_parser(sub: Any) -> None:
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
                                        "(SimpleConvNet: AdaGrad lr 0.06, 10 epochs), deep (DeepConvNet: Adam "
@@ -179,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true",
                        help="no progress bar (the one-line epoch summaries still print)")
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     evaluate = sub.add_parser("evaluate", help="score a saved checkpoint on a dataset split")
     evaluate.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
     _add_backend_args(evaluate)
@@ -188,10 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", metavar="DIR", default=None,
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
-    _add_predict_parser(sub)
-    _add_tune_parser(sub)
-    _add_serve_parser(sub)
-    return parser
 
 
 def _device_list(text: str) -> list[int]:
@@ -332,15 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(exc, "checkpoint_path", None):
                 print(f"xpcnn: resume with: xpcnn train --resume {exc.checkpoint_path} --out {args.out}",
                       file=sys.stderr)
-            return 128 + getattr(exc, "signum", 2)
+            return ExitCode.TERMINATED if exc.signum == signal.SIGTERM else ExitCode.INTERRUPTED
         print(f"xpcnn: error: {exc}", file=sys.stderr)
-        return next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR)
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         print("xpcnn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except OSError as exc:
         print(f"xpcnn: error: {exc.filename or ''}: {exc.strerror or exc}".replace(": : ", ": "), file=sys.stderr)
-        return EXIT_IO
+        return ExitCode.IO
 
 
 def _prepare_out_dir(path: str, option: str = "--out") -> Path:
@@ -412,18 +370,21 @@ def run_train(args: argparse.Namespace) -> int:
         x_test, t_test = x_test[:run["test_size"]], t_test[:run["test_size"]]
 
     if checkpoint is not None:
-        network = build_from_checkpoint(checkpoint, backend)
+        # The checkpoint's weights, optimizer state and progress come in once, by trainer.resume_from;
+        # its optimizer keeps its own lr (_run_settings refuses a different --lr).
+        network = network_like(checkpoint, backend)
         optimizer: Any = make_optimizer_from_checkpoint(checkpoint)
+        optimizer_param = None
         epochs = args.epochs or int(checkpoint.extra.get("epochs", model_entry(run["model"]).epochs))
         initial_w1 = checkpoint.extra.get("W1_initial")
     else:
         network = build_network(run, tuple(x_train.shape[1:]), 10, backend)
-        optimizer = run["optimizer"]
+        optimizer, optimizer_param = run["optimizer"], {"lr": run["lr"]}
         epochs = args.epochs or model_entry(run["model"]).epochs
         initial_w1 = backend.to_numpy(network.params["W1"]).copy()
 
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
-                      optimizer=optimizer, optimizer_param={"lr": run["lr"]}, seed=run["seed"],
+                      optimizer=optimizer, optimizer_param=optimizer_param, seed=run["seed"],
                       log_every=args.log_every, eval_batch_size=args.eval_batch_size, progress=not args.quiet,
                       checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
     trainer.extra_state.update(dataset=run["dataset"], run=run, W1_initial=initial_w1)
@@ -454,7 +415,7 @@ def run_train(args: argparse.Namespace) -> int:
     figures = "" if args.no_plots else ", loss.png, accuracy.png" + (", filters.png" if has_filters else "")
     print(f"done in {time.perf_counter() - started:.1f} s: final test acc {history.test_acc[-1]:.4f}; "
           f"outputs in {out}/ (checkpoint.npz, history.json, history.csv{figures})", flush=True)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -482,7 +443,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"(checkpoint epoch {checkpoint.epoch}, backend {backend}, {seconds:.1f} s)")
     if report_dir is not None:
         _write_evaluation_report(args, network, x, t, str(dataset), checkpoint.epoch, report_dir)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: Any, dataset: str, epoch: int,
@@ -531,8 +492,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if failures:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
-        return EXIT_INPUT_FILE
-    return EXIT_OK
+        return ExitCode.INPUT_FILE
+    return ExitCode.OK
 
 
 def run_tune_command(args: argparse.Namespace) -> int:
@@ -551,8 +512,8 @@ def run_tune_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("xpcnn: interrupted; the running trials are marked failed. Rerun the same command to resume",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -563,7 +524,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = ServedModel.from_checkpoint(args.checkpoint, backend, dataset=args.dataset)
     serve(model, args.host, args.port, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
           log_requests=args.access_log)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _picture_fit(dataset: Any) -> str:

@@ -1,8 +1,9 @@
 """Backends: which array library and device a model runs on, and the helpers around that.
 
     arrays.py    helpers that name no library: `namespace_of`, dtypes, device checks
-    devices.py   `Backend`, `get_backend` (the only module that names CuPy or PyTorch, with
-                 random.py), host <-> device copies, out-of-memory mapping
+    devices.py   `Backend` and one class per library (`NumpyBackend`, `CupyBackend`,
+                 `TorchBackend`, `StrictBackend`), `get_backend`: host <-> device copies, random
+                 generators, out-of-memory mapping (the only module that names CuPy or PyTorch)
     random.py    `RandomSource`: seeded random numbers made on the backend's device
     counting.py  counting the array-library calls of a piece of code (for measuring)
 
@@ -11,13 +12,26 @@
     >>> be.to_numpy(x)                                   # backend -> host, at the edges
 """
 
-from .arrays import FLOAT_DTYPES, check_same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
+from .arrays import (
+    FLOAT_DTYPES,
+    check_same_device,
+    dtype_name,
+    namespace_of,
+    resolve_dtype,
+    same_device,
+    values_are_free_to_read,
+)
 from .devices import (
     BACKEND_ALIASES,
+    BACKEND_CLASSES,
     GPU_INSTALL_HINT,
     TORCH_DEVICE_TYPES,
     TORCH_INSTALL_HINT,
     Backend,
+    CupyBackend,
+    NumpyBackend,
+    StrictBackend,
+    TorchBackend,
     backend_of,
     get_backend,
     is_out_of_memory,
@@ -27,7 +41,9 @@ from .devices import (
 from .random import RandomSource
 
 __all__ = [
-    "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "values_are_free_to_read",
-    "BACKEND_ALIASES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend", "backend_of",
+    "FLOAT_DTYPES", "check_same_device", "dtype_name", "namespace_of", "resolve_dtype", "same_device",
+    "values_are_free_to_read",
+    "BACKEND_ALIASES", "BACKEND_CLASSES", "GPU_INSTALL_HINT", "TORCH_DEVICE_TYPES", "TORCH_INSTALL_HINT", "Backend",
+    "NumpyBackend", "CupyBackend", "TorchBackend", "StrictBackend", "backend_of",
     "get_backend", "is_out_of_memory", "out_of_memory_as_error", "out_of_memory_message", "RandomSource",
 ]

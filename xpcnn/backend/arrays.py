@@ -20,12 +20,12 @@ from ..errors import BackendMismatch, DTypeError
 FLOAT_DTYPES = ("float32", "float64")
 
 
-def _same_device(a: Any, b: Any) -> bool:
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two device objects (as `array_api_compat.device` reports them) name one device."""
     if a == b:
         return True
     # CuPy devices compare by id; NumPy reports "cpu".
     return getattr(a, "id", a) == getattr(b, "id", b)
-
 
 
 def resolve_dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -72,6 +72,6 @@ def values_are_free_to_read(array: Any) -> bool:
 def check_same_device(x: Any, reference: Any, what: str = "input") -> None:
     """Raise `BackendMismatch` if `x` is not on the device of `reference` (e.g. a weight)."""
     dx, dr = array_api_compat.device(x), array_api_compat.device(reference)
-    if not _same_device(dx, dr):
+    if not same_device(dx, dr):
         raise BackendMismatch(f"{what} is on device {dx}, but the layer's weights are on {dr}")
 

@@ -2,9 +2,15 @@
 
 Everything above the backend package receives an array namespace `xp` (from
 `array_api_compat`) and writes standard array-API code against it. This module picks the
-namespace and device, moves data between the host and that device, turns an allocation
-failure of any library into one `DeviceMemoryError`, and holds the guarded CuPy and PyTorch
-imports (`random.py` beside it draws on their generators).
+namespace and device, moves data between the host and that device, draws random numbers on
+it, turns an allocation failure of any library into one `DeviceMemoryError`, and holds the
+guarded CuPy and PyTorch imports.
+
+One class per kind of device, as Chainer has (`backends/_cpu.py` CpuDevice, `backends/cuda.py`
+GpuDevice): `Backend` is the generic array-API device, and `NumpyBackend`, `CupyBackend`,
+`TorchBackend` and `StrictBackend` each override only what their library does differently.
+`get_backend` picks the class by name and `backend_of` by namespace, both from
+`BACKEND_CLASSES`: adding a backend is adding a class to that tuple.
 
     >>> be = get_backend("cpu")
     >>> x = be.asarray(numpy_images, dtype="float32")   # host -> backend, once
@@ -16,26 +22,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import array_api_compat
 import numpy as np
 
 from ..errors import BackendUnavailable, ConfigError, DeviceMemoryError, DTypeError, XpcnnError
-from .arrays import FLOAT_DTYPES, _same_device, dtype_name, namespace_of, resolve_dtype, values_are_free_to_read
-
-#: Names accepted by `get_backend`, mapped to the canonical backend name.
-BACKEND_ALIASES = {
-    "cpu": "numpy",
-    "numpy": "numpy",
-    "gpu": "cupy",
-    "cupy": "cupy",
-    "cuda": "cupy",
-    "array_api_strict": "array_api_strict",
-    "strict": "array_api_strict",
-    "torch": "torch",
-    "pytorch": "torch",
-}
+from .arrays import FLOAT_DTYPES, dtype_name, namespace_of, resolve_dtype, same_device, values_are_free_to_read
+from .counting import unwrap
 
 #: Devices a ``torch:DEVICE`` backend may name (``cuda`` may carry an index: ``cuda:1``).
 TORCH_DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -54,10 +48,12 @@ TORCH_INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class Backend:
-    """An array namespace bound to one device.
+    """An array namespace bound to one device: the generic array-API device, and the base of
+    one class per library (subclasses add no fields: `dataclasses.replace` keeps the class).
 
     Attributes:
-        name: canonical name: ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+        name: canonical name: ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``
+            (a class attribute), or, for a namespace xpcnn has no class for, the namespace's.
         xp: the array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``,
             ``array_api_compat.torch`` or ``array_api_strict``).
         device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, a
@@ -65,13 +61,46 @@ class Backend:
         reference: True forces the array-API reference code for every hot operation (no
             fast paths); used by the tests and the benchmark to check the fast paths.
         float_dtypes: the floating dtypes this device computes in (Apple's MPS has no float64).
+
+    A subclass says how `get_backend` and `backend_of` find it (`aliases`, `create`,
+    `is_namespace`, `of_array`) and overrides what its library does differently: copies to
+    and from the host (`asarray`, `_to_host`), `synchronize`, and the random generator
+    (`new_generator`, `uniform`, `generator_state`, `restore_generator`, used by `RandomSource`).
     """
 
-    name: str
     xp: ModuleType
     device: Any
     reference: bool = False
     float_dtypes: tuple[str, ...] = FLOAT_DTYPES
+
+    #: The names `get_backend` takes for this class (the first is the short one shown in
+    #: messages when it differs from `name`).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: ``NAME:DEVICE`` forms shown in messages (only a class that parses a device suffix).
+    device_forms: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def name(self) -> str:
+        return getattr(self.xp, "__name__", "unknown")
+
+    # ------------------------------------------------------------- finding the class
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "Backend":
+        """The backend for ``get_backend(NAME[:device_part], device)``; a subclass sets it up."""
+        raise ConfigError(f"{cls.__name__} is not made by name")
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        """Whether `xp` is this class's namespace (for `backend_of`)."""
+        return False
+
+    @classmethod
+    def of_array(cls, xp: Any, array: Any) -> "Backend":
+        """The backend an `array` of namespace `xp` lives on."""
+        return cls(xp, array_api_compat.device(array))
+
+    # --------------------------------------------------------------------- dtypes
 
     def dtype(self, dtype: Any) -> Any:
         """The namespace's dtype object for ``"float32"``/``"float64"`` (or a dtype object)."""
@@ -83,44 +112,30 @@ class Backend:
             )
         return resolved
 
+    # ------------------------------------------------------------ host <-> device
+
     def asarray(self, host_array: Any, dtype: Any = None) -> Any:
         """Copy a host (NumPy) array, or anything array-like, onto this backend's device."""
         dtype = None if dtype is None else self.dtype(dtype)
-        if self.name == "torch" and values_are_free_to_read(host_array):
-            # Cast on the host (MPS cannot even hold the float64 source of a float32 copy),
-            # and copy a read-only array (e.g. read from a file) rather than share memory
-            # that torch would treat as writable.
-            if dtype is not None:
-                host_array = host_array.astype(dtype_name(dtype), copy=False)
-            return self.xp.asarray(host_array, device=self.device,
-                                   copy=None if host_array.flags.writeable else True)
         return self.xp.asarray(host_array, dtype=dtype, device=self.device)
 
     def adopt(self, array: Any) -> Any:
         """A host NumPy array copied onto this backend keeping its float dtype (so a float64
         batch into a float32 network is the layers' `DTypeError` on every backend, never a
         silent cast); any other array as given."""
-        if values_are_free_to_read(array) and self.name != "numpy":
+        if values_are_free_to_read(array):
             return self.asarray(array, dtype=array.dtype.name if array.dtype.name in FLOAT_DTYPES else None)
         return array
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """Copy a backend array (or a Python scalar) back to a host NumPy array."""
-        array = getattr(array, "_array", array)     # a counting.CountedArray: the array inside
+        array = unwrap(array)                       # a counting.CountedArray: the array inside
         if values_are_free_to_read(array):
             return array
-        if self.name == "cupy":
-            import cupy
+        return self._to_host(array)
 
-            return cupy.asnumpy(array)
-        if self.name == "torch" and array_api_compat.is_torch_array(array):
-            if array.device.type == "cpu":
-                # .numpy() of a CPU tensor shares its memory: copy, so that a later in-place
-                # update (an optimizer step) cannot change what was returned.
-                return array.detach().numpy().copy()
-            return array.detach().cpu().numpy()       # .cpu() copies off the device
-        if self.name == "array_api_strict" and hasattr(array, "to_device"):
-            array = array.to_device(self.xp.Device("CPU_DEVICE"))
+    def _to_host(self, array: Any) -> np.ndarray:
+        """`to_numpy` of an array that is not already a host NumPy array."""
         return np.asarray(array)
 
     def to_float(self, scalar_array: Any) -> float:
@@ -129,18 +144,6 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait until queued device work has finished (a no-op on the CPU)."""
-        if self.name == "cupy":
-            import cupy
-
-            with self.device:
-                cupy.cuda.get_current_stream().synchronize()
-        elif self.name == "torch" and self.device.type != "cpu":
-            import torch
-
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            else:
-                torch.mps.synchronize()
 
     def owns(self, array: Any) -> bool:
         """Whether `array` lives in this backend's namespace and on its device."""
@@ -148,11 +151,288 @@ class Backend:
             xp = array_api_compat.array_namespace(array)
         except TypeError:
             return False
-        return xp is self.xp and _same_device(array_api_compat.device(array), self.device)
+        return xp is self.xp and same_device(array_api_compat.device(array), self.device)
+
+    # ------------------------------------------------------------- random numbers
+
+    def new_generator(self, seed: Any) -> Any:
+        """A generator of uniform numbers for `RandomSource`: here NumPy's PCG64 on the host."""
+        return np.random.default_rng(seed)
+
+    def uniform(self, generator: Any, shape: tuple, dtype: str) -> Any:
+        """Uniform numbers in [0, 1) of `shape` and float `dtype` (a name), on this device."""
+        return self.adopt(generator.random(shape, dtype=dtype))
+
+    def generator_state(self, generator: Any) -> dict[str, Any]:
+        """The generator's state as JSON-able entries of a `RandomSource` snapshot."""
+        return {"bit_generator": generator.bit_generator.state}
+
+    def restore_generator(self, snapshot: dict[str, Any]) -> Any:
+        """A generator continuing from a snapshot's state, or None if it holds none of this kind."""
+        if snapshot.get("bit_generator") is None:
+            return None
+        bit_generator = np.random.PCG64()
+        try:
+            bit_generator.state = snapshot["bit_generator"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
+        return np.random.Generator(bit_generator)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.device})"
 
+
+class NumpyBackend(Backend):
+    """NumPy on the CPU (``cpu``, ``numpy``): host arrays are already its arrays."""
+
+    name: ClassVar[str] = "numpy"
+    aliases = ("cpu", "numpy")
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "NumpyBackend":
+        import array_api_compat.numpy as xp_numpy
+
+        return cls(xp_numpy, "cpu", reference)
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        return array_api_compat.is_numpy_namespace(xp)
+
+    @classmethod
+    def of_array(cls, xp: Any, array: Any) -> "NumpyBackend":
+        return cls.create("", None, False)
+
+    def adopt(self, array: Any) -> Any:
+        return array
+
+
+class CupyBackend(Backend):
+    """CuPy on one CUDA device (``gpu``, ``cupy``, ``cuda``), made the current device."""
+
+    name: ClassVar[str] = "cupy"
+    aliases = ("gpu", "cupy", "cuda")
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "CupyBackend":
+        try:
+            import cupy
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend 'gpu' needs CuPy, which is not installed: {GPU_INSTALL_HINT}") from exc
+        except Exception as exc:  # a broken CUDA install can fail at import time
+            raise BackendUnavailable(f"backend 'gpu': CuPy failed to import ({exc}); {GPU_INSTALL_HINT}") from exc
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            raise BackendUnavailable(
+                f"backend 'gpu': CuPy is installed but no CUDA device is usable ({exc}); "
+                f"run on a machine with an NVIDIA GPU and driver, or use --backend cpu"
+            ) from exc
+        if count == 0:
+            raise BackendUnavailable(
+                "backend 'gpu': CuPy is installed but found no CUDA device; use --backend cpu"
+            )
+        index = cupy.cuda.runtime.getDevice() if device is None else int(device)
+        if not 0 <= index < count:
+            raise BackendUnavailable(f"backend 'gpu': device {index} requested, but only {count} CUDA device(s) "
+                                     f"found (0..{count - 1})")
+        import array_api_compat.cupy as xp_cupy
+
+        # array_api_compat honours device= only in asarray; zeros/full/arange use the current
+        # device. Making the chosen device current keeps every array of a run on it.
+        cuda_device = cupy.cuda.Device(index)
+        cuda_device.use()
+        return cls(xp_cupy, cuda_device, reference)
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        return array_api_compat.is_cupy_namespace(xp)
+
+    def _to_host(self, array: Any) -> np.ndarray:
+        import cupy
+
+        return cupy.asnumpy(array)
+
+    def synchronize(self) -> None:
+        import cupy
+
+        with self.device:
+            cupy.cuda.get_current_stream().synchronize()
+
+    def new_generator(self, seed: Any) -> Any:
+        import cupy
+
+        with self.device:
+            return cupy.random.default_rng(seed)
+
+    def uniform(self, generator: Any, shape: tuple, dtype: str) -> Any:
+        with self.device:
+            return generator.random(shape, dtype=dtype)
+
+    def generator_state(self, generator: Any) -> dict[str, Any]:
+        return {}               # CuPy's generator state cannot be read back (see RandomSource)
+
+    def restore_generator(self, snapshot: dict[str, Any]) -> Any:
+        return None
+
+
+class TorchBackend(Backend):
+    """PyTorch tensors (``torch``, ``torch:cpu``, ``torch:cuda[:N]``, ``torch:mps``).
+
+    Tensors are made without ``requires_grad``, so autograd records nothing, and the global
+    grad mode is left alone.
+    """
+
+    name: ClassVar[str] = "torch"
+    aliases = ("torch", "pytorch")
+    device_forms = ("torch:cuda", "torch:mps")
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "TorchBackend":
+        text = _torch_device_name(device_part, device)
+        what = f"backend 'torch:{text}'" if text != "cpu" else "backend 'torch'"
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable(f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL_HINT}") from exc
+        except Exception as exc:  # a broken install (e.g. missing CUDA libraries) fails at import
+            raise BackendUnavailable(f"{what}: PyTorch failed to import ({exc}); {TORCH_INSTALL_HINT}") from exc
+        kind = text.partition(":")[0]
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(
+                    f"{what}: this PyTorch ({torch.__version__}) sees no CUDA device (a CPU-only build, or "
+                    f"no NVIDIA GPU and driver); install a CUDA build (https://pytorch.org/get-started/locally/) "
+                    f"or use --backend torch"
+                )
+            count = torch.cuda.device_count()
+            index = torch.cuda.current_device() if text == "cuda" else int(text.partition(":")[2])
+            if not 0 <= index < count:
+                raise BackendUnavailable(f"{what}: device {index} requested, but only {count} CUDA device(s) "
+                                         f"found (0..{count - 1})")
+            text = f"cuda:{index}"
+        elif kind == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise BackendUnavailable(
+                    f"{what}: this PyTorch ({torch.__version__}) cannot use Apple's MPS here (it needs Apple "
+                    f"silicon, macOS 12.3 or later and a PyTorch built with MPS); use --backend torch"
+                )
+        import array_api_compat.torch as xp_torch
+
+        # The device as tensors report it (mps -> mps:0), so that `owns` compares equal.
+        torch_device = torch.empty(0, device=text).device
+        float_dtypes = ("float32",) if kind == "mps" else FLOAT_DTYPES
+        # Tensors made here never have requires_grad, so autograd records nothing: no global
+        # torch.set_grad_enabled(False), which would change the caller's own torch code.
+        return cls(xp_torch, torch_device, reference, float_dtypes)
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        return array_api_compat.is_torch_namespace(xp)
+
+    @classmethod
+    def of_array(cls, xp: Any, array: Any) -> "TorchBackend":
+        return cls.create("", array_api_compat.device(array), False)
+
+    def asarray(self, host_array: Any, dtype: Any = None) -> Any:
+        if not values_are_free_to_read(host_array):
+            return super().asarray(host_array, dtype)
+        # Cast on the host (MPS cannot even hold the float64 source of a float32 copy), and
+        # copy a read-only array (e.g. read from a file) rather than share memory that torch
+        # would treat as writable.
+        if dtype is not None:
+            host_array = host_array.astype(dtype_name(self.dtype(dtype)), copy=False)
+        return self.xp.asarray(host_array, device=self.device, copy=None if host_array.flags.writeable else True)
+
+    def _to_host(self, array: Any) -> np.ndarray:
+        if not array_api_compat.is_torch_array(array):
+            return np.asarray(array)
+        if array.device.type == "cpu":
+            # .numpy() of a CPU tensor shares its memory: copy, so that a later in-place
+            # update (an optimizer step) cannot change what was returned.
+            return array.detach().numpy().copy()
+        return array.detach().cpu().numpy()       # .cpu() copies off the device
+
+    def synchronize(self) -> None:
+        if self.device.type == "cpu":
+            return
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        else:
+            torch.mps.synchronize()
+
+    def new_generator(self, seed: Any) -> Any:
+        import torch
+
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        return generator
+
+    def uniform(self, generator: Any, shape: tuple, dtype: str) -> Any:
+        import torch
+
+        return torch.rand(shape, generator=generator, dtype=getattr(torch, dtype), device=self.device)
+
+    def generator_state(self, generator: Any) -> dict[str, Any]:
+        return {"torch_state": generator.get_state().tolist()}
+
+    def restore_generator(self, snapshot: dict[str, Any]) -> Any:
+        if snapshot.get("torch_state") is None:
+            return None
+        import torch
+
+        generator = self.new_generator(None)
+        try:
+            generator.set_state(torch.tensor(snapshot["torch_state"], dtype=torch.uint8))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
+        return generator
+
+
+class StrictBackend(Backend):
+    """``array_api_strict`` (``array_api_strict``, ``strict``): the standard and nothing else, on
+    a non-default device by default, so that a NumPy-only call on its arrays fails loudly."""
+
+    name: ClassVar[str] = "array_api_strict"
+    aliases = ("array_api_strict", "strict")
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "StrictBackend":
+        try:
+            import array_api_strict
+        except ImportError as exc:  # pragma: no cover - dev extra
+            raise BackendUnavailable(
+                "backend 'array_api_strict' needs the package array-api-strict: "
+                "pip install 'xpcnn[dev]'"
+            ) from exc
+        return cls(array_api_strict, array_api_strict.Device("device1") if device is None else device, reference)
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        return array_api_compat.is_array_api_strict_namespace(xp)
+
+    def _to_host(self, array: Any) -> np.ndarray:
+        if hasattr(array, "to_device"):
+            array = array.to_device(self.xp.Device("CPU_DEVICE"))
+        return np.asarray(array)
+
+
+#: The backends `get_backend` and `backend_of` know, one class each.
+BACKEND_CLASSES: tuple[type[Backend], ...] = (NumpyBackend, CupyBackend, TorchBackend, StrictBackend)
+
+#: Names accepted by `get_backend`, mapped to the canonical backend name.
+BACKEND_ALIASES = {alias: cls.name for cls in BACKEND_CLASSES for alias in cls.aliases}
+
+_CLASS_OF_ALIAS = {alias: cls for cls in BACKEND_CLASSES for alias in cls.aliases}
+
+#: The names an unknown backend's message offers: the short ones, then each canonical name and its device forms.
+_SHOWN_NAMES = ([cls.aliases[0] for cls in BACKEND_CLASSES if cls.aliases[0] != cls.name]
+                + [shown for cls in BACKEND_CLASSES for shown in (cls.name, *cls.device_forms)])
 
 
 def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
@@ -177,60 +457,10 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference:
     if isinstance(name, Backend):
         return replace(name, reference=True) if reference and not name.reference else name
     base, _, device_part = str(name).lower().partition(":")
-    key = BACKEND_ALIASES.get(base)
-    if key is None or (device_part and key != "torch"):
-        raise ConfigError(
-            f"unknown backend {name!r}: expected one of 'cpu', 'gpu', 'numpy', 'cupy', "
-            f"'torch', 'torch:cuda', 'torch:mps', 'array_api_strict'"
-        )
-    if key == "torch":
-        return _torch_backend(device_part, device, reference)
-    if key == "numpy":
-        import array_api_compat.numpy as xp_numpy
-
-        return Backend("numpy", xp_numpy, "cpu", reference)
-    if key == "array_api_strict":
-        try:
-            import array_api_strict
-        except ImportError as exc:  # pragma: no cover - dev extra
-            raise BackendUnavailable(
-                "backend 'array_api_strict' needs the package array-api-strict: "
-                "pip install 'xpcnn[dev]'"
-            ) from exc
-        strict_device = array_api_strict.Device("device1") if device is None else device
-        return Backend("array_api_strict", array_api_strict, strict_device, reference)
-    return replace(_cupy_backend(device), reference=reference)
-
-
-def _cupy_backend(device: Any) -> Backend:
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendUnavailable(f"backend 'gpu' needs CuPy, which is not installed: {GPU_INSTALL_HINT}") from exc
-    except Exception as exc:  # a broken CUDA install can fail at import time
-        raise BackendUnavailable(f"backend 'gpu': CuPy failed to import ({exc}); {GPU_INSTALL_HINT}") from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        raise BackendUnavailable(
-            f"backend 'gpu': CuPy is installed but no CUDA device is usable ({exc}); "
-            f"run on a machine with an NVIDIA GPU and driver, or use --backend cpu"
-        ) from exc
-    if count == 0:
-        raise BackendUnavailable(
-            "backend 'gpu': CuPy is installed but found no CUDA device; use --backend cpu"
-        )
-    index = cupy.cuda.runtime.getDevice() if device is None else int(device)
-    if not 0 <= index < count:
-        raise BackendUnavailable(f"backend 'gpu': device {index} requested, but only {count} CUDA device(s) found "
-                                 f"(0..{count - 1})")
-    import array_api_compat.cupy as xp_cupy
-
-    # array_api_compat honours device= only in asarray; zeros/full/arange use the current
-    # device. Making the chosen device current keeps every array of a run on it.
-    cuda_device = cupy.cuda.Device(index)
-    cuda_device.use()
-    return Backend("cupy", xp_cupy, cuda_device)
+    cls = _CLASS_OF_ALIAS.get(base)
+    if cls is None or (device_part and not cls.device_forms):
+        raise ConfigError(f"unknown backend {name!r}: expected one of {', '.join(map(repr, _SHOWN_NAMES))}")
+    return cls.create(device_part, device, reference)
 
 
 def _torch_device_name(device_part: str, device: Any) -> str:
@@ -254,59 +484,14 @@ def _torch_device_name(device_part: str, device: Any) -> str:
     return text
 
 
-def _torch_backend(device_part: str, device: Any, reference: bool = False) -> Backend:
-    text = _torch_device_name(device_part, device)
-    what = f"backend 'torch:{text}'" if text != "cpu" else "backend 'torch'"
-    try:
-        import torch
-    except ImportError as exc:
-        raise BackendUnavailable(f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL_HINT}") from exc
-    except Exception as exc:  # a broken install (e.g. missing CUDA libraries) fails at import
-        raise BackendUnavailable(f"{what}: PyTorch failed to import ({exc}); {TORCH_INSTALL_HINT}") from exc
-    kind = text.partition(":")[0]
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailable(
-                f"{what}: this PyTorch ({torch.__version__}) sees no CUDA device (a CPU-only build, or "
-                f"no NVIDIA GPU and driver); install a CUDA build (https://pytorch.org/get-started/locally/) "
-                f"or use --backend torch"
-            )
-        count = torch.cuda.device_count()
-        index = torch.cuda.current_device() if text == "cuda" else int(text.partition(":")[2])
-        if not 0 <= index < count:
-            raise BackendUnavailable(f"{what}: device {index} requested, but only {count} CUDA device(s) found "
-                                     f"(0..{count - 1})")
-        text = f"cuda:{index}"
-    elif kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise BackendUnavailable(
-                f"{what}: this PyTorch ({torch.__version__}) cannot use Apple's MPS here (it needs Apple "
-                f"silicon, macOS 12.3 or later and a PyTorch built with MPS); use --backend torch"
-            )
-    import array_api_compat.torch as xp_torch
-
-    # The device as tensors report it (mps -> mps:0), so that `owns` compares equal.
-    torch_device = torch.empty(0, device=text).device
-    float_dtypes = ("float32",) if kind == "mps" else FLOAT_DTYPES
-    # Tensors made here never have requires_grad, so autograd records nothing: no global
-    # torch.set_grad_enabled(False), which would change the caller's own torch code.
-    return Backend("torch", xp_torch, torch_device, reference, float_dtypes)
-
-
 def backend_of(array: Any) -> Backend:
-    """The `Backend` an array lives on (namespace and device)."""
+    """The `Backend` an array lives on (namespace and device): the class whose namespace it
+    is, else the generic `Backend`."""
     xp = namespace_of(array)
-    if array_api_compat.is_numpy_namespace(xp):
-        return get_backend("numpy")
-    if array_api_compat.is_cupy_namespace(xp):
-        return Backend("cupy", xp, array_api_compat.device(array))
-    if array_api_compat.is_array_api_strict_namespace(xp):
-        return Backend("array_api_strict", xp, array_api_compat.device(array))
-    if array_api_compat.is_torch_namespace(xp):
-        return get_backend("torch", device=array_api_compat.device(array))
-    return Backend(getattr(xp, "__name__", "unknown"), xp, array_api_compat.device(array))
-
+    for cls in BACKEND_CLASSES:
+        if cls.is_namespace(xp):
+            return cls.of_array(xp, array)
+    return Backend(xp, array_api_compat.device(array))
 
 #: How PyTorch's Apple-GPU (MPS) allocator words its failure; it raises a plain RuntimeError.
 _MPS_OUT_OF_MEMORY = "MPS backend out of memory"

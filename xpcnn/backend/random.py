@@ -1,10 +1,11 @@
-"""`RandomSource`: seeded uniform numbers made on a backend's device (the array API has none)."""
+"""`RandomSource`: seeded uniform numbers made on a backend's device (the array API has none).
+
+The generator itself is the backend's (`Backend.new_generator`, `uniform`, `generator_state`,
+`restore_generator` in devices.py); this class counts the draws and keeps the snapshot."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import numpy as np
 
 from ..errors import ConfigError
 from .arrays import dtype_name
@@ -34,67 +35,26 @@ class RandomSource:
         self._make(seed)
 
     def _make(self, seed: Any) -> None:
-        if self.backend.name == "torch":
-            import torch
-
-            self._generator = torch.Generator(device=self.backend.device)
-            if seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(seed))
-        elif self.backend.name == "cupy":
-            import cupy
-
-            with self.backend.device:
-                self._generator = cupy.random.default_rng(seed)
-        else:
-            self._generator = np.random.default_rng(seed)
+        self._generator = self.backend.new_generator(seed)
 
     def uniform(self, shape: tuple, dtype: Any) -> Any:
         """Uniform numbers in [0, 1) of `shape` and float `dtype`, on the backend's device."""
         self.draws += 1
-        name = dtype_name(dtype)
-        if self.backend.name == "torch":
-            import torch
-
-            return torch.rand(shape, generator=self._generator, dtype=getattr(torch, name), device=self.backend.device)
-        if self.backend.name == "cupy":
-            with self.backend.device:
-                return self._generator.random(shape, dtype=name)
-        host = self._generator.random(shape, dtype=name)
-        return host if self.backend.name == "numpy" else self.backend.asarray(host)
+        return self.backend.uniform(self._generator, tuple(shape), dtype_name(dtype))
 
     def state(self) -> dict[str, Any]:
         """A JSON-able snapshot (see the class docstring)."""
-        snapshot: dict[str, Any] = {"seed": self.seed, "draws": self.draws}
-        if self.backend.name == "torch":
-            snapshot["torch_state"] = self._generator.get_state().tolist()
-        elif self.backend.name != "cupy":
-            snapshot["bit_generator"] = self._generator.bit_generator.state
-        return snapshot
+        return {"seed": self.seed, "draws": self.draws, **self.backend.generator_state(self._generator)}
 
     def set_state(self, snapshot: dict[str, Any]) -> None:
         """Continue from a `state()` snapshot (taken on any backend)."""
         if not isinstance(snapshot, dict) or "draws" not in snapshot:
             raise ConfigError(f"RandomSource.set_state: expected a snapshot from state(), got {snapshot!r:.80}")
         self.seed, self.draws = snapshot.get("seed"), int(snapshot["draws"])
-        host_state = snapshot.get("bit_generator")
-        if self.backend.name == "torch" and snapshot.get("torch_state") is not None:
-            import torch
-
-            self._make(None)
-            try:
-                self._generator.set_state(torch.tensor(snapshot["torch_state"], dtype=torch.uint8))
-            except (RuntimeError, TypeError, ValueError) as exc:
-                raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
-        elif self.backend.name not in ("cupy", "torch") and host_state is not None:
-            bit_generator = np.random.PCG64()
-            try:
-                bit_generator.state = host_state
-            except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"RandomSource.set_state: invalid generator state: {exc}") from exc
-            self._generator = np.random.Generator(bit_generator)
+        generator = self.backend.restore_generator(snapshot)
+        if generator is not None:
+            self._generator = generator
         else:
-            # No readable state (CuPy): a stream keyed by the seed and the draws so far.
+            # No readable state of this backend's kind (CuPy's, or a snapshot taken on another
+            # backend): a stream keyed by the seed and the draws so far.
             self._make(None if self.seed is None else (int(self.seed) % 2**32) * 2**31 + self.draws % 2**31)
-

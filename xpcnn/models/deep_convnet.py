@@ -12,11 +12,12 @@ import math
 
 import numpy as np
 
+from .. import checks
 from ..backend.devices import Backend
 from ..errors import ShapeError
-from ..nn.layers import Affine, Convolution, Dropout, Pooling, ReLU, SoftmaxWithLoss, check_dropout_ratio
+from ..nn.layers import Affine, Convolution, Dropout, Pooling, ReLU, SoftmaxWithLoss
 from ..nn.network import Network, merge_conv_param
-from ..ops.geometry import conv_output_size, positive_int
+from ..ops.geometry import conv_output_size
 
 DEEP_CONV_PARAMS = (
     {"filter_num": 16, "filter_size": 3, "pad": 1, "stride": 1},
@@ -31,7 +32,7 @@ DEEP_CONV_PARAMS = (
 def _conv_param(given: dict | None, default: dict, index: int) -> dict:
     conv = merge_conv_param(given, default, "DeepConvNet", f"conv_param_{index}")
     for key in ("filter_num", "filter_size", "stride"):
-        conv[key] = positive_int(conv[key], f"conv_param_{index}['{key}']", "DeepConvNet")
+        conv[key] = checks.positive_int(conv[key], f"conv_param_{index}['{key}']", "DeepConvNet")
     return conv
 
 
@@ -63,10 +64,10 @@ class DeepConvNet(Network):
         convs = [_conv_param(g, d, i + 1) for i, (g, d) in enumerate(zip(given, DEEP_CONV_PARAMS))]
         if len(input_dim) != 3:
             raise ShapeError(f"DeepConvNet: input_dim must be (C, H, W), got {tuple(input_dim)}")
-        channels, height, width = (positive_int(v, "input_dim", "DeepConvNet") for v in input_dim)
-        hidden_size = positive_int(hidden_size, "hidden_size", "DeepConvNet")
-        output_size = positive_int(output_size, "output_size", "DeepConvNet")
-        dropout_ratio = check_dropout_ratio(dropout_ratio, "DeepConvNet")
+        channels, height, width = (checks.positive_int(v, "input_dim", "DeepConvNet") for v in input_dim)
+        hidden_size = checks.positive_int(hidden_size, "hidden_size", "DeepConvNet")
+        output_size = checks.positive_int(output_size, "output_size", "DeepConvNet")
+        dropout_ratio = checks.dropout_ratio(dropout_ratio, "DeepConvNet")
 
         # Shapes through the net: every second convolution is followed by a 2x2 pooling.
         shapes, c, h, w = [], channels, height, width

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..backend.devices import Backend
 from ..errors import ConfigError
-from ..nn.layers import Affine, BatchNormalization, Dropout, ReLU, Sigmoid, SoftmaxWithLoss, check_dropout_ratio
+from ..nn.layers import Affine, BatchNormalization, Dropout, ReLU, Sigmoid, SoftmaxWithLoss
 from ..nn.network import Network
-from ..ops.geometry import positive_int
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
 
@@ -62,62 +62,67 @@ class MultiLayerNetExtend(Network):
                  backend: "str | Backend" = "cpu", dtype: str = "float32", seed: int | None = None,
                  reference: bool = False):
         what = "MultiLayerNetExtend"
-        input_size = positive_int(input_size, "input_size", what)
-        output_size = positive_int(output_size, "output_size", what)
+        input_size = checks.positive_int(input_size, "input_size", what)
+        output_size = checks.positive_int(output_size, "output_size", what)
         if isinstance(hidden_size_list, (str, bytes)) or not hasattr(hidden_size_list, "__iter__"):
             raise ConfigError(f"{what}: hidden_size_list must be a list of integers >= 1, got {hidden_size_list!r}")
-        hidden = [positive_int(v, "hidden_size_list entries", what) for v in hidden_size_list]
+        hidden = [checks.positive_int(v, "hidden_size_list entries", what) for v in hidden_size_list]
         if activation not in ACTIVATIONS:
             raise ConfigError(f"{what}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(weight_decay_lambda, bool) or not isinstance(weight_decay_lambda, (int, float)) \
-                or not 0 <= weight_decay_lambda < math.inf:
-            raise ConfigError(f"{what}: weight_decay_lambda must be a number >= 0, got {weight_decay_lambda!r}")
+        weight_decay_lambda = checks.number_in(weight_decay_lambda, "weight_decay_lambda", what, low_open=False)
         if dropout_ratio is not None and dropout_ration != 0.5 and dropout_ratio != dropout_ration:
             raise ConfigError(f"{what}: dropout_ration={dropout_ration!r} and dropout_ratio={dropout_ratio!r} "
                               f"differ; give one")
-        ratio = check_dropout_ratio(dropout_ration if dropout_ratio is None else dropout_ratio, what)
-        for name, flag in (("use_dropout", use_dropout), ("use_batchnorm", use_batchnorm)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{what}: {name} must be True or False, got {flag!r}")
+        dropout = checks.dropout_ratio(dropout_ration if dropout_ratio is None else dropout_ratio, what)
+        use_dropout = checks.flag(use_dropout, "use_dropout", what)
+        use_batchnorm = checks.flag(use_batchnorm, "use_batchnorm", what)
         sizes = [input_size, *hidden, output_size]
         scales = [init_scale(weight_init_std, fan_in) for fan_in in sizes[:-1]]
 
         rng = self._init_backend(backend, dtype, seed, reference)
         self.input_size, self.hidden_size_list, self.output_size = input_size, hidden, output_size
         self.hidden_layer_num = len(hidden)
-        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = (float(weight_decay_lambda), use_dropout,
-                                                                          use_batchnorm)
+        self.weight_decay_lambda, self.use_dropout, self.use_batchnorm = weight_decay_lambda, use_dropout, use_batchnorm
         self.config = {"input_size": input_size, "hidden_size_list": hidden, "output_size": output_size,
                        "activation": activation, "weight_init_std": weight_init_std,
-                       "weight_decay_lambda": float(weight_decay_lambda), "use_dropout": use_dropout,
-                       "dropout_ratio": ratio, "use_batchnorm": use_batchnorm}
+                       "weight_decay_lambda": weight_decay_lambda, "use_dropout": use_dropout,
+                       "dropout_ratio": dropout, "use_batchnorm": use_batchnorm}
+        self._init_params(self._initial_params(sizes, scales, rng))
+        self._build_layers(ACTIVATIONS[activation], dropout)
 
+    def _initial_params(self, sizes: list[int], scales: list[float], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``W1 b1 ... Wn bn`` (Gaussian weights of the given scales, zero biases) and, with
+        batch normalization, ``gamma1 beta1 ...`` (ones, zeros), on the host."""
         host: dict[str, np.ndarray] = {}
         for idx in range(1, len(sizes)):
             host[f"W{idx}"] = scales[idx - 1] * rng.standard_normal((sizes[idx - 1], sizes[idx]))
             host[f"b{idx}"] = np.zeros(sizes[idx])
-        if use_batchnorm:
-            for idx, units in enumerate(hidden, start=1):
+        if self.use_batchnorm:
+            for idx, units in enumerate(sizes[1:-1], start=1):
                 host[f"gamma{idx}"], host[f"beta{idx}"] = np.ones(units), np.zeros(units)
-        self._init_params(host)
+        return host
 
+    def _build_layers(self, activation: type, dropout_ratio: float) -> None:
+        """``Affine - [BatchNorm] - activation - [Dropout]`` per hidden layer, then ``Affine``,
+        the loss layer, and where each parameter's gradient comes from."""
         p, layers, self.grad_sources, ops = self.params, {}, {}, self.ops
-        activation_kw = {"ops": ops} if activation == "relu" else {}
-        for idx in range(1, self.hidden_layer_num + 1):
+        activation_kw = {"ops": ops} if activation is ReLU else {}
+
+        def affine(idx: int) -> None:
             layers[f"Affine{idx}"] = Affine(p[f"W{idx}"], p[f"b{idx}"], ops=ops)
-            if use_batchnorm:
-                layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
-            layers[f"Activation_function{idx}"] = ACTIVATIONS[activation](**activation_kw)
-            if use_dropout:
-                layers[f"Dropout{idx}"] = Dropout(ratio, rng=self._random_source())
-        last = self.hidden_layer_num + 1
-        layers[f"Affine{last}"] = Affine(p[f"W{last}"], p[f"b{last}"], ops=ops)
-        layers["Affine1"].need_input_grad = False
-        for idx in range(1, last + 1):
             self.grad_sources[f"W{idx}"], self.grad_sources[f"b{idx}"] = (f"Affine{idx}", "dW"), (f"Affine{idx}", "db")
-            if use_batchnorm and idx != last:
+
+        for idx in range(1, self.hidden_layer_num + 1):
+            affine(idx)
+            if self.use_batchnorm:
+                layers[f"BatchNorm{idx}"] = BatchNormalization(p[f"gamma{idx}"], p[f"beta{idx}"])
                 self.grad_sources[f"gamma{idx}"] = (f"BatchNorm{idx}", "dgamma")
                 self.grad_sources[f"beta{idx}"] = (f"BatchNorm{idx}", "dbeta")
+            layers[f"Activation_function{idx}"] = activation(**activation_kw)
+            if self.use_dropout:
+                layers[f"Dropout{idx}"] = Dropout(dropout_ratio, rng=self._random_source())
+        affine(self.hidden_layer_num + 1)
+        layers["Affine1"].need_input_grad = False
         self.layers = layers
         self.last_layer = SoftmaxWithLoss(ops=ops)
         self._bind_gradients()

@@ -8,21 +8,16 @@ see `SimpleConvNet._build_layers`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from .. import checks
 from ..backend.devices import Backend
 from ..errors import ShapeError
 from ..nn.layers import Affine, Convolution, Pooling, ReLU, SoftmaxWithLoss
 from ..nn.network import Network, merge_conv_param
-from ..ops.geometry import conv_output_size, positive_int
+from ..ops.geometry import conv_output_size
 
 DEFAULT_CONV_PARAM = {"filter_num": 30, "filter_size": 5, "pad": 0, "stride": 1}
-
-
-def _positive_int(name: str, value: Any) -> int:
-    return positive_int(value, name, "SimpleConvNet")
 
 
 class SimpleConvNet(Network):
@@ -34,7 +29,8 @@ class SimpleConvNet(Network):
         hidden_size: units of the hidden affine layer.
         output_size: number of classes.
         weight_init_std: standard deviation of the Gaussian initial weights.
-        backend: ``"cpu"``, ``"gpu"``, ``"array_api_strict"`` or a `Backend`.
+        backend: a backend name (``cpu``, ``gpu``, ``torch``, ``torch:cuda``, ``torch:mps``,
+            ``array_api_strict``: see `get_backend`) or a `Backend`.
         dtype: ``"float32"`` (default) or ``"float64"``.
         seed: seed of the host generator that draws the weights, so every backend starts
             from identical weights.
@@ -53,11 +49,11 @@ class SimpleConvNet(Network):
         conv = merge_conv_param(conv_param, DEFAULT_CONV_PARAM, "SimpleConvNet")
         if len(input_dim) != 3:
             raise ShapeError(f"SimpleConvNet: input_dim must be (C, H, W), got {tuple(input_dim)}")
-        channels, height, width = (_positive_int("input_dim", v) for v in input_dim)
-        filter_num = _positive_int("filter_num", conv["filter_num"])
-        filter_size = _positive_int("filter_size", conv["filter_size"])
-        hidden_size = _positive_int("hidden_size", hidden_size)
-        output_size = _positive_int("output_size", output_size)
+        channels, height, width = (checks.positive_int(v, "input_dim", "SimpleConvNet") for v in input_dim)
+        filter_num = checks.positive_int(conv["filter_num"], "filter_num", "SimpleConvNet")
+        filter_size = checks.positive_int(conv["filter_size"], "filter_size", "SimpleConvNet")
+        hidden_size = checks.positive_int(hidden_size, "hidden_size", "SimpleConvNet")
+        output_size = checks.positive_int(output_size, "output_size", "SimpleConvNet")
         conv_h = conv_output_size(height, filter_size, conv["stride"], conv["pad"],
                                   what="SimpleConvNet convolution (height)")
         conv_w = conv_output_size(width, filter_size, conv["stride"], conv["pad"],

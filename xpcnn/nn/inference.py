@@ -23,9 +23,9 @@ from typing import Any, Iterator
 import array_api_compat
 import numpy as np
 
+from .. import checks
 from ..errors import ShapeError
 from ..ops.functions import softmax
-from ..ops.geometry import positive_int
 
 #: Batches are padded with zero images to a multiple of this many rows (see the docstring).
 ROW_BLOCK = 16
@@ -35,7 +35,7 @@ def device_batches(network: Any, x: Any, batch_size: int) -> Iterator[tuple[int,
     """``(start, batch)`` for consecutive batches of `x` ``(N, ...)``, each on the network's
     backend (host batches are moved one at a time, so a large host set never sits on the
     device at once)."""
-    batch_size = positive_int(batch_size, "batch_size", "predict")
+    batch_size = checks.positive_int(batch_size, "batch_size", "predict")
     n = x.shape[0]
     if n == 0:
         raise ShapeError("predict: no images given (N = 0)")
@@ -67,6 +67,6 @@ def _padded(network: Any, batch: Any) -> Any:
 def top_k(proba: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """The `k` most probable classes of each row of host ``(N, K)`` probabilities:
     ``(classes (N, k) int64, probabilities (N, k))``, most probable first (ties: lower class)."""
-    k = min(positive_int(k, "k", "top_k"), proba.shape[1])
+    k = min(checks.positive_int(k, "k", "top_k"), proba.shape[1])
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     return order.astype(np.int64), np.take_along_axis(proba, order, axis=1)

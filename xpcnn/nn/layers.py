@@ -19,12 +19,13 @@ from typing import Any
 
 import array_api_compat
 
+from .. import checks
 from ..backend.arrays import check_same_device, dtype_name, namespace_of
 from ..backend.devices import backend_of
 from ..backend.random import RandomSource
 from ..errors import ConfigError, DTypeError, ShapeError
 from ..ops.functions import check_labels
-from ..ops.geometry import check_rank, check_stride_pad, conv_output_size, positive_int
+from ..ops.geometry import check_rank, check_stride_pad, conv_output_size
 from ..ops.table import Ops, ops_for
 
 
@@ -57,8 +58,8 @@ class _OpsFromInput:
 class Convolution:
     """2-D convolution by im2col: ``(N, C, H, W) -> (N, FN, OH, OW)``.
 
-    Operations: ``conv2d_forward`` / ``conv2d_backward`` of the table (reference in
-    `xpcnn.ops.reference`; fast variants in `xpcnn.ops.fast_numpy` and `xpcnn.ops.fast_cupy`).
+    Operations: ``conv2d_forward`` / ``conv2d_backward`` of the backend's operation table
+    (`xpcnn.ops.table`: the reference in `xpcnn.ops.reference`, or the backend's fast variant).
 
     Args:
         W: filters ``(FN, C, FH, FW)``.
@@ -116,12 +117,12 @@ class Pooling(_OpsFromInput):
     so every window holds a real pixel). On ties the first maximum in the window (row-major)
     gets the gradient, as with the book's argmax.
 
-    Operations: ``maxpool2d_forward`` / ``maxpool2d_backward`` (`xpcnn.ops.reference`; CuPy's
-    kernels in `xpcnn.ops.fast_cupy`).
+    Operations: ``maxpool2d_forward`` / ``maxpool2d_backward`` of the backend's operation table.
     """
 
     def __init__(self, pool_h: int, pool_w: int, stride: int = 1, pad: int = 0, *, ops: Ops | None = None):
-        pool_h, pool_w = positive_int(pool_h, "pool_h", "Pooling"), positive_int(pool_w, "pool_w", "Pooling")
+        pool_h = checks.positive_int(pool_h, "pool_h", "Pooling")
+        pool_w = checks.positive_int(pool_w, "pool_w", "Pooling")
         check_stride_pad(stride, pad, "Pooling")
         if pad >= min(pool_h, pool_w):
             raise ConfigError(f"Pooling: pad must be smaller than the window ({pool_h}x{pool_w}) so no window is all "
@@ -153,8 +154,7 @@ class Pooling(_OpsFromInput):
 class Affine:
     """Fully connected layer: ``(N, ...) -> (N, out)``; inputs are flattened per sample.
 
-    Operations: ``affine_forward`` / ``affine_backward`` (`xpcnn.ops.reference`; CuPy's in
-    `xpcnn.ops.fast_cupy`).
+    Operations: ``affine_forward`` / ``affine_backward`` of the backend's operation table.
 
     Args:
         W: weights ``(in, out)``; ``in`` must equal the product of the input's trailing dims.
@@ -210,8 +210,7 @@ class Affine:
 class ReLU(_OpsFromInput):
     """``max(x, 0)`` elementwise; backward passes the gradient where the input was > 0.
 
-    Operations: ``relu_forward`` / ``relu_backward`` (`xpcnn.ops.reference`; CuPy's kernels
-    in `xpcnn.ops.fast_cupy`)."""
+    Operations: ``relu_forward`` / ``relu_backward`` of the backend's operation table."""
 
     def __init__(self, *, ops: Ops | None = None):
         super().__init__(ops)
@@ -239,9 +238,8 @@ class SoftmaxWithLoss(_OpsFromInput):
     ``(N, K)`` one-hot rows (the book's form), and returns the loss as a 0-d array (it stays
     on the device; convert with ``float()`` only when you log it).
 
-    Operations: ``softmax_cross_entropy_forward`` / ``softmax_cross_entropy_backward``
-    (`xpcnn.ops.reference`, built on `xpcnn.ops.functions`; one fused CuPy kernel in
-    `xpcnn.ops.fast_cupy`).
+    Operations: ``softmax_cross_entropy_forward`` / ``softmax_cross_entropy_backward`` of the
+    backend's operation table (the reference is built on `xpcnn.ops.functions`).
     """
 
     def __init__(self, *, ops: Ops | None = None):
@@ -276,20 +274,6 @@ class SoftmaxWithLoss(_OpsFromInput):
 # ------------------------------------------------------------- chapter 6 layers
 
 
-def check_train_flg(train_flg: Any, what: str) -> bool:
-    """`train_flg` as a bool; `ConfigError` for anything else (a string "False" is truthy)."""
-    if not isinstance(train_flg, bool) and type(train_flg).__name__ != "bool_":
-        raise ConfigError(f"{what}: train_flg must be True or False, got {train_flg!r} ({type(train_flg).__name__})")
-    return bool(train_flg)
-
-
-def check_dropout_ratio(ratio: Any, what: str) -> float:
-    """A dropout ratio as a float in [0, 1); `ConfigError` otherwise."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ConfigError(f"{what}: dropout ratio must be a number in [0, 1), got {ratio!r}")
-    return float(ratio)
-
-
 class Sigmoid:
     """``1 / (1 + exp(-x))`` elementwise; backward is ``dout * out * (1 - out)``."""
 
@@ -315,7 +299,7 @@ class Dropout:
     """
 
     def __init__(self, dropout_ratio: float = 0.5, *, rng: RandomSource | None = None):
-        self.dropout_ratio = check_dropout_ratio(dropout_ratio, "Dropout")
+        self.dropout_ratio = checks.dropout_ratio(dropout_ratio, "Dropout")
         self.rng = rng
         self.mask: Any = None       # 0/1 mask of the last training forward, in the input's dtype
 
@@ -323,7 +307,7 @@ class Dropout:
         xp = namespace_of(x)
         if not xp.isdtype(x.dtype, "real floating"):
             raise DTypeError(f"Dropout: expected a float32 or float64 input, got {dtype_name(x.dtype)}")
-        if not check_train_flg(train_flg, "Dropout"):
+        if not checks.flag(train_flg, "train_flg", "Dropout"):
             return x * (1.0 - self.dropout_ratio) if self.dropout_ratio else x
         if self.dropout_ratio == 0.0:
             self.mask = None
@@ -366,10 +350,9 @@ class BatchNormalization:
             if value is not None and tuple(value.shape) != tuple(gamma.shape):
                 raise ShapeError(f"BatchNormalization: {name} must have gamma's shape {tuple(gamma.shape)}, "
                                  f"got {tuple(value.shape)}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"BatchNormalization: momentum must be a number in [0, 1], got {momentum!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ConfigError(f"BatchNormalization: eps must be a number > 0, got {eps!r}")
+        momentum = checks.number_in(momentum, "momentum", "BatchNormalization", low=0.0, high=1.0,
+                                    low_open=False, high_open=False)
+        eps = checks.number_in(eps, "eps", "BatchNormalization")
         device = array_api_compat.device(gamma)
         self.gamma, self.beta, self.momentum, self.eps = gamma, beta, float(momentum), float(eps)
         self.per_activation = bool(per_activation)
@@ -404,7 +387,7 @@ class BatchNormalization:
 
     def forward(self, x: Any, train_flg: bool = True) -> Any:
         xp = namespace_of(x)
-        train_flg = check_train_flg(train_flg, "BatchNormalization")
+        train_flg = checks.flag(train_flg, "train_flg", "BatchNormalization")
         self.input_shape = tuple(x.shape)
         x_in, axes, shape = self._layout(x, xp)
         gamma, beta = xp.reshape(self.gamma, shape), xp.reshape(self.beta, shape)

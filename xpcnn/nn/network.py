@@ -16,24 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..backend.arrays import namespace_of, values_are_free_to_read
 from ..backend.devices import Backend, get_backend
 from ..backend.random import RandomSource
 from ..errors import ConfigError, ShapeError
 from ..ops.functions import host_class_labels
-from ..ops.geometry import positive_int
 from ..ops.table import Ops, ops_of
 from . import fusion
 from .inference import predict_proba
-from .layers import BatchNormalization, check_train_flg
+from .layers import BatchNormalization
 from .params import make_params
-
-
-def check_seed(seed: Any, what: str) -> int | None:
-    """`seed` if it is None or an integer >= 0; `ConfigError` otherwise."""
-    if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
-        raise ConfigError(f"{what}: seed must be None or an integer >= 0, got {seed!r}")
-    return None if seed is None else int(seed)
 
 
 def derived_seed(seed: int | None, stream: int) -> int | None:
@@ -76,7 +69,7 @@ class Network:
         backend's fast path (the fast paths are tested against it)."""
         self.backend = get_backend(backend, reference=reference)
         self.dtype = self.backend.dtype(dtype)
-        self.seed = check_seed(seed, type(self).__name__)
+        self.seed = checks.seed_or_none(seed, type(self).__name__)
         self.rng: RandomSource | None = None
         return np.random.default_rng(self.seed)
 
@@ -121,7 +114,7 @@ class Network:
 
     def predict(self, x: Any, train_flg: bool = False) -> Any:
         """Class scores ``(N, output_size)``; `train_flg` switches Dropout/BatchNorm to training."""
-        train_flg = check_train_flg(train_flg, f"{type(self).__name__}.predict")
+        train_flg = checks.flag(train_flg, "train_flg", f"{type(self).__name__}.predict")
         for step in self._steps():
             x = step.forward(x, train_flg)
         return x
@@ -173,7 +166,7 @@ class Network:
         a time, so a large host set never sits on the device at once). Correct counts are
         summed on the device; one number comes back at the end.
         """
-        batch_size = positive_int(batch_size, "batch_size", type(self).__name__)
+        batch_size = checks.positive_int(batch_size, "batch_size", type(self).__name__)
         n = x.shape[0]
         if t.shape[0] != n:
             raise ShapeError(f"accuracy: {n} images but {t.shape[0]} labels")

@@ -15,22 +15,11 @@ from typing import Any, Callable
 
 import array_api_compat
 
+from .. import checks
 from ..backend.arrays import check_same_device, namespace_of
 from ..errors import ConfigError
 from ..ops.table import ops_for, ops_of
 from .params import ParamDict
-
-
-def _check_hyper(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
-                 low_open: bool = True, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what}: {name} must be a number, got {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if math.isnan(value) or too_low or value >= high:
-        bound = f"{'>' if low_open else '>='} {low}" + ("" if high == math.inf else f" and < {high}")
-        raise ConfigError(f"{what}: {name} must be {bound}, got {value!r}")
-    return value
 
 
 class Optimizer:
@@ -45,7 +34,7 @@ class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, lr: float):
-        self.lr = _check_hyper("lr", lr, what=type(self).__name__)
+        self.lr = checks.number_in(lr, "lr", type(self).__name__)
         self.state: dict[str, dict[str, Any]] = {name: {} for name in self.state_names}
         self.iterations = 0
         self._flat_state: dict[str, Any] = {}     # state name -> flat buffer (the flat path)
@@ -138,7 +127,7 @@ class Momentum(Optimizer):
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9):
         super().__init__(lr)
-        self.momentum = _check_hyper("momentum", momentum, low=0.0, high=1.0, low_open=False, what="Momentum")
+        self.momentum = checks.number_in(momentum, "momentum", "Momentum", low=0.0, high=1.0, low_open=False)
 
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
         ops.momentum_update(param, grad, state("v"), self.lr, self.momentum)
@@ -164,9 +153,9 @@ class Adam(Optimizer):
 
     def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
         super().__init__(lr)
-        self.beta1 = _check_hyper("beta1", beta1, low=0.0, high=1.0, low_open=False, what="Adam")
-        self.beta2 = _check_hyper("beta2", beta2, low=0.0, high=1.0, low_open=False, what="Adam")
-        self.eps = _check_hyper("eps", eps, what="Adam")
+        self.beta1 = checks.number_in(beta1, "beta1", "Adam", low=0.0, high=1.0, low_open=False)
+        self.beta2 = checks.number_in(beta2, "beta2", "Adam", low=0.0, high=1.0, low_open=False)
+        self.eps = checks.number_in(eps, "eps", "Adam")
 
     def update(self, params: dict[str, Any], grads: dict[str, Any]) -> None:
         step = self.iterations + 1

@@ -17,21 +17,12 @@ which backend they run on.
 """
 
 from .functions import as_one_hot, check_labels, cross_entropy_error, host_class_labels, log_softmax, one_hot, softmax
-from .geometry import (
-    check_rank,
-    check_stride_pad,
-    col2im,
-    conv_output_size,
-    im2col,
-    positive_int,
-    spatial_slices,
-    window_offsets,
-)
+from .geometry import check_rank, check_stride_pad, col2im, conv_output_size, im2col, spatial_slices, window_offsets
 from .reference import store_gradient
 from .table import OP_SIGNATURES, Ops, ops_for, ops_of
 
 __all__ = [
     "as_one_hot", "check_labels", "cross_entropy_error", "host_class_labels", "log_softmax", "one_hot", "softmax",
-    "check_rank", "check_stride_pad", "col2im", "conv_output_size", "im2col", "positive_int", "spatial_slices",
+    "check_rank", "check_stride_pad", "col2im", "conv_output_size", "im2col", "spatial_slices",
     "window_offsets", "store_gradient", "OP_SIGNATURES", "Ops", "ops_for", "ops_of",
 ]

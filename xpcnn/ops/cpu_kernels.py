@@ -10,6 +10,7 @@ missing or fails to import (an unsupported platform), NumPy's path runs without 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
@@ -17,6 +18,8 @@ from ..errors import ConfigError
 #: Environment variable that selects the CPU kernels.
 KERNELS_VARIABLE = "XPCNN_CPU_KERNELS"
 CHOICES = ("numba", "numpy")
+#: Environment variable naming the folder the compiled kernels are kept in.
+CACHE_VARIABLE = "XPCNN_KERNEL_CACHE"
 
 _IMPORT: dict[str, Any] = {}
 
@@ -28,6 +31,17 @@ def requested() -> str:
         raise ConfigError(f"{KERNELS_VARIABLE} must be one of {', '.join(CHOICES)}, "
                           f"got {os.environ[KERNELS_VARIABLE]!r}")
     return value
+
+
+def cache_dir() -> Path:
+    """The folder the compiled kernels are kept in: ``XPCNN_KERNEL_CACHE``, else
+    ``$XDG_CACHE_HOME/xpcnn/numba`` (by default ``~/.cache/xpcnn/numba``): the user's, never
+    inside the installed package, which may be read-only."""
+    given = os.environ.get(CACHE_VARIABLE)
+    if given:
+        return Path(given).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "xpcnn" / "numba"
 
 
 def _compiled_module() -> Any:
@@ -58,6 +72,4 @@ def describe() -> str:
     module = _compiled_module()
     if module is None:
         return f"NumPy calls (compiled kernels unavailable: {_IMPORT['reason']})"
-    from .kernel_cache import cache_dir
-
     return f"compiled kernels (Numba {module.numba_version()}; compiled on first use, kept in {cache_dir()})"

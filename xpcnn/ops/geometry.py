@@ -17,24 +17,17 @@ from typing import Any, Iterator
 
 import array_api_compat
 
+from .. import checks
 from ..backend.arrays import namespace_of
-from ..errors import ConfigError, ShapeError
+from ..errors import ShapeError
 
 # ---------------------------------------------------------------------------- geometry
 
 
-def positive_int(value: Any, name: str, what: str) -> int:
-    """`value` as an int, or `ConfigError` unless it is an integer >= 1 (bools refused)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
-        raise ConfigError(f"{what}: {name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def check_stride_pad(stride: Any, pad: Any, what: str) -> None:
     """Raise `ConfigError` unless stride is an int >= 1 and pad an int >= 0."""
-    positive_int(stride, "stride", what)
-    if isinstance(pad, bool) or not hasattr(pad, "__index__") or int(pad) < 0:
-        raise ConfigError(f"{what}: pad must be an integer >= 0, got {pad!r}")
+    checks.positive_int(stride, "stride", what)
+    checks.non_negative_int(pad, "pad", what)
 
 
 def conv_output_size(input_size: int, filter_size: int, stride: int = 1, pad: int = 0,

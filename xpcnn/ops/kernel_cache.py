@@ -18,7 +18,6 @@ and runs again, which compiles it afresh and writes a new entry.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,17 +25,7 @@ from typing import Any, Callable, Iterator
 import numba
 from numba.core import config as numba_config
 
-#: Environment variable naming the folder of compiled kernels.
-CACHE_VARIABLE = "XPCNN_KERNEL_CACHE"
-
-
-def cache_dir() -> Path:
-    """The folder xpcnn's compiled kernels are kept in (see the module docstring)."""
-    given = os.environ.get(CACHE_VARIABLE)
-    if given:
-        return Path(given).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "xpcnn" / "numba"
+from .cpu_kernels import cache_dir
 
 
 @contextlib.contextmanager

@@ -11,11 +11,12 @@ from .checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
     make_optimizer_from_checkpoint,
+    network_like,
     restore,
     save_checkpoint,
 )
 from .history import History
 from .trainer import Trainer, TrainingInterrupted
 
-__all__ = ["Checkpoint", "build_from_checkpoint", "load_checkpoint", "make_optimizer_from_checkpoint", "restore",
-           "save_checkpoint", "History", "Trainer", "TrainingInterrupted"]
+__all__ = ["Checkpoint", "build_from_checkpoint", "load_checkpoint", "make_optimizer_from_checkpoint", "network_like",
+           "restore", "save_checkpoint", "History", "Trainer", "TrainingInterrupted"]

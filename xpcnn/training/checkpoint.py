@@ -26,6 +26,8 @@ killed writer may leave a ``.<name>.<random>.tmp`` file beside it, which is safe
     >>> ckpt = load_checkpoint("run/ckpt.npz")
     >>> restore(ckpt, net, optimizer)           # same architecture and dtype, in place
     >>> net = build_from_checkpoint(ckpt, backend="gpu")   # or a fresh network
+    >>> trainer = Trainer(network_like(ckpt), ..., optimizer=make_optimizer_from_checkpoint(ckpt))
+    >>> trainer.resume_from(ckpt)               # weights, optimizer state, progress: restored once
 """
 
 from __future__ import annotations
@@ -562,8 +564,10 @@ def restore(checkpoint: Checkpoint, network: Any, optimizer: Any = None) -> None
         raise CheckpointError(f"cannot restore checkpoint: {exc}") from exc
 
 
-def build_from_checkpoint(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> Any:
-    """A new network with the checkpoint's class, config, dtype and weights, on `backend`."""
+def network_like(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> Any:
+    """A new network of the checkpoint's class, config and dtype, on `backend`, with fresh
+    weights: for a caller that restores the checkpoint into it anyway (`Trainer.resume_from`).
+    `build_from_checkpoint` gives it with the checkpoint's weights."""
     class_name = checkpoint.metadata["architecture"].get("class", "SimpleConvNet")
     model = model_of_class(class_name)
     if model is None:
@@ -581,6 +585,12 @@ def build_from_checkpoint(checkpoint: Checkpoint, backend: "str | Backend" = "cp
         if isinstance(exc, BackendUnavailable):
             raise
         raise CheckpointError(f"checkpoint config {checkpoint.config} is invalid for {class_name}: {exc}") from exc
+    return network
+
+
+def build_from_checkpoint(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> Any:
+    """A new network with the checkpoint's class, config, dtype and weights, on `backend`."""
+    network = network_like(checkpoint, backend)
     restore(checkpoint, network)
     return network
 

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import checks
 from ..backend.arrays import values_are_free_to_read
 from ..backend.devices import out_of_memory_as_error
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
 from ..nn.optim import Optimizer, make_optimizer
 from ..ops.functions import host_class_labels
-from ..ops.geometry import positive_int
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
 from .history import History
 
@@ -45,10 +45,6 @@ class TrainingInterrupted(XpcnnError):
         self.checkpoint_path, self.epoch, self.step, self.signum = checkpoint_path, epoch, step, int(signum)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    return positive_int(value, name, "Trainer")
-
-
 class Trainer:
     """Trains a network with mini-batches, the book's way, on the network's backend.
 
@@ -60,7 +56,8 @@ class Trainer:
         epochs: epochs to train in total (a resumed run continues up to this number).
         mini_batch_size: images per step.
         optimizer: a name (``sgd``, ``momentum``, ``adagrad``, ``adam``) or an `Optimizer`.
-        optimizer_param: the optimizer's arguments when it is given by name.
+        optimizer_param: the optimizer's arguments when it is given by name (an `Optimizer`
+            already has its own: giving both is a `ConfigError`).
         evaluate_sample_num_per_epoch: None (default) scores the FULL train and test sets
             each epoch; a number scores only that many images, as the book did.
         verbose: print one summary line per epoch.
@@ -87,13 +84,13 @@ class Trainer:
                  epoch_callback: "Callable[[Trainer], None] | None" = None):
         self.network = network
         self.backend = network.backend
-        self.epochs = _positive_int("epochs", epochs)
-        self.batch_size = _positive_int("mini_batch_size", mini_batch_size)
-        self.log_every = _positive_int("log_every", log_every)
-        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.epochs = checks.positive_int(epochs, "epochs", "Trainer")
+        self.batch_size = checks.positive_int(mini_batch_size, "mini_batch_size", "Trainer")
+        self.log_every = checks.positive_int(log_every, "log_every", "Trainer")
+        self.eval_batch_size = checks.positive_int(eval_batch_size, "eval_batch_size", "Trainer")
         if evaluate_sample_num_per_epoch is not None:
-            evaluate_sample_num_per_epoch = _positive_int("evaluate_sample_num_per_epoch",
-                                                          evaluate_sample_num_per_epoch)
+            evaluate_sample_num_per_epoch = checks.positive_int(evaluate_sample_num_per_epoch,
+                                                         "evaluate_sample_num_per_epoch", "Trainer")
         self.evaluate_sample_num = evaluate_sample_num_per_epoch
         if on_nan not in ON_NAN_CHOICES:
             raise ConfigError(f"Trainer: on_nan must be one of {ON_NAN_CHOICES}, got {on_nan!r}")
@@ -102,6 +99,9 @@ class Trainer:
         self.checkpoint_path = None if checkpoint_path is None else str(checkpoint_path)
 
         if isinstance(optimizer, Optimizer):
+            if optimizer_param is not None:
+                raise ConfigError(f"Trainer: optimizer_param {optimizer_param} applies to an optimizer given by name, "
+                                  f"but an {type(optimizer).__name__} (lr {optimizer.lr}) was given; drop one")
             self.optimizer = optimizer
         else:
             self.optimizer = make_optimizer(optimizer,
@@ -115,9 +115,7 @@ class Trainer:
             raise ConfigError(f"Trainer: mini_batch_size {self.batch_size} is larger than the training set "
                               f"({self.train_size} images)")
 
-        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0):
-            raise ConfigError(f"Trainer: seed must be None or an integer >= 0, got {seed!r}")
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(checks.seed_or_none(seed, "Trainer"))
         self.epoch = 0                      # finished epochs
         self.step_in_epoch = 0              # finished steps of the epoch in progress
         self._epoch_rng_state = self.rng.bit_generator.state
