@@ -43,8 +43,8 @@ def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", XPCNN_KERNEL_CACHE=str(cpu_kernels.cache_dir()),
-               **extra)
+               OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", XPCNN_KERNEL_CACHE=str(cpu_kernels.cache_dir()))
+    env.update(extra)
     return env
 
 #: The largest gradient-check relative error seen in this test run (reported by a final test).

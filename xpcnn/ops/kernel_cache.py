@@ -4,11 +4,13 @@ kept, and a kept kernel that cannot be read is compiled again, never an error.
 Kernels compile on their first call for each dtype and are kept on disk, so that later
 processes load them in a fraction of a second. They are kept in a folder of the user's
 (``$XDG_CACHE_HOME/xpcnn/numba``, by default ``~/.cache/xpcnn/numba``; ``XPCNN_KERNEL_CACHE``
-names another), never inside the installed package, which may be read-only. A user who set
-``NUMBA_CACHE_DIR`` keeps it. Numba recompiles by itself when the source changed (it stamps
-each entry with the source file's time and size); a file it cannot read (a disk that filled
-up, a copy cut short) makes the first call fail: that call then discards the kernel's index
-and runs again, which compiles it afresh and writes a new entry.
+names another, `cpu_kernels.cache_dir`), never inside the installed package, which may be
+read-only (Numba's own cache would fall back to the source's folder). Numba recompiles by
+itself when the source changed (it stamps each entry with the source file's time and size);
+a file it cannot read (a disk that filled up, a copy cut short) makes the first call fail:
+that call then discards the kept entries of every xpcnn kernel and runs again, which compiles
+afresh and writes new entries; where the folder cannot be made or written, the kernels are
+compiled in memory, each process anew.
 
     @kernel_cache.kernel(nogil=True)          # a kernel called from Python
     def _scale(x, factor): ...
@@ -17,38 +19,74 @@ and runs again, which compiles it afresh and writes a new entry.
 
 from __future__ import annotations
 
-import contextlib
+import os
 import threading
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numba
-from numba.core import config as numba_config
+from numba.core.caching import (
+    CompileResultCacheImpl,
+    FunctionCache,
+    NullCache,
+    _CacheLocator,
+    _SourceFileBackedLocatorMixin,
+)
 
 from .cpu_kernels import cache_dir
 
 
-@contextlib.contextmanager
-def _caching_into(folder: Path) -> Iterator[None]:
-    """Numba's cache folder is `folder` for the kernels made inside the block (its setting is
-    read when a kernel is made); a folder the user gave Numba is left as it is."""
-    if numba_config.CACHE_DIR:
-        yield
-        return
-    numba_config.CACHE_DIR = str(folder)
-    try:
-        yield
-    finally:
-        numba_config.CACHE_DIR = ""
+class _UserFolderLocator(_SourceFileBackedLocatorMixin, _CacheLocator):
+    """Numba's cache locator for xpcnn's kernels: `cache_dir()`, in a subfolder named after the
+    source file's folder (as Numba's own locators name theirs); never the source's folder."""
+
+    def __init__(self, py_func: Callable, py_file: str):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(str(cache_dir()), self.get_suitable_cache_subpath(py_file))
+
+    def get_cache_path(self) -> str:
+        return self._cache_path
+
+
+class _UserFolderCacheImpl(CompileResultCacheImpl):
+    _locator_classes = [_UserFolderLocator]
+
+
+class _UserFolderCache(FunctionCache):
+    """Numba's per-function cache of compiled code, kept only where `_UserFolderLocator` says."""
+    _impl_class = _UserFolderCacheImpl
+
+
+#: Every dispatcher made here (kernels and the helpers compiled into them).
+_DISPATCHERS: list = []
 
 
 def njit(**options: Any) -> Callable[[Callable], Any]:
     """``numba.njit(cache=True, **options)``, kept in `cache_dir()`: for helpers that other
     kernels call."""
     def decorate(function: Callable) -> Any:
-        with _caching_into(cache_dir()):
-            return numba.njit(cache=True, **options)(function)
+        dispatcher = numba.njit(**options)(function)
+        try:
+            dispatcher._cache = _UserFolderCache(function)     # what cache=True does, with our locator
+        except RuntimeError:        # no folder can be made there: compiled in memory, each process anew
+            pass
+        _DISPATCHERS.append(dispatcher)
+        return dispatcher
     return decorate
+
+
+def _forget_kept_kernels() -> None:
+    """Discard the kept entries of every kernel (an empty index each); a kernel whose folder
+    cannot be written is compiled in memory from now on."""
+    for dispatcher in _DISPATCHERS:
+        try:
+            dispatcher._cache.flush()
+        except Exception:  # noqa: BLE001 - an unwritable or unreadable folder: no cache for it
+            _compile_in_memory(dispatcher)
+
+
+def _compile_in_memory(dispatcher: Any) -> None:
+    dispatcher._cache = NullCache()
 
 
 def kernel(**options: Any) -> Callable[[Callable], "Kernel"]:
@@ -79,11 +117,13 @@ class Kernel:
             try:
                 result = self.dispatcher(*args)
             except Exception:
-                cache = getattr(self.dispatcher, "_cache", None)
-                if cache is None or not hasattr(cache, "flush"):
-                    raise
-                cache.flush()                  # forget the kept entries: the call compiles
-                result = self.dispatcher(*args)
+                _forget_kept_kernels()         # a damaged entry: compile afresh
+                try:
+                    result = self.dispatcher(*args)
+                except Exception:
+                    for dispatcher in _DISPATCHERS:
+                        _compile_in_memory(dispatcher)
+                    result = self.dispatcher(*args)     # an error of the kernel itself is raised here
             self._ready.add(key)
             return result
 

@@ -1,0 +1,233 @@
+"""The compiled CPU kernels (`xpcnn/ops/fast_numba.py`) as a user meets them: chosen by
+default, switched off by ``XPCNN_CPU_KERNELS=numpy``, missing Numba falling back to NumPy's
+path without an error, kept compiled in the user's cache folder, and a kept kernel that cannot
+be read compiled again. Their arithmetic is checked against the reference with every other
+fast path (tests/ops/test_fast_ops.py); the seeded bugs below must be caught there."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpcnn.errors import ConfigError
+from xpcnn.ops import cpu_kernels, ops_for
+from xpcnn.ops import table as op_table
+
+from helpers import REPO, isolated_env
+
+FAST_NUMBA = REPO / "xpcnn" / "ops" / "fast_numba.py"
+
+#: A SimpleConvNet step and a score in a fresh process; prints what the table runs and the loss.
+STEP = """
+import numpy as np
+from xpcnn import AdaGrad, SimpleConvNet
+from xpcnn.ops.table import describe, ops_of
+net = SimpleConvNet(input_dim=(1, 12, 12), conv_param={"filter_num": 4, "filter_size": 3}, hidden_size=8, seed=0)
+rng = np.random.default_rng(0)
+x, t = rng.random((6, 1, 12, 12), dtype=np.float32), rng.integers(0, 10, 6)
+AdaGrad(0.06).update(net.params, net.gradient(x, t))
+print("runs:", describe(ops_of(net.backend)))
+print("fused:", "conv2d_relu_maxpool2d_forward" in ops_of(net.backend).fast_names)
+print("loss: %.6f" % float(net.last_layer.loss), "accuracy:", net.accuracy(x, t))
+"""
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=600)
+
+
+@pytest.fixture
+def kernels_variable(monkeypatch):
+    """Sets XPCNN_CPU_KERNELS for the test (the table cache cleared before and after)."""
+    def set_to(value):
+        monkeypatch.setenv(cpu_kernels.KERNELS_VARIABLE, value)
+        op_table.ops_for.cache_clear()
+    yield set_to
+    monkeypatch.undo()
+    op_table.ops_for.cache_clear()
+
+
+def test_compiled_kernels_are_the_default_and_the_switch_selects_numpy(kernels_variable):
+    import array_api_compat.numpy as xp
+
+    kernels_variable("")
+    compiled = ops_for(xp)
+    assert "conv2d_relu_maxpool2d_forward" in compiled.fast_names and "adagrad_update" in compiled.fast_names
+    assert "compiled kernels (Numba" in op_table.describe(compiled)
+    kernels_variable("numpy")
+    calls = ops_for(xp)
+    assert "conv2d_relu_maxpool2d_forward" not in calls.fast_names and "conv2d_forward" in calls.fast_names
+    assert "XPCNN_CPU_KERNELS=numpy" in op_table.describe(calls)
+
+
+def test_a_bad_switch_is_one_clear_error(kernels_variable, tmp_path):
+    kernels_variable("fortran")
+    with pytest.raises(ConfigError, match="XPCNN_CPU_KERNELS must be one of numba, numpy, got 'fortran'"):
+        cpu_kernels.requested()
+    done = subprocess.run([sys.executable, "-m", "xpcnn", "train", "--epochs", "1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=isolated_env(tmp_path, XPCNN_CPU_KERNELS="fortran"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "xpcnn: error: XPCNN_CPU_KERNELS must be one of numba, numpy, got 'fortran'"
+
+
+def test_without_numba_numpys_path_runs_and_says_why(tmp_path):
+    """An unsupported platform: `import numba` fails. Training runs on NumPy's calls, with
+    the same loss as the compiled kernels, and the banner line says why."""
+    blocked = "import sys; sys.modules['numba'] = None\n" + STEP
+    without = _run(blocked, isolated_env(tmp_path))
+    with_numba = _run(STEP, isolated_env(tmp_path))
+    assert without.returncode == 0 and with_numba.returncode == 0, without.stderr + with_numba.stderr
+    assert "compiled kernels unavailable: ModuleNotFoundError" in without.stdout and "fused: False" in without.stdout
+    assert "compiled kernels (Numba" in with_numba.stdout and "fused: True" in with_numba.stdout
+    loss = [line for line in without.stdout.splitlines() if line.startswith("loss")]
+    assert loss == [line for line in with_numba.stdout.splitlines() if line.startswith("loss")]
+
+
+def test_kernels_are_kept_in_the_users_cache_and_a_damaged_cache_is_rebuilt(tmp_path):
+    """First run: the kernels are compiled and kept in XPCNN_KERNEL_CACHE. Then every kept
+    file is overwritten with garbage: the next run still trains, with the same loss, and
+    leaves readable files behind (a third run loads them)."""
+    cache = tmp_path / "kernels"
+    env = isolated_env(tmp_path, XPCNN_KERNEL_CACHE=str(cache))
+    first = _run(STEP, env)
+    assert first.returncode == 0, first.stderr
+    kept = sorted(cache.rglob("*.nb*"))
+    assert any(p.suffix == ".nbi" for p in kept) and any(p.suffix == ".nbc" for p in kept), kept
+    assert str(cache) in first.stdout
+    for path in kept:
+        path.write_bytes(b"\x80\x05not a pickle at all")
+    second = _run(STEP, env)
+    assert second.returncode == 0, second.stderr
+    assert [line for line in second.stdout.splitlines() if line.startswith("loss")] == \
+        [line for line in first.stdout.splitlines() if line.startswith("loss")]
+    third = _run(STEP + "\nfrom xpcnn.ops import fast_numba\n"
+                 "print('loaded from cache:', all(k.dispatcher.stats.cache_hits for k in "
+                 "(fast_numba._conv1_relu_pool_forward, fast_numba._adagrad)))", env)
+    assert "loaded from cache: True" in third.stdout, third.stdout + third.stderr
+
+
+def test_a_cache_folder_that_cannot_be_made_compiles_in_memory(tmp_path):
+    """XPCNN_KERNEL_CACHE under a plain file (no folder can be made there; as root, a
+    read-only folder would still be written): training runs, the kernels compiled in memory."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    done = _run(STEP, isolated_env(tmp_path, XPCNN_KERNEL_CACHE=str(blocker / "kernels")))
+    assert done.returncode == 0, done.stderr
+    assert "loss:" in done.stdout and "fused: True" in done.stdout
+
+
+def test_the_installed_package_folder_is_not_written(tmp_path):
+    """Kernels are kept in the user's folder, not next to the source (a read-only install)."""
+    env = isolated_env(tmp_path, XPCNN_KERNEL_CACHE=str(tmp_path / "kernels"))
+    before = set((REPO / "xpcnn").rglob("*.nb*"))
+    assert _run(STEP, env).returncode == 0
+    assert set((REPO / "xpcnn").rglob("*.nb*")) == before
+
+
+# ------------------------------------------------------------------ seeded bugs (controls)
+
+#: name: (anchor, text, replacement): a bug each compiled kernel could have.
+MUTATIONS = {
+    "off-by-one-window": ("def _conv1_plane(", "for j in range(filter_w)", "for j in range(filter_w - 1)"),
+    "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
+    "argmax-tie-takes-the-last": ("def _conv1_relu_pool_forward(", "if not (candidate[pw] <= best[pw])",
+                                  "if not (candidate[pw] < best[pw])"),
+    "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (row[ow] <= 0) else 0",
+                                    "if True else 0"),
+    "adagrad-formula": ("def _adagrad(", "(np.sqrt(h[i]) + eps) * lr", "(h[i] + eps) * lr"),
+    "adam-formula": ("def _adam(", "m[i] += one_minus_beta1 * (grad[i] - m[i])",
+                     "m[i] += one_minus_beta2 * (grad[i] - m[i])"),
+    "softmax-gradient": ("def _softmax_cross_entropy(", "(1 if j == labels[r] else 0)",
+                         "(1 if j == labels[r] - 1 else 0)"),
+    "count-correct-last-maximum": ("def _count_correct(", "row[j] > row[best]", "row[j] >= row[best]"),
+}
+
+
+def _mutated_module(name: str, tmp_path: Path):
+    """A copy of fast_numba.py with the mutation `name`, imported as a module of xpcnn.ops."""
+    anchor, old, new = MUTATIONS[name]
+    text = FAST_NUMBA.read_text()
+    at = text.find(old, text.index(anchor))
+    assert at >= 0, f"the mutation no longer applies: {old!r} after {anchor!r}"
+    path = tmp_path / f"fast_numba_{name.replace('-', '_')}.py"
+    path.write_text(text[:at] + new + text[at + len(old):])
+    spec = importlib.util.spec_from_file_location(f"xpcnn.ops._mutant_{path.stem}", path,
+                                                  submodule_search_locations=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "xpcnn.ops"
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mismatches(module) -> list[str]:
+    """Where `module`'s entries differ from the reference on small float64 cases."""
+    import array_api_compat.numpy as xp
+
+    from xpcnn.ops import reference
+    reference_table = ops_for(xp, reference=True)
+    rng = np.random.default_rng(0)
+    found = []
+
+    def differ(what, got, want):
+        got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True):
+            found.append(what)
+
+    x = rng.standard_normal((3, 1, 10, 10))
+    W, b = rng.standard_normal((4, 1, 3, 3)), rng.standard_normal(4)
+    tied_W = np.zeros_like(W)                  # every window ties: the first maximum must win
+    dout = rng.standard_normal((3, 4, 4, 4))
+    pool = (2, 2, 2, 0, 4, 4)
+    for label, filters in (("conv-relu-pool", W), ("conv-relu-pool ties", tied_W)):
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, 0, 8, 8, pool)
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, 0, 8, 8, pool)
+        differ(label, out, want)
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, 0, True),
+                                       reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, 0,
+                                                                                      True))):
+            differ(f"{label} gradient {k}", g, r)
+    out, _ = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)
+    differ("conv-relu", out, reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)[0])
+    scores, labels = rng.standard_normal((9, 10)), rng.integers(0, 10, 9)
+    scores[0, 3] = scores[0, 7] = 9.0          # a tied maximum: the first counts
+    loss, cache = module.softmax_cross_entropy_forward(xp, scores, labels)
+    loss_r, cache_r = reference.softmax_cross_entropy_forward(xp, scores, labels)
+    differ("softmax-CE loss", loss, loss_r)
+    differ("softmax-CE gradient", module.softmax_cross_entropy_backward(xp, cache, 1),
+           reference.softmax_cross_entropy_backward(xp, cache_r, 1))
+    differ("count_correct", module.count_correct(xp, scores, np.full(9, 3)),
+           reference.count_correct(xp, scores, np.full(9, 3)))
+    for name, args in (("adagrad_update", (0.06, 1e-7)), ("adam_update", (0.001, 0.9, 0.999, 1e-8))):
+        states = 1 if name == "adagrad_update" else 2
+        arrays = [[a.copy() for a in [rng.standard_normal(50), rng.standard_normal(50)]
+                   + [np.abs(rng.standard_normal(50)) for _ in range(states)]]]
+        arrays.append([a.copy() for a in arrays[0]])
+        getattr(module, name)(xp, *arrays[0], *args)
+        getattr(reference, name)(xp, *arrays[1], *args)
+        differ(name, arrays[0][0], arrays[1][0])
+    return found
+
+
+def test_the_kernels_as_they_are_match_the_reference(tmp_path):
+    """The control for the mutations: fast_numba.py unchanged (loaded the same way) shows no
+    mismatch."""
+    MUTATIONS["unchanged"] = ("def _conv1_plane(", "", "")
+    try:
+        assert _mismatches(_mutated_module("unchanged", tmp_path)) == []
+    finally:
+        del MUTATIONS["unchanged"]
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_a_seeded_bug_in_a_compiled_kernel_is_caught(mutation, tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))   # no mutant in the real cache
+    found = _mismatches(_mutated_module(mutation, tmp_path))
+    assert found, f"mutation {mutation} went unnoticed"
+    print(f"{mutation}: caught by {found}")
