@@ -1,4 +1,4 @@
-"""Devices: the one module that knows NumPy, CuPy, PyTorch and array_api_strict apart.
+"""Devices: the one module that knows NumPy, CuPy, PyTorch, array_api_strict and ndonnx apart.
 
 Everything above the backend package receives an array namespace `xp` (from
 `array_api_compat`) and writes standard array-API code against it. This module picks the
@@ -35,6 +35,7 @@ BACKEND_ALIASES = {
     "strict": "array_api_strict",
     "torch": "torch",
     "pytorch": "torch",
+    "ndonnx": "ndonnx",
 }
 
 #: Devices a ``torch:DEVICE`` backend may name (``cuda`` may carry an index: ``cuda:1``).
@@ -44,6 +45,8 @@ GPU_INSTALL_HINT = (
     "install the GPU extra with `pip install 'xpcnn[gpu]'` (CUDA 12) or "
     "`pip install xpcnn cupy-cuda13x` (CUDA 13), on a machine with an NVIDIA GPU and driver"
 )
+
+NDONNX_INSTALL_HINT = "install it with `pip install 'xpcnn[export]'`"
 
 TORCH_INSTALL_HINT = (
     "install it with `pip install 'xpcnn[torch]'` (for the small CPU-only build: "
@@ -57,9 +60,10 @@ class Backend:
     """An array namespace bound to one device.
 
     Attributes:
-        name: canonical name: ``"numpy"``, ``"cupy"``, ``"torch"`` or ``"array_api_strict"``.
+        name: canonical name: ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"`` or
+            ``"ndonnx"``.
         xp: the array-API namespace (``array_api_compat.numpy``, ``array_api_compat.cupy``,
-            ``array_api_compat.torch`` or ``array_api_strict``).
+            ``array_api_compat.torch``, ``array_api_strict`` or ``ndonnx``).
         device: the device arrays are created on (``"cpu"``, a ``cupy.cuda.Device``, a
             ``torch.device`` such as ``cuda:0``, or an ``array_api_strict.Device``).
         reference: True forces the array-API reference code for every hot operation (no
@@ -121,6 +125,12 @@ class Backend:
             return array.detach().cpu().numpy()       # .cpu() copies off the device
         if self.name == "array_api_strict" and hasattr(array, "to_device"):
             array = array.to_device(self.xp.Device("CPU_DEVICE"))
+        if self.name == "ndonnx" and hasattr(array, "unwrap_numpy"):
+            try:
+                return array.unwrap_numpy()
+            except ValueError as exc:
+                raise ConfigError("this ndonnx array is part of a graph (it depends on an ndonnx.argument) and "
+                                  "has no values: build the graph with ndonnx.build and run it") from exc
         return np.asarray(array)
 
     def to_float(self, scalar_array: Any) -> float:
@@ -157,8 +167,12 @@ class Backend:
 
 def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference: bool = False) -> Backend:
     """Return the backend called `name`: ``cpu``/``numpy``, ``gpu``/``cupy``,
-    ``torch[:DEVICE]`` (``torch``, ``torch:cuda``, ``torch:cuda:1``, ``torch:mps``) or
-    ``array_api_strict``.
+    ``torch[:DEVICE]`` (``torch``, ``torch:cuda``, ``torch:cuda:1``, ``torch:mps``),
+    ``array_api_strict`` or ``ndonnx``.
+
+    ``ndonnx`` arrays are ONNX graphs: on constant arrays its operations are computed at once
+    (slowly: an inference check), and a network's forward pass on an ``ndonnx.argument``
+    writes the ONNX graph of that pass (`xpcnn.app.export`, ``via="ndonnx"``).
 
     Args:
         name: a backend name, or an existing `Backend` (returned unchanged).
@@ -172,7 +186,7 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference:
 
     Raises:
         ConfigError: unknown backend or device name.
-        BackendUnavailable: CuPy or PyTorch is not installed, or the device cannot be used.
+        BackendUnavailable: CuPy, PyTorch or ndonnx is not installed, or the device cannot be used.
     """
     if isinstance(name, Backend):
         return replace(name, reference=True) if reference and not name.reference else name
@@ -181,10 +195,12 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference:
     if key is None or (device_part and key != "torch"):
         raise ConfigError(
             f"unknown backend {name!r}: expected one of 'cpu', 'gpu', 'numpy', 'cupy', "
-            f"'torch', 'torch:cuda', 'torch:mps', 'array_api_strict'"
+            f"'torch', 'torch:cuda', 'torch:mps', 'array_api_strict', 'ndonnx'"
         )
     if key == "torch":
         return _torch_backend(device_part, device, reference)
+    if key == "ndonnx":
+        return _ndonnx_backend(reference)
     if key == "numpy":
         import array_api_compat.numpy as xp_numpy
 
@@ -200,6 +216,16 @@ def get_backend(name: "str | Backend" = "cpu", device: Any = None, *, reference:
         strict_device = array_api_strict.Device("device1") if device is None else device
         return Backend("array_api_strict", array_api_strict, strict_device, reference)
     return replace(_cupy_backend(device), reference=reference)
+
+
+def _ndonnx_backend(reference: bool) -> Backend:
+    try:
+        import ndonnx
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend 'ndonnx' needs ndonnx, which is not installed: {NDONNX_INSTALL_HINT}") \
+            from exc
+    # No fast table exists for ndonnx: every operation is the array-API reference.
+    return Backend("ndonnx", ndonnx, ndonnx.__array_namespace_info__().default_device(), reference)
 
 
 def _cupy_backend(device: Any) -> Backend:
