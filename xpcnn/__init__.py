@@ -15,13 +15,14 @@ The packages, from the bottom up (each imports only from those above it in this 
     models/          SimpleConvNet, DeepConvNet, MultiLayerNetExtend and their registry
     data/            IDX files, datasets, image files
     training/        Trainer, History, checkpoints
-    app/             the command line, predict, report, plots
+    app/             the command line, predict, report, plots, export (ONNX)
 """
 
 import sys as _sys
 
 from ._version import __version__
 from .app import report
+from .app.export import export_onnx, load_onnx
 from .backend import Backend, get_backend
 from .data import DatasetSpec, load_dataset, load_idx_pair, load_images, load_mnist, load_split, read_idx, write_idx
 from .errors import (
@@ -68,6 +69,6 @@ __all__ = [
     "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss", "Dropout", "BatchNormalization", "Sigmoid",
     "SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend", "Trainer", "History", "TrainingInterrupted",
     "load_mnist", "load_dataset", "load_split", "load_idx_pair", "read_idx", "write_idx", "DatasetSpec",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "export_onnx", "load_onnx",
     "SGD", "Momentum", "AdaGrad", "Adam", "make_optimizer",
 ]

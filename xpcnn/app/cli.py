@@ -1,4 +1,5 @@
-"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune`` and ``xpcnn serve``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune``, ``xpcnn serve`` and
+``xpcnn export``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code:
 
@@ -16,7 +17,8 @@ code  meaning
 8     out of (GPU) memory: a batch did not fit; the message names the option to lower
 9     predict: a file could not be read or used (the other files were still classified)
 10    an optional extra is missing (``xpcnn tune`` without Optuna: ``pip install 'xpcnn[tune]'``; ``xpcnn serve``
-      without the web server: ``pip install 'xpcnn[serve]'``), or serve's address is taken
+      without the web server: ``pip install 'xpcnn[serve]'``; ``xpcnn export`` or an ``.onnx`` file to
+      ``xpcnn predict`` without ONNX or ONNX Runtime: ``pip install 'xpcnn[export]'``), or serve's address is taken
 11    tune: the study's storage cannot be reached or used (a server down, a bad URL, a driver missing)
 130   interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved; tune: rerun to resume)
 143   stopped by SIGTERM (the checkpoint is saved the same way)
@@ -63,6 +65,7 @@ from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, mo
 from ..nn.optim import OPTIMIZERS
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
+from .export import DEFAULT_OPSET, VIAS, OnnxModel, export_checkpoint, is_onnx_path
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xpcnn", description="Train and evaluate the book's SimpleConvNet on NumPy, CuPy or PyTorch.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve,export}")
 
     train = sub.add_parser("train", help="train SimpleConvNet, DeepConvNet or MultiLayerNetExtend (the book's recipes)",
                            description="Train a model with its book recipe as defaults: simple "
@@ -189,7 +192,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_tune_parser(sub)
     _add_serve_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def _batch_option(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        return _int_at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer >= 1, got {text!r}") from None
+
+
+def _add_export_parser(sub: Any) -> None:
+    export = sub.add_parser("export", help="write a checkpoint as an ONNX file (ONNX Runtime, the browser, phones)",
+                            description="Write a checkpoint's network (any model, saved on any backend) as an ONNX "
+                                        "file: input 'images' (N, C, H, W) float32, outputs 'scores' and "
+                                        "'probabilities', metadata saying how to prepare pictures. Checked with "
+                                        "onnx.checker and shape inference, and against xpcnn in ONNX Runtime, "
+                                        "before it is written. Needs pip install 'xpcnn[export]'.")
+    export.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    export.add_argument("out", metavar="OUT.onnx", help="the file to write (its folder must exist)")
+    export.add_argument("--opset", type=_int_at_least(1), default=None,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; --via ndonnx writes ndonnx's own)")
+    export.add_argument("--batch", type=_batch_option, default=None, metavar="dynamic|N",
+                        help="batch dimension: dynamic (default) or a fixed number of images")
+    export.add_argument("--via", choices=list(VIAS), default="direct",
+                        help="direct (default): ONNX's own operators; ndonnx: xpcnn's forward code traced "
+                             "on ndonnx arrays (a larger, slower graph: docs/export.md)")
+    export.add_argument("--dataset", default=None,
+                        help="whose class names and picture framing to record (default: the checkpoint's dataset)")
 
 
 def _device_list(text: str) -> list[int]:
@@ -273,8 +306,11 @@ def _add_serve_parser(sub: Any) -> None:
 def _add_predict_parser(sub: Any) -> None:
     predict = sub.add_parser("predict", help="classify picture files (PNG, JPEG, ...), .npy or IDX arrays",
                              description="Classify picture files (fitted into the model's input like the datasets), "
-                                         ".npy arrays and IDX files with a saved checkpoint.")
-    predict.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+                                         ".npy arrays and IDX files with a saved checkpoint, or with an ONNX file "
+                                         "written by xpcnn export.")
+    predict.add_argument("checkpoint", metavar="MODEL",
+                         help="a checkpoint.npz written by xpcnn train, or a .onnx file written by xpcnn export "
+                              "(run in ONNX Runtime, with the preparation its metadata records)")
     predict.add_argument("files", nargs="+", metavar="FILE", help="picture, .npy or IDX files")
     _add_backend_args(predict)
     predict.add_argument("--invert", choices=list(INVERT_CHOICES), default="auto",
@@ -323,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tune_command(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "export":
+            return run_export(args)
         return run_evaluate(args)
     except XpcnnError as exc:
         if isinstance(exc, TrainingInterrupted):
@@ -493,16 +531,27 @@ def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: 
     print(f"report in {out}/ ({', '.join(files)})")
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def _predict_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(network, dataset, class names) of a checkpoint, or of an ``.onnx`` file run in ONNX Runtime."""
+    if is_onnx_path(args.checkpoint):
+        if args.backend != "cpu" or args.device is not None or args.reference:
+            raise ConfigError("an .onnx file runs in ONNX Runtime on the CPU: drop --backend, --device and --reference")
+        model = OnnxModel(args.checkpoint)
+        dataset = args.dataset or model.dataset or None
+        return model, dataset, (class_names(dataset, len(model.classes)) if args.dataset else model.classes)
     backend = get_backend(args.backend, device=args.device, reference=args.reference)
-    if args.dataset:
-        get_spec(args.dataset)                           # an unknown name is refused, not ignored
     checkpoint = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(checkpoint, backend)
-    input_size(network)                                  # a colour network fails before any file is read
     dataset = args.dataset or checkpoint.extra.get("dataset")
-    names = class_names(dataset, network.config["output_size"])
-    fit = args.fit if args.fit != "auto" else _picture_fit(dataset)
+    return network, dataset, class_names(dataset, network.config["output_size"])
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.dataset:
+        get_spec(args.dataset)                           # an unknown name is refused, not ignored
+    network, dataset, names = _predict_model(args)
+    input_size(network)                                  # a colour network fails before any file is read
+    fit = args.fit if args.fit != "auto" else (network.fit if isinstance(network, OnnxModel) else _picture_fit(dataset))
     bar = _files_progress_bar(len(args.files), args.quiet)
     failures = 0
     try:
@@ -529,6 +578,15 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
         return EXIT_INPUT_FILE
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    result = export_checkpoint(args.checkpoint, args.out, opset=args.opset, batch=args.batch, via=args.via,
+                               dataset=args.dataset)
+    for note in result.notes:
+        print(f"xpcnn: note: {note}", file=sys.stderr)
+    print(result.summary())
     return EXIT_OK
 
 
