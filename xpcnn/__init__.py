@@ -22,7 +22,8 @@ import sys as _sys
 
 from ._version import __version__
 from .app import report
-from .app.export import export_onnx, load_onnx
+from .app.export import export_onnx
+from .app.onnx_model import load_onnx
 from .backend import Backend, get_backend
 from .data import DatasetSpec, load_dataset, load_idx_pair, load_images, load_mnist, load_split, read_idx, write_idx
 from .errors import (

@@ -65,7 +65,8 @@ from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, mo
 from ..nn.optim import OPTIMIZERS
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
-from .export import DEFAULT_OPSET, VIAS, OnnxModel, export_checkpoint, is_onnx_path
+from .export import DEFAULT_OPSET, VIAS, export_checkpoint
+from .onnx_model import OnnxModel, is_onnx_path
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report

@@ -1,5 +1,5 @@
 """``xpcnn export``: a trained network as one ONNX file that ONNX Runtime runs anywhere, and
-`OnnxModel`, which runs such a file on pictures the way ``xpcnn predict`` runs a checkpoint.
+`xpcnn.app.onnx_model.OnnxModel` runs such a file on pictures the way ``xpcnn predict`` runs a checkpoint.
 
     >>> export_onnx(net, "model.onnx", dataset="fashion-mnist")     # any network, any backend
     >>> export_checkpoint("runs/latest/checkpoint.npz", "model.onnx")
@@ -26,8 +26,8 @@ pictures are prepared, xpcnn's version. Before it is written, a model is checked
 against the network's own `predict_proba`; the file is written atomically, so a failure
 leaves no file behind.
 
-ONNX, ONNX Runtime and ndonnx are the optional extra ``export``; they are imported only here,
-inside the functions that use them.
+Running a written file is `xpcnn.app.onnx_model`. ONNX, ONNX Runtime and ndonnx are the optional
+extra ``export``; they are imported only inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -47,22 +47,18 @@ from ..backend.arrays import dtype_name
 from ..backend.devices import get_backend
 from ..data.datasets import class_names, get_spec
 from ..data.images import FIT_CHOICES
-from ..errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependency, OutputError
+from ..errors import ConfigError, DatasetError, ExportError, MissingDependency, OutputError
 from ..fileio import atomic_write
 from ..nn.inference import predict_proba
 from ..nn.layers import Affine, BatchNormalization, Convolution, Dropout, Pooling, ReLU, Sigmoid
 from ..ops.functions import softmax
 from ..ops.table import Ops, ops_of
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint
+from .onnx_model import BATCH_DIM, INPUT_NAME, PROBABILITIES, SCORES, open_session, runtime
 
 ONNX_MISSING = "xpcnn export needs ONNX, an optional extra: pip install 'xpcnn[export]'"
-RUNTIME_MISSING = "running an ONNX file needs ONNX Runtime, an optional extra: pip install 'xpcnn[export]'"
 NDONNX_MISSING = "xpcnn export --via ndonnx needs ndonnx, an optional extra: pip install 'xpcnn[export]'"
 
-#: The graph's input and outputs.
-INPUT_NAME, SCORES, PROBABILITIES = "images", "scores", "probabilities"
-#: Name of the dynamic batch dimension.
-BATCH_DIM = "N"
 #: The ONNX opsets the direct route writes: from 13 (Softmax's single-axis meaning) to the newest
 #: that ONNX Runtime 1.31, the oldest the extra ``export`` installs, can run.
 MIN_OPSET, MAX_OPSET = 13, 26
@@ -116,16 +112,6 @@ def _onnx() -> Any:
     except ImportError:
         raise MissingDependency(ONNX_MISSING) from None
     return onnx
-
-
-def _runtime(required: bool = True) -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        if required:
-            raise MissingDependency(RUNTIME_MISSING) from None
-        return None
-    return onnxruntime
 
 
 # ------------------------------------------------------------------ what the graph takes
@@ -383,12 +369,11 @@ def check_model(model: Any, batch: int | None, classes: int) -> None:
 def _verify(model_bytes: bytes, network: Any, batch: int | None) -> float | None:
     """Run the graph in ONNX Runtime (when installed) on seeded noise images and compare its
     probabilities with the network's `predict_proba`; the largest difference, or None."""
-    runtime = _runtime(required=False)
-    if runtime is None:
+    if runtime(required=False) is None:
         return None
     count = VERIFY_IMAGES if batch is None else batch
     images = np.random.default_rng(0).random((count, *input_dims(network)), dtype=np.float32)
-    session = _session(runtime, model_bytes, "the exported graph (a bug in xpcnn export)", ExportError)
+    session = open_session(model_bytes, "the exported graph (a bug in xpcnn export)", ExportError)
     got = session.run([PROBABILITIES], {INPUT_NAME: images})[0]
     expected = network.backend.to_numpy(predict_proba(network, images.astype(dtype_name(network.dtype)), count))
     difference = float(np.max(np.abs(got.astype(np.float64) - expected)))
@@ -396,17 +381,6 @@ def _verify(model_bytes: bytes, network: Any, batch: int | None) -> float | None
         raise ExportError(f"ONNX Runtime's probabilities differ from xpcnn's by {difference:.2e} "
                           f"(more than {VERIFY_TOLERANCE:g}) on {count} images: not written (a bug in xpcnn export)")
     return difference
-
-
-def _session(runtime: Any, model: "bytes | str", what: str, error: type = CheckpointError) -> Any:
-    options = runtime.SessionOptions()
-    options.log_severity_level = 3          # errors only: no warnings on stderr
-    try:
-        return runtime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:       # ONNX Runtime raises its own types (Fail, InvalidGraph, NoSuchFile, ...)
-        text = str(exc).strip().splitlines()
-        raise error(f"ONNX Runtime {runtime.__version__} cannot load {what}: "
-                    f"{text[0] if text else type(exc).__name__}") from exc
 
 
 def _check_out_path(path: Path) -> None:
@@ -499,106 +473,3 @@ def export_checkpoint(checkpoint_path: "str | os.PathLike[str]", path: "str | os
     extra = {"checkpoint": {"file": Path(checkpoint_path).name, "epoch": checkpoint.epoch,
                             "test_accuracy": accuracy}}
     return export_onnx(network, path, dataset=str(dataset) if dataset else None, extra_metadata=extra, **options)
-
-
-# ------------------------------------------------------------------ running an exported file
-
-def is_onnx_path(path: "str | os.PathLike[str]") -> bool:
-    """Whether `path` names an ONNX file (by its suffix, ``.onnx``)."""
-    return Path(path).suffix.lower() == ".onnx"
-
-
-class OnnxModel:
-    """An ONNX file written by ``xpcnn export``, run in ONNX Runtime on the CPU, with the
-    protocol `xpcnn.app.predict.classify_files` needs (``predict``, ``predict_proba``,
-    ``backend``, ``dtype``, ``config``), so ``xpcnn predict MODEL.onnx FILE...`` prepares and
-    classifies pictures exactly as it does with a checkpoint.
-
-    Attributes:
-        path: the file.
-        metadata: its metadata, JSON values decoded.
-        classes: the class names (the metadata's, else the numbers).
-        dataset: the dataset it was trained on ("" when unknown).
-        fit: how pictures are framed (the metadata's, else "fill").
-    """
-
-    def __init__(self, path: "str | os.PathLike[str]"):
-        runtime = _runtime()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"ONNX file {str(self.path)!r} does not exist" if not self.path.exists() else
-                                  f"ONNX file {str(self.path)!r} is not a file")
-        self.session = _session(runtime, str(self.path), repr(str(self.path)))
-        inputs, outputs = self.session.get_inputs(), [o.name for o in self.session.get_outputs()]
-        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or PROBABILITIES not in outputs:
-            raise CheckpointError(f"{str(self.path)!r} is not a model written by xpcnn export: expected one float32 "
-                                  f"input and an output {PROBABILITIES!r}, got inputs "
-                                  f"{[(i.name, i.type) for i in inputs]} and outputs {outputs}")
-        self.input_name = inputs[0].name
-        dims = [d if isinstance(d, int) else None for d in inputs[0].shape]
-        self.fixed_batch = dims[0]
-        raw = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = {key: _decoded(key, value) for key, value in raw.items()}
-        classes = int(self.session.get_outputs()[outputs.index(PROBABILITIES)].shape[-1])
-        self.classes = [str(c) for c in self.metadata.get("classes", [])] or [str(c) for c in range(classes)]
-        self.dataset = str(self.metadata.get("dataset", ""))
-        preparation = self.metadata.get("preprocessing")
-        fit = preparation.get("fit") if isinstance(preparation, dict) else None
-        self.fit = fit if fit in FIT_CHOICES else "fill"
-        self.backend = get_backend("cpu")
-        self.dtype = np.float32
-        shape = dims[1:]
-        if any(d is None for d in shape):
-            raise CheckpointError(f"{str(self.path)!r}: its input {self.input_name!r} has unknown dimensions "
-                                  f"{inputs[0].shape}; expected (N, C, H, W) or (N, D)")
-        self.config = ({"input_dim": shape, "output_size": len(self.classes)} if len(shape) == 3 else
-                       {"input_size": shape[0], "output_size": len(self.classes)})
-
-    def __repr__(self) -> str:
-        return f"OnnxModel({str(self.path)!r}, {self.metadata.get('model', '?')}, {len(self.classes)} classes)"
-
-    def _run(self, output: str, x: np.ndarray, batch_size: int) -> np.ndarray:
-        x = np.asarray(x)
-        if x.dtype != np.float32:
-            raise ConfigError(f"{str(self.path)!r} takes float32 images, got {x.dtype}")
-        if self.fixed_batch is not None:
-            batch_size = self.fixed_batch
-        parts = [self.session.run([output], {self.input_name: chunk})[0] for chunk in self._chunks(x, batch_size)]
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return out[:x.shape[0]]
-
-    def _chunks(self, x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, x.shape[0], batch_size):
-            chunk = x[start:start + batch_size]
-            if self.fixed_batch is not None and chunk.shape[0] < self.fixed_batch:     # pad a fixed batch
-                chunk = np.concatenate([chunk, np.zeros((self.fixed_batch - chunk.shape[0], *chunk.shape[1:]),
-                                                        np.float32)])
-            yield chunk
-
-    def predict(self, x: np.ndarray, batch_size: int = 100) -> np.ndarray:
-        """The graph's ``scores`` ``(N, K)`` for float32 images ``(N, *input)``."""
-        return self._run(SCORES, x, batch_size)
-
-    def predict_proba(self, x: np.ndarray, batch_size: int = 100) -> np.ndarray:
-        """The graph's ``probabilities`` ``(N, K)``, `batch_size` images per run."""
-        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return self._run(PROBABILITIES, x, int(batch_size))
-
-
-def load_onnx(path: "str | os.PathLike[str]") -> OnnxModel:
-    """An ONNX file written by ``xpcnn export``, ready to run (see `OnnxModel`)."""
-    return OnnxModel(path)
-
-
-#: Metadata entries written as JSON (the others are plain text).
-JSON_METADATA = ("config", "classes", "input", "outputs", "preprocessing", "checkpoint")
-
-
-def _decoded(key: str, value: str) -> Any:
-    if key not in JSON_METADATA:
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value

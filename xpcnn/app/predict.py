@@ -7,7 +7,7 @@ Files are read with `xpcnn.data.images.read_input_file` (pictures fitted to the 
 size, arrays taken as they are) and predicted `batch_size` images at a time, in order. A bad
 file never stops the others. Works with any network of the book's protocol (``predict``,
 ``backend``, ``dtype``, ``config["input_dim"]``); its own ``predict_proba(x, batch_size)`` is used
-where it has one (`xpcnn.app.export.OnnxModel` runs an exported graph's probabilities so).
+where it has one (`xpcnn.app.onnx_model.OnnxModel` runs an exported graph's probabilities so).
 """
 
 from __future__ import annotations
