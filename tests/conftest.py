@@ -21,8 +21,9 @@ from helpers import FASHION_FILES, MAX_GRAD_ERROR, make_learnable_set, unavailab
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "torch:cuda", "cupy"]
 
 
-#: Backends `.ci/run` installs (PyTorch's CPU build): under CI=true they must be usable.
-CI_BACKENDS = ("numpy", "array_api_strict", "torch")
+#: Backends `.ci/run` installs (PyTorch's CPU build; ndonnx with the extra ``export``): under CI=true they
+#: must be usable.
+CI_BACKENDS = ("numpy", "array_api_strict", "torch", "ndonnx")
 
 
 def _backend_or_skip(name):
@@ -38,6 +39,13 @@ def _backend_or_skip(name):
 def backend(request):
     """Each available backend in turn (PyTorch, its CUDA device and CuPy skipped with the reason
     where they are missing)."""
+    return _backend_or_skip(request.param)
+
+
+@pytest.fixture(params=[*BACKEND_NAMES, "ndonnx"])
+def inference_backend(request):
+    """`backend`'s list and ndonnx, whose arrays are ONNX graphs (its operations on constant arrays
+    are computed at once, slowly): for inference tests only (ndonnx trains nothing)."""
     return _backend_or_skip(request.param)
 
 

@@ -15,7 +15,7 @@ The packages, from the bottom up (each imports only from those above it in this 
     models/          SimpleConvNet, DeepConvNet, MultiLayerNetExtend and their registry
     data/            IDX files, datasets, image files
     training/        Trainer, History, checkpoints
-    app/             the command line, predict, report, plots, tune, serve
+    app/             the command line, predict, report, plots, tune, serve, export (ONNX)
 
 This module loads the library floors (backend to training), never the app floor: ``import
 xpcnn.ops`` or ``from xpcnn import SimpleConvNet`` reads no command-line code.
@@ -91,10 +91,19 @@ if not any(isinstance(finder, _AliasFinder) for finder in _sys.meta_path):
     _sys.meta_path.append(_AliasFinder())
 
 
-def __getattr__(name: str) -> _ModuleType:
-    """``xpcnn.report`` and ``xpcnn.checkpoint`` as attributes: imported on first use."""
+#: Public functions of the app floor, by name: (module, attribute), imported on first use.
+_APP_FUNCTIONS = {"export_onnx": ("xpcnn.app.export", "export_onnx"),
+                  "load_onnx": ("xpcnn.app.onnx_model", "load_onnx")}
+
+
+def __getattr__(name: str) -> object:
+    """``xpcnn.report``, ``xpcnn.checkpoint``, ``xpcnn.export_onnx`` and ``xpcnn.load_onnx`` as
+    attributes: imported on first use (the app floor is not loaded by ``import xpcnn``)."""
     if name in _ALIASES:
         return _importlib.import_module(f"{__name__}.{name}")
+    if name in _APP_FUNCTIONS:
+        module, attribute = _APP_FUNCTIONS[name]
+        return getattr(_importlib.import_module(module), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -106,6 +115,6 @@ __all__ = [
     "Convolution", "Pooling", "Affine", "ReLU", "SoftmaxWithLoss", "Dropout", "BatchNormalization", "Sigmoid",
     "SimpleConvNet", "DeepConvNet", "MultiLayerNetExtend", "Trainer", "History", "TrainingInterrupted",
     "load_mnist", "load_dataset", "load_split", "load_idx_pair", "read_idx", "write_idx", "DatasetSpec",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "export_onnx", "load_onnx",
     "SGD", "Momentum", "AdaGrad", "Adam", "make_optimizer",
 ]

@@ -68,3 +68,8 @@ class MissingDependency(XpcnnError, ImportError):
 
 class StorageError(XpcnnError):
     """A study's storage (SQLite file, PostgreSQL server, ...) cannot be reached or used."""
+
+
+class ExportError(XpcnnError):
+    """An exported model failed its checks (``onnx.checker``, shape inference, or agreement with
+    the network in ONNX Runtime); nothing was written. A bug in xpcnn, never the user's input."""

@@ -9,6 +9,8 @@ import pytest
 from xpcnn.backend import backend_of, get_backend, namespace_of, resolve_dtype
 from xpcnn.errors import BackendMismatch, BackendUnavailable, ConfigError, DTypeError
 
+from helpers import unavailable
+
 
 @pytest.mark.parametrize("name, canonical", [("cpu", "numpy"), ("numpy", "numpy"), ("CPU", "numpy"),
                                              ("array_api_strict", "array_api_strict"), ("strict", "array_api_strict")])
@@ -25,6 +27,24 @@ def test_gpu_without_cupy_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)      # as if CuPy were not installed (CI installs it)
     with pytest.raises(BackendUnavailable, match=r"needs CuPy, which is not installed.*xpcnn\[gpu\]"):
         get_backend("gpu")
+
+
+def test_ndonnx_without_ndonnx_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ndonnx", None)
+    with pytest.raises(BackendUnavailable, match=r"needs ndonnx, which is not installed.*xpcnn\[export\]"):
+        get_backend("ndonnx")
+
+
+def test_ndonnx_computes_constants_and_refuses_to_read_a_graph():
+    if importlib.util.find_spec("ndonnx") is None:
+        unavailable("ndonnx is not installed (pip install 'xpcnn[export]')")
+    backend = get_backend("ndonnx")
+    assert backend.name == "ndonnx" and backend.owns(backend.asarray(np.zeros(2, np.float32)))
+    values = np.arange(3, dtype=np.float32)
+    np.testing.assert_allclose(backend.to_numpy(backend.xp.exp(backend.asarray(values))), np.exp(values), rtol=1e-6)
+    lazy = backend.xp.argument(shape=("N",), dtype=backend.xp.float32)
+    with pytest.raises(ConfigError, match="part of a graph .* has no values: build the graph"):
+        backend.to_numpy(lazy + 1.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed here")

@@ -1,4 +1,5 @@
-"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune`` and ``xpcnn serve``.
+"""Command line: ``xpcnn train``, ``xpcnn evaluate``, ``xpcnn predict``, ``xpcnn tune``, ``xpcnn serve`` and
+``xpcnn export``.
 
 Every `XpcnnError` becomes one line on stderr (``xpcnn: error: ...``) and an exit code of
 the table `ExitCode` (``exit_codes.py``; docs/cli.md shows it).
@@ -32,6 +33,8 @@ from ..ops.table import ops_of
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint, make_optimizer_from_checkpoint, network_like
 from ..training.trainer import ON_NAN_CHOICES, Trainer, TrainingInterrupted
 from .exit_codes import ExitCode, exit_code_for
+from .export import DEFAULT_OPSET, VIAS, export_checkpoint
+from .onnx_model import OnnxModel, is_onnx_path
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
@@ -83,13 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xpcnn", description="The book's CNNs (SimpleConvNet, DeepConvNet, MultiLayerNetExtend) on NumPy, "
                                  "CuPy or PyTorch: train, evaluate, predict, tune, serve.")
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,tune,serve,export}")
 
     _add_train_parser(sub)
     _add_evaluate_parser(sub)
     _add_predict_parser(sub)
     _add_tune_parser(sub)
     _add_serve_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -150,6 +154,35 @@ def _add_evaluate_parser(sub: Any) -> None:
     evaluate.add_argument("--report", metavar="DIR", default=None,
                           help="also write confusion.png/.csv, per_class.csv, mistakes.png, activations.png, "
                                "report.json into DIR")
+
+
+def _batch_option(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        return _int_at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer >= 1, got {text!r}") from None
+
+
+def _add_export_parser(sub: Any) -> None:
+    export = sub.add_parser("export", help="write a checkpoint as an ONNX file (ONNX Runtime, the browser, phones)",
+                            description="Write a checkpoint's network (any model, saved on any backend) as an ONNX "
+                                        "file: input 'images' (N, C, H, W) float32, outputs 'scores' and "
+                                        "'probabilities', metadata saying how to prepare pictures. Checked with "
+                                        "onnx.checker and shape inference, and against xpcnn in ONNX Runtime, "
+                                        "before it is written. Needs pip install 'xpcnn[export]'.")
+    export.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+    export.add_argument("out", metavar="OUT.onnx", help="the file to write (its folder must exist)")
+    export.add_argument("--opset", type=_int_at_least(1), default=None,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; --via ndonnx writes ndonnx's own)")
+    export.add_argument("--batch", type=_batch_option, default=None, metavar="dynamic|N",
+                        help="batch dimension: dynamic (default) or a fixed number of images")
+    export.add_argument("--via", choices=list(VIAS), default="direct",
+                        help="direct (default): ONNX's own operators; ndonnx: xpcnn's forward code traced "
+                             "on ndonnx arrays (a larger, slower graph: docs/export.md)")
+    export.add_argument("--dataset", default=None,
+                        help="whose class names and picture framing to record (default: the checkpoint's dataset)")
 
 
 def _device_list(text: str) -> list[int]:
@@ -233,8 +266,11 @@ def _add_serve_parser(sub: Any) -> None:
 def _add_predict_parser(sub: Any) -> None:
     predict = sub.add_parser("predict", help="classify picture files (PNG, JPEG, ...), .npy or IDX arrays",
                              description="Classify picture files (fitted into the model's input like the datasets), "
-                                         ".npy arrays and IDX files with a saved checkpoint.")
-    predict.add_argument("checkpoint", help="a checkpoint.npz written by xpcnn train")
+                                         ".npy arrays and IDX files with a saved checkpoint, or with an ONNX file "
+                                         "written by xpcnn export.")
+    predict.add_argument("checkpoint", metavar="MODEL",
+                         help="a checkpoint.npz written by xpcnn train, or a .onnx file written by xpcnn export "
+                              "(run in ONNX Runtime, with the preparation its metadata records)")
     predict.add_argument("files", nargs="+", metavar="FILE", help="picture, .npy or IDX files")
     _add_backend_args(predict)
     predict.add_argument("--invert", choices=list(INVERT_CHOICES), default="auto",
@@ -283,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tune_command(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "export":
+            return run_export(args)
         return run_evaluate(args)
     except XpcnnError as exc:
         if isinstance(exc, TrainingInterrupted):
@@ -457,16 +495,27 @@ def _write_evaluation_report(args: argparse.Namespace, network: Any, x: Any, t: 
     print(f"report in {out}/ ({', '.join(files)})")
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def _predict_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(network, dataset, class names) of a checkpoint, or of an ``.onnx`` file run in ONNX Runtime."""
+    if is_onnx_path(args.checkpoint):
+        if args.backend != "cpu" or args.device is not None or args.reference:
+            raise ConfigError("an .onnx file runs in ONNX Runtime on the CPU: drop --backend, --device and --reference")
+        model = OnnxModel(args.checkpoint)
+        dataset = args.dataset or model.dataset or None
+        return model, dataset, (class_names(dataset, len(model.classes)) if args.dataset else model.classes)
     backend = get_backend(args.backend, device=args.device, reference=args.reference)
-    if args.dataset:
-        get_spec(args.dataset)                           # an unknown name is refused, not ignored
     checkpoint = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(checkpoint, backend)
-    input_size(network)                                  # a colour network fails before any file is read
     dataset = args.dataset or checkpoint.extra.get("dataset")
-    names = class_names(dataset, network.config["output_size"])
-    fit = args.fit if args.fit != "auto" else _picture_fit(dataset)
+    return network, dataset, class_names(dataset, network.config["output_size"])
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.dataset:
+        get_spec(args.dataset)                           # an unknown name is refused, not ignored
+    network, dataset, names = _predict_model(args)
+    input_size(network)                                  # a colour network fails before any file is read
+    fit = args.fit if args.fit != "auto" else (network.fit if isinstance(network, OnnxModel) else _picture_fit(dataset))
     bar = _files_progress_bar(len(args.files), args.quiet)
     failures = 0
     try:
@@ -493,6 +542,15 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"xpcnn: error: {failures} of {len(args.files)} files could not be classified (see above)",
               file=sys.stderr)
         return ExitCode.INPUT_FILE
+    return ExitCode.OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    result = export_checkpoint(args.checkpoint, args.out, opset=args.opset, batch=args.batch, via=args.via,
+                               dataset=args.dataset)
+    for note in result.notes:
+        print(f"xpcnn: note: {note}", file=sys.stderr)
+    print(result.summary())
     return ExitCode.OK
 
 

@@ -55,8 +55,9 @@ class ExitCode(enum.IntEnum):
     INPUT_FILE = (9, "predict: a file could not be read or used (the other files were still classified)",
                   (ImageFileError,))
     MISSING_EXTRA = (10, "an optional extra is missing (`xpcnn tune` without Optuna: `pip install 'xpcnn[tune]'`; "
-                         "`xpcnn serve` without the web server: `pip install 'xpcnn[serve]'`), or serve's address "
-                         "is taken", (MissingDependency, ServeError))
+                         "`xpcnn serve` without the web server: `pip install 'xpcnn[serve]'`; `xpcnn export`, or "
+                         "an `.onnx` file to `xpcnn predict`, without ONNX or ONNX Runtime: "
+                         "`pip install 'xpcnn[export]'`), or serve's address is taken", (MissingDependency, ServeError))
     STORAGE = (11, "tune: the study's storage cannot be reached or used (a server down, a bad URL, a driver "
                    "missing)", (StorageError,))
     INTERRUPTED = (130, "interrupted by Ctrl-C (SIGINT; a checkpoint of the last finished step is saved; tune: "

@@ -6,7 +6,8 @@
 Files are read with `xpcnn.data.images.read_input_file` (pictures fitted to the network's input
 size, arrays taken as they are) and predicted `batch_size` images at a time, in order. A bad
 file never stops the others. Works with any network of the book's protocol (``predict``,
-``backend``, ``dtype``, ``config["input_dim"]``).
+``backend``, ``dtype``, ``config["input_dim"]``); its own ``predict_proba(x, batch_size)`` is used
+where it has one (`xpcnn.app.onnx_model.OnnxModel` runs an exported graph's probabilities so).
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ def classify_files(network: Any, paths: Iterable["str | os.PathLike[str]"], *, i
     size = input_size(network)
     dtype = dtype_name(network.dtype)
     pending: list[InputFile] = []
+    probabilities = getattr(network, "predict_proba", None) or (lambda x, n: predict_proba(network, x, n))
 
     def flush() -> Iterator[Prediction]:
         if not pending:
             return
         x = np.concatenate([item.images for item in pending])[:, None].astype(dtype, copy=False)
-        proba = network.backend.to_numpy(predict_proba(network, x, batch_size))
+        proba = network.backend.to_numpy(probabilities(x, batch_size))
         classes, probs = top_k(proba, top)
         row = 0
         for item in pending:

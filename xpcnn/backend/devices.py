@@ -1,4 +1,4 @@
-"""Devices: the one module that knows NumPy, CuPy, PyTorch and array_api_strict apart.
+"""Devices: the one module that knows NumPy, CuPy, PyTorch, array_api_strict and ndonnx apart.
 
 Everything above the backend package receives an array namespace `xp` (from
 `array_api_compat`) and writes standard array-API code against it. This module picks the
@@ -8,7 +8,8 @@ guarded CuPy and PyTorch imports.
 
 One class per kind of device, as Chainer has (`backends/_cpu.py` CpuDevice, `backends/cuda.py`
 GpuDevice): `Backend` is the generic array-API device, and `NumpyBackend`, `CupyBackend`,
-`TorchBackend` and `StrictBackend` each override only what their library does differently.
+`TorchBackend`, `StrictBackend` and `NdonnxBackend` each override only what their library
+does differently.
 `get_backend` picks the class by name and `backend_of` by namespace, both from
 `BACKEND_CLASSES`: adding a backend is adding a class to that tuple.
 
@@ -38,6 +39,8 @@ GPU_INSTALL_HINT = (
     "install the GPU extra with `pip install 'xpcnn[gpu]'` (CUDA 12) or "
     "`pip install xpcnn cupy-cuda13x` (CUDA 13), on a machine with an NVIDIA GPU and driver"
 )
+
+NDONNX_INSTALL_HINT = "install it with `pip install 'xpcnn[export]'`"
 
 TORCH_INSTALL_HINT = (
     "install it with `pip install 'xpcnn[torch]'` (for the small CPU-only build: "
@@ -422,8 +425,40 @@ class StrictBackend(Backend):
         return np.asarray(array)
 
 
+class NdonnxBackend(Backend):
+    """ndonnx (``ndonnx``): arrays that are ONNX graphs. On constant arrays its operations are
+    computed at once (slowly: an inference check); a network's forward pass on an
+    ``ndonnx.argument`` writes the ONNX graph of that pass (`xpcnn.app.export`,
+    ``via="ndonnx"``). No fast table: every operation is the array-API reference."""
+
+    name: ClassVar[str] = "ndonnx"
+    aliases = ("ndonnx",)
+
+    @classmethod
+    def create(cls, device_part: str, device: Any, reference: bool) -> "NdonnxBackend":
+        try:
+            import ndonnx
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend 'ndonnx' needs ndonnx, which is not installed: {NDONNX_INSTALL_HINT}") \
+                from exc
+        return cls(ndonnx, ndonnx.__array_namespace_info__().default_device(), reference)
+
+    @staticmethod
+    def is_namespace(xp: Any) -> bool:
+        return getattr(xp, "__name__", "") == "ndonnx"
+
+    def _to_host(self, array: Any) -> np.ndarray:
+        if hasattr(array, "unwrap_numpy"):
+            try:
+                return array.unwrap_numpy()
+            except ValueError as exc:
+                raise ConfigError("this ndonnx array is part of a graph (it depends on an ndonnx.argument) and "
+                                  "has no values: build the graph with ndonnx.build and run it") from exc
+        return np.asarray(array)
+
+
 #: The backends `get_backend` and `backend_of` know, one class each.
-BACKEND_CLASSES: tuple[type[Backend], ...] = (NumpyBackend, CupyBackend, TorchBackend, StrictBackend)
+BACKEND_CLASSES: tuple[type[Backend], ...] = (NumpyBackend, CupyBackend, TorchBackend, StrictBackend, NdonnxBackend)
 
 #: Names accepted by `get_backend`, mapped to the canonical backend name.
 BACKEND_ALIASES = {alias: cls.name for cls in BACKEND_CLASSES for alias in cls.aliases}

@@ -193,7 +193,8 @@ class Affine:
             raise ShapeError(f"Affine: input has {features} features per sample (shape {tuple(x.shape)}), "
                              f"but W expects {self.W.shape[0]}")
         self.x_shape = tuple(x.shape)
-        self.x = self.ops.xp.reshape(x, (x.shape[0], features)) if x.ndim != 2 else x
+        # -1: the batch size may be unknown (None) when the forward pass is traced into a graph.
+        self.x = self.ops.xp.reshape(x, (-1, features)) if x.ndim != 2 else x
         return self.x
 
     def input_shaped(self, dx: Any) -> Any:
@@ -379,11 +380,11 @@ class BatchNormalization:
         if x.ndim not in (2, 4):
             raise ShapeError(f"BatchNormalization: expected a 2-D (N, D) or 4-D (N, C, H, W) input, "
                              f"got shape {tuple(x.shape)}")
-        x2 = xp.reshape(x, (x.shape[0], -1))
-        if x2.shape[1] != features:
-            raise ShapeError(f"BatchNormalization: input has {x2.shape[1]} features per sample "
+        if math.prod(x.shape[1:]) != features:
+            raise ShapeError(f"BatchNormalization: input has {math.prod(x.shape[1:])} features per sample "
                              f"(shape {tuple(x.shape)}), gamma has {features}")
-        return x2, (0,), (1, features)
+        # -1: the batch size may be unknown (None) when the forward pass is traced into a graph.
+        return (xp.reshape(x, (-1, features)) if x.ndim != 2 else x), (0,), (1, features)
 
     def forward(self, x: Any, train_flg: bool = True) -> Any:
         xp = namespace_of(x)
@@ -412,7 +413,7 @@ class BatchNormalization:
         else:
             mean, var = xp.reshape(self.running_mean, shape), xp.reshape(self.running_var, shape)
             out = gamma * ((x_in - mean) / xp.sqrt(var + self.eps)) + beta
-        return xp.reshape(out, self.input_shape)
+        return out if x_in is x else xp.reshape(out, (-1, *self.input_shape[1:]))
 
     def backward(self, dout: Any) -> Any:
         """``dout -> dx`` of the input's shape; sets `dgamma` and `dbeta`."""

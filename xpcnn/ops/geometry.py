@@ -75,13 +75,38 @@ def spatial_slices(i: int, j: int, stride: int, out_h: int, out_w: int) -> tuple
             slice(j, j + stride * (out_w - 1) + 1, stride))
 
 
+def full_along(x: Any, axis: int, shape: tuple, fill: float = 0.0, *, xp: Any = None) -> Any:
+    """A new array of `shape`, filled with `fill` in `x`'s dtype and device, whose `axis` has
+    the length of `x`'s axis 0 (the batch): ``shape[axis]`` is ignored.
+
+    The batch size may be unknown: the array API writes an unknown dimension as None (an
+    ndonnx argument with a dynamic batch, when the forward pass is traced into an ONNX graph).
+    Then the buffer takes its batch axis from `x` by broadcasting instead of by number.
+    """
+    xp = xp or namespace_of(x)
+    n = x.shape[0]
+    if n is not None:
+        sized = tuple(n if i == axis else size for i, size in enumerate(shape))
+        if fill == 0:
+            return xp.zeros(sized, dtype=x.dtype, device=array_api_compat.device(x))
+        return xp.full(sized, fill, dtype=x.dtype, device=array_api_compat.device(x))
+    # (N, 1, ..., 1) zeros moved to `axis`, plus the filled rest: broadcasting gives N there.
+    batch = xp.zeros_like(x[(slice(None),) + (slice(0, 1),) * (x.ndim - 1)])
+    batch = xp.reshape(batch, (-1,) + (1,) * (len(shape) - 1))
+    order = list(range(1, len(shape)))
+    order.insert(axis, 0)
+    rest = tuple(1 if i == axis else size for i, size in enumerate(shape))
+    return xp.permute_dims(batch, tuple(order)) + xp.full(rest, fill, dtype=x.dtype,
+                                                          device=array_api_compat.device(x))
+
+
 def pad_nchw(x: Any, pad: int, fill: float = 0.0) -> Any:
     """Pad the two spatial axes of ``(N, C, H, W)`` by `pad` on each side with `fill`."""
     if pad == 0:
         return x
     xp = namespace_of(x)
-    n, c, h, w = x.shape
-    out = xp.full((n, c, h + 2 * pad, w + 2 * pad), fill, dtype=x.dtype, device=array_api_compat.device(x))
+    _, c, h, w = x.shape
+    out = full_along(x, 0, (None, c, h + 2 * pad, w + 2 * pad), fill, xp=xp)
     out[:, :, pad:pad + h, pad:pad + w] = x
     return out
 
@@ -94,12 +119,13 @@ def im2col_nchw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
     transpose of image n's block of the book's im2col matrix. Pass `xp` when it is known.
     """
     xp = xp or namespace_of(x)
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     x_pad = pad_nchw(x, pad)
     patches = [x_pad[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
                for i, j in window_offsets(filter_h, filter_w)]
     col = xp.stack(patches, axis=2)  # (N, C, FH*FW, OH, OW), each slice a contiguous block
-    return xp.reshape(col, (n, c * filter_h * filter_w, out_h * out_w))
+    # -1, not N: the batch size may be unknown (a traced graph's dynamic batch, see `full_along`).
+    return xp.reshape(col, (-1, c * filter_h * filter_w, out_h * out_w))
 
 
 def col2im_nchw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,
@@ -125,13 +151,13 @@ def im2col_cnhw(x: Any, filter_h: int, filter_w: int, stride: int, pad: int,
     in one copy) so every offset's slice is again one contiguous block of the stack.
     """
     xp = xp or namespace_of(x)
-    n, c, h, w = x.shape
-    x_cn = xp.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=x.dtype, device=array_api_compat.device(x))
+    _, c, h, w = x.shape
+    x_cn = full_along(x, 1, (c, None, h + 2 * pad, w + 2 * pad), xp=xp)
     x_cn[:, :, pad:pad + h, pad:pad + w] = xp.permute_dims(x, (1, 0, 2, 3))
     patches = [x_cn[(slice(None), slice(None)) + spatial_slices(i, j, stride, out_h, out_w)]
                for i, j in window_offsets(filter_h, filter_w)]
     col = xp.stack(patches, axis=1)   # (C, FH*FW, N, OH, OW)
-    return xp.reshape(col, (c * filter_h * filter_w, n * out_h * out_w))
+    return xp.reshape(col, (c * filter_h * filter_w, -1))
 
 
 def col2im_cnhw(col: Any, input_shape: tuple, filter_h: int, filter_w: int, stride: int,

@@ -58,7 +58,7 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
                    out_h: int, out_w: int) -> tuple[Any, Any]:
     """``(N, C, H, W) -> (N, FN, OH, OW)`` by im2col: one matrix product per image for one
     input channel, one product over the whole batch for several."""
-    n, channels = x.shape[0], x.shape[1]
+    channels = x.shape[1]
     filter_num, _, filter_h, filter_w = W.shape
     w_mat = xp.reshape(W, (filter_num, -1))
     if per_image_layout_wins(channels):
@@ -66,13 +66,14 @@ def conv2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int
         # (FN, C*FH*FW) @ (N, C*FH*FW, OH*OW) lands in NCHW order: no transpose on the way out.
         out = w_mat @ col
         out += xp.reshape(b, (filter_num, 1))
-        return xp.reshape(out, (n, filter_num, out_h, out_w)), (col, tuple(x.shape))
+        # -1, not N, here and below: the batch size may be unknown (a traced graph's dynamic batch).
+        return xp.reshape(out, (-1, filter_num, out_h, out_w)), (col, tuple(x.shape))
     col = im2col_cnhw(x, filter_h, filter_w, stride, pad, out_h, out_w, xp=xp)      # (C*FH*FW, N*OH*OW)
     out = w_mat @ col
     out += xp.reshape(b, (filter_num, 1))
     # An (N, FN, OH, OW) view of (FN, N, OH, OW): the next layers work on it as is, and the
     # next convolution's transpose back to (C, N, H, W) reads it contiguously.
-    return xp.permute_dims(xp.reshape(out, (filter_num, n, out_h, out_w)), (1, 0, 2, 3)), (col, tuple(x.shape))
+    return xp.permute_dims(xp.reshape(out, (filter_num, -1, out_h, out_w)), (1, 0, 2, 3)), (col, tuple(x.shape))
 
 
 def conv2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
