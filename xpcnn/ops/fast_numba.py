@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import kernel_cache, reference
+from . import conv_kernels, fast_numpy, kernel_cache, reference
 from .cpu_threads import run_in_slices
 from .functions import one_hot
 from .reference import store_gradient
@@ -56,6 +56,10 @@ _SUMS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 #: The tag of this module's caches (a backward tells its own forward's cache by it).
 _TAG = "numba"
+
+#: About how many bytes of im2col rows one chunk of images holds (as `fast_numpy`'s): a few
+#: images, so that the rows, their product and the epilogue meet in cache.
+CHUNK_BYTES = 2 << 20
 
 
 # --------------------------------------------------------------------- one-channel convolution
@@ -337,17 +341,22 @@ def _sum_slices(sums: dict, slices: int) -> tuple:
 
 def conv2d_relu_maxpool2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int, out_h: int,
                                   out_w: int, pool: tuple) -> Any:
-    """One input channel and a tiling pooling: one kernel (see the module docstring)."""
+    """Stride 1 and a tiling pooling: one channel, one kernel; several, the chunks' products
+    with their bias, pooling and ReLU in one pass (see the module docstring)."""
     size = _tiling_pool(pool, out_h, out_w)
-    if not _one_channel_stride_1(W, stride) or not size:
+    if stride != 1 or not size:
         return NotImplemented
+    if W.shape[1] > 1:
+        if not _ChunkedConvolution.takes(W, pad):
+            return NotImplemented
+        return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_pooled(b, size)
     x = np.ascontiguousarray(x)
     n, filter_num = x.shape[0], W.shape[0]
     out = np.empty((n, filter_num, out_h // size, out_w // size), dtype=x.dtype)
     arg = np.empty(out.shape, dtype=np.int8)
     run_in_slices(n, lambda part, start, end: _conv1_relu_pool_forward(x, W, b, pad, size, start, end, out, arg),
                   8 * out.nbytes * size * size, uses_blas=False)
-    return out, (_TAG, x, arg, size)
+    return out, (_TAG, "one channel", x, arg, size)
 
 
 def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
@@ -355,7 +364,9 @@ def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any
     """dW and db from the pooled maxima that passed the ReLU; dx where asked for."""
     if cache[0] != _TAG:
         return NotImplemented
-    _, x, arg, size = cache
+    if cache[1] == "chunked":
+        return cache[2].backward_pooled(dout, cache[3], cache[4], need_input_grad, dW_out, db_out)
+    _, _, x, arg, size = cache
     dout = np.ascontiguousarray(dout)
     dx = np.zeros_like(x) if need_input_grad else np.empty((0,) + x.shape[1:], dtype=x.dtype)
     sums: dict[int, tuple] = {}
@@ -371,14 +382,19 @@ def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any
 
 def conv2d_relu_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int,
                         out_h: int, out_w: int) -> Any:
-    """One input channel: one kernel for the convolution, its bias and ReLU."""
-    if not _one_channel_stride_1(W, stride):
+    """Stride 1: one channel, one kernel for the convolution, its bias and ReLU; several, the
+    chunks' products with their bias and ReLU added in cache."""
+    if stride != 1:
         return NotImplemented
+    if W.shape[1] > 1:
+        if not _ChunkedConvolution.takes(W, pad):
+            return NotImplemented
+        return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_relu(b)
     x = np.ascontiguousarray(x)
     out = np.empty((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype)
     run_in_slices(x.shape[0], lambda part, start, end: _conv1_relu_forward(x, W, b, pad, start, end, out),
                   8 * out.nbytes, uses_blas=False)
-    return out, (_TAG, x, out)
+    return out, (_TAG, "one channel", x, out)
 
 
 def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
@@ -386,7 +402,9 @@ def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: 
     """dW and db where the output passed the ReLU; dx where asked for."""
     if cache[0] != _TAG:
         return NotImplemented
-    _, x, out = cache
+    if cache[1] == "chunked":
+        return cache[2].backward_relu(dout, cache[3], need_input_grad, dW_out, db_out)
+    _, _, x, out = cache
     dout = np.ascontiguousarray(dout)
     dx = np.zeros_like(x) if need_input_grad else np.empty((0,) + x.shape[1:], dtype=x.dtype)
     sums: dict[int, tuple] = {}
@@ -397,6 +415,145 @@ def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: 
 
     dW, db = _sum_slices(sums, run_in_slices(x.shape[0], one_slice, 8 * dout.nbytes, uses_blas=False))
     return (dx if need_input_grad else None), store_gradient(dW_out, dW), store_gradient(db_out, db)
+
+
+class _ChunkedConvolution:
+    """A multi-channel, stride-1 convolution on channels-last memory, a few images (a chunk) at
+    a time and each slice of the batch on its own thread (`cpu_threads.run_in_slices`, BLAS at
+    one thread), as `fast_numpy`'s convolution (whose padding and window copies it uses: NumPy
+    copies a strided window view faster than a compiled loop here), with the bias, ReLU (and
+    pooling) applied by a compiled pass while the chunk's product is in cache; the pooled
+    variant never writes the convolution's own output to memory. Backward does the same per
+    chunk: the gradient through the ReLU (and pooling) is made for the chunk, dW takes its
+    product with the chunk's windows, and dx (stride 1) is the convolution of that gradient
+    with the flipped filters. Sums over the batch (dW, db) are kept per slice and added in
+    slice order."""
+
+    @staticmethod
+    def takes(W: Any, pad: int) -> bool:
+        """Whether its input gradient (the output's gradient convolved with the flipped
+        filters, padded by ``filter - 1 - pad``) applies: pad smaller than the filter."""
+        return pad < W.shape[2] and pad < W.shape[3]
+
+    def __init__(self, x: Any, W: Any, pad: int, out_h: int, out_w: int):
+        self.x = fast_numpy._padded(x.transpose(0, 2, 3, 1), pad, pad)     # (N, H + 2 pad, W + 2 pad, C)
+        self.input_shape = (x.shape[0], x.shape[2], x.shape[3], x.shape[1])   # (N, H, W, C)
+        self.W, self.pad, self.out_h, self.out_w = W, pad, out_h, out_w
+        filter_num, channels, self.filter_h, self.filter_w = W.shape
+        self.row_len = self.filter_h * self.filter_w * channels
+        self.pixels = out_h * out_w
+        self.chunk = max(1, CHUNK_BYTES // (self.pixels * self.row_len * x.itemsize))
+        self.windows = fast_numpy._windows(self.x, self.filter_h, self.filter_w, 1, out_h, out_w)
+
+    def _slices(self, work: Callable[[int, int, int], None], nbytes: int) -> int:
+        return run_in_slices(self.x.shape[0], work, nbytes)
+
+    def _columns(self, first: int, last: int) -> np.ndarray:
+        """A slice's buffer for a chunk's windows, ``(images, OH, OW, FH, FW, C)``."""
+        return np.empty((min(self.chunk, last - first),) + self.windows.shape[1:], dtype=self.x.dtype)
+
+    def _gather(self, start: int, end: int, columns: np.ndarray) -> np.ndarray:
+        """The chunk's im2col rows ``(images * OH * OW, FH * FW * C)``."""
+        chunk = columns[:end - start]
+        np.copyto(chunk, self.windows[start:end])
+        return chunk.reshape(-1, self.row_len)
+
+    def _w_cols(self) -> np.ndarray:
+        """The filters as rows (i, j, c), one column per filter."""
+        return np.ascontiguousarray(self.W.transpose(2, 3, 1, 0)).reshape(self.row_len, -1)
+
+    def forward_relu(self, b: Any) -> tuple:
+        n, filter_num = self.x.shape[0], self.W.shape[0]
+        out = np.empty((n, self.out_h, self.out_w, filter_num), dtype=self.x.dtype)
+        w_cols = self._w_cols()
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            columns = self._columns(first, last)
+            for start in range(first, last, self.chunk):
+                end = min(start + self.chunk, last)
+                rows = out[start:end].reshape(-1, filter_num)
+                np.matmul(self._gather(start, end, columns), w_cols, out=rows)
+                conv_kernels.bias_relu(rows, b)
+
+        self._slices(one_slice, self.x.nbytes + out.nbytes)
+        return out.transpose(0, 3, 1, 2), (_TAG, "chunked", self, out)
+
+    def forward_pooled(self, b: Any, pool: int) -> tuple:
+        n, filter_num = self.x.shape[0], self.W.shape[0]
+        pooled = np.empty((n, self.out_h // pool, self.out_w // pool, filter_num), dtype=self.x.dtype)
+        arg = np.empty(pooled.shape, dtype=np.int8)
+        w_cols = self._w_cols()
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            columns = self._columns(first, last)
+            conv = np.empty((min(self.chunk, last - first), self.out_h, self.out_w, filter_num), dtype=self.x.dtype)
+            for start in range(first, last, self.chunk):
+                end = min(start + self.chunk, last)
+                chunk = conv[:end - start]
+                np.matmul(self._gather(start, end, columns), w_cols, out=chunk.reshape(-1, filter_num))
+                conv_kernels.bias_relu_pool(chunk, b, pool, pooled[start:end], arg[start:end])
+
+        self._slices(one_slice, self.x.nbytes + pooled.nbytes * pool * pool)
+        return pooled.transpose(0, 3, 1, 2), (_TAG, "chunked", self, arg, pool)
+
+    def backward_relu(self, dout: Any, out: np.ndarray, need_input_grad: bool, dW_out: Any, db_out: Any) -> tuple:
+        dout_last = dout.transpose(0, 2, 3, 1)
+
+        def gradient(start: int, end: int, grad: np.ndarray, db: np.ndarray) -> None:
+            conv_kernels.relu_gradient(dout_last[start:end], out[start:end], grad, db)
+
+        return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes)
+
+    def backward_pooled(self, dout: Any, arg: np.ndarray, pool: int, need_input_grad: bool, dW_out: Any,
+                        db_out: Any) -> tuple:
+        dout_last = dout.transpose(0, 2, 3, 1)
+
+        def gradient(start: int, end: int, grad: np.ndarray, db: np.ndarray) -> None:
+            conv_kernels.unpool_gradient(dout_last[start:end], arg[start:end], pool, grad, db)
+
+        return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes * pool * pool)
+
+    def _backward(self, gradient: Callable, need_input_grad: bool, dW_out: Any, db_out: Any, nbytes: int) -> tuple:
+        n, height, width, channels = self.input_shape
+        filter_num, dtype, fh, fw = self.W.shape[0], self.x.dtype, self.filter_h, self.filter_w
+        dx = np.empty((n, height, width, channels), dtype=dtype) if need_input_grad else None
+        if need_input_grad:                  # stride 1: dx is the gradient convolved with the flipped filters
+            flipped = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, channels)
+            grad_pad = fh - 1 - self.pad
+        sums: dict[int, tuple] = {}
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            images = min(self.chunk, last - first)
+            columns = self._columns(first, last)
+            dW, dW_chunk, db = (np.zeros((self.row_len, filter_num), dtype=dtype),
+                                np.empty((self.row_len, filter_num), dtype=dtype), np.zeros(filter_num, dtype=dtype))
+            if need_input_grad:      # the chunk's gradient inside a zero border (the border is written once)
+                padded = np.zeros((images, self.out_h + 2 * grad_pad, self.out_w + 2 * grad_pad, filter_num),
+                                  dtype=dtype)
+                grad = padded[:, grad_pad:grad_pad + self.out_h, grad_pad:grad_pad + self.out_w]
+                grad_windows = fast_numpy._windows(padded, fh, fw, 1, height, width)
+                grad_columns = np.empty((images,) + grad_windows.shape[1:], dtype=dtype)
+            else:
+                grad = np.empty((images, self.out_h, self.out_w, filter_num), dtype=dtype)
+            grad_rows = np.empty((images * self.pixels, filter_num), dtype=dtype)
+            for start in range(first, last, self.chunk):
+                end = min(start + self.chunk, last)
+                m = end - start
+                gradient(start, end, grad[:m], db)
+                rows = grad_rows[:m * self.pixels]
+                np.copyto(rows.reshape(m, self.out_h, self.out_w, filter_num), grad[:m])
+                np.matmul(self._gather(start, end, columns).T, rows, out=dW_chunk)
+                dW += dW_chunk
+                if need_input_grad:
+                    np.copyto(grad_columns[:m], grad_windows[:m])
+                    np.matmul(grad_columns[:m].reshape(m * height * width, -1), flipped,
+                              out=dx[start:end].reshape(-1, channels))
+            sums[part] = (dW, db)
+
+        dW_cols, db = _sum_slices(sums, self._slices(one_slice, self.x.nbytes + nbytes))
+        dW_view = dW_cols.reshape(fh, fw, channels, filter_num).transpose(3, 2, 0, 1)
+        dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
+        return (None if dx is None else dx.transpose(0, 3, 1, 2)), dW, store_gradient(db_out, db)
 
 
 def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> Any:
