@@ -44,6 +44,7 @@ KERNEL_NAMES = sorted(set(re.findall(r'"(xpcnn_\w+)"', SOURCE)))
 
 def exercise_every_kernel(module, dtype: str) -> None:
     """Call every wrapper of `module` (a fast_cupy loaded on the stand-in) once, in `dtype`."""
+    module = emulator.HostEntries(module)
     rng = np.random.default_rng(0)
     xp = xp_numpy
     n, c, h, w, fn, fh, fw, stride, pad = CONV_GEOMETRIES[1]
@@ -123,7 +124,7 @@ def test_the_row_reductions_spread_over_blocks(n):
     block of 256 threads, one SM of an H200's 132 did all the work)."""
     require_cupy_wheels()
     recorder = emulator.Recorder()
-    module = emulator.load_fast_cupy(emulator.StandInCupy(recorder))
+    module = emulator.HostEntries(emulator.load_fast_cupy(emulator.StandInCupy(recorder)))
     scores, labels = np.zeros((n, 10)), np.zeros(n, dtype=np.int64)
     module.softmax_cross_entropy_forward(xp_numpy, scores, labels)
     module.count_correct(xp_numpy, scores, labels)
@@ -162,6 +163,7 @@ def _relative(got, want) -> float:
 def mismatches(module, dtype: str) -> list[str]:
     """Where `module`'s wrappers (a fast_cupy loaded on the emulation) differ from the
     reference on the shared cases; an emulation error counts as a mismatch."""
+    module = emulator.HostEntries(module)
     rng = np.random.default_rng(7)
     xp, found = xp_numpy, []
 
