@@ -102,7 +102,8 @@ POOL = MemoryPool()
 
 class _State:
     allocator: Callable[[int], MemoryPointer] | None = None
-    streams: list["Stream"] = []
+    streams: list["Stream"] = []          # the current stream is the last (the null stream when empty)
+    capturing: set["Stream"] = set()      # streams in the middle of a capture
 
 
 @contextlib.contextmanager
@@ -170,9 +171,11 @@ class Stream:
         if self._capture is not None:
             raise CUDARuntimeError("cudaErrorIllegalState: the stream is already capturing")
         self._capture = _Capture()
+        _State.capturing.add(self)
 
     def end_capture(self) -> "Graph":
         capture, self._capture = self._capture, None
+        _State.capturing.discard(self)
         if capture is None:
             raise CUDARuntimeError("cudaErrorIllegalState: the stream is not capturing")
         if capture.invalidated:
@@ -198,6 +201,11 @@ def get_current_stream() -> Stream:
 def capturing() -> _Capture | None:
     """The capture of the current stream, or None."""
     return get_current_stream()._capture
+
+
+def open_captures() -> int:
+    """How many streams are in the middle of a capture (one left open breaks later work)."""
+    return len(_State.capturing)
 
 
 class Graph:
@@ -255,7 +263,9 @@ def host_to_device(what: str) -> None:
 
 
 def synchronize(what: str) -> None:
-    if capturing() is not None:
+    """Waiting for the device: not while any stream captures (CUDA refuses it even from another
+    stream: a capture left open after an error breaks the next synchronisation)."""
+    if _State.capturing:
         refuse(CUDARuntimeError(f"{NOT_PERMITTED} ({what})"))
 
 

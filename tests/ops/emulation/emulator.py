@@ -73,8 +73,10 @@ SHIM = HERE / "xpcnn_emulation.h"
 FAST_CUPY = HERE.parents[2] / "xpcnn" / "ops" / "fast_cupy.py"
 
 #: g++ flags: no contraction into fused multiply-adds and no fast-math, so the host computes
-#: each operation as written (a GPU may contract; see docs/cuda-emulation.md).
-GXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-w")
+#: each operation as written (a GPU may contract; see docs/cuda-emulation.md). No GNU-unique
+#: symbols: a template's `__shared__` array (a static) would otherwise be one object for every
+#: loaded kernel library, float's and double's alike.
+GXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-gnu-unique", "-w")
 
 ELEMENTWISE_BLOCK = 128          # CuPy's default block size for elementwise kernels
 ELEMENTWISE_MAX_GRID = 64        # a small grid, so long arrays take several grid-stride turns
@@ -465,7 +467,9 @@ class StandInCupy(types.ModuleType):
         super().__init__("cupy", "stand-in for CuPy on the CPU (tests/ops/emulation/emulator.py)")
         self.runner = runner
         self.__version__ = "emulated"
-        self.ndarray = DeviceArray
+        # Not DeviceArray: array_api_compat takes a subclass of `cupy.ndarray` for CuPy's and
+        # imports its CuPy wrapper; the emulated arrays name their namespace themselves.
+        self.ndarray = type("ndarray", (), {"__doc__": "CuPy's array type: no emulated array is one"})
         for name in ("float32", "float64", "int32", "int64", "uint64", "bool_"):
             setattr(self, name, getattr(np, name))
         self.empty = lambda shape, dtype=np.float64: device.allocate(shape, dtype)
@@ -526,10 +530,10 @@ def load_fast_cupy(standin: StandInCupy, source: str | None = None) -> types.Mod
 
 
 def _on_device(function: Any) -> Any:
-    """A fast entry of the emulated module taking and giving NumPy arrays: its arguments are
-    seen as device arrays sharing their memory (so that its calls are counted), its results
-    as NumPy arrays."""
-    def entry(xp: Any, *args: Any) -> Any:
+    """A function of the emulated module (a fast entry, ``xp`` first) taking and giving NumPy
+    arrays: its arguments are seen as device arrays sharing their memory (so that its calls are
+    counted), its results as NumPy arrays."""
+    def entry(*args: Any) -> Any:
         originals: dict[int, np.ndarray] = {}
 
         def to_device(value: Any) -> Any:
@@ -550,7 +554,7 @@ def _on_device(function: Any) -> Any:
                 return type(value)(to_host(v) for v in value)
             return value
 
-        return to_host(function(xp, *to_device(args)))
+        return to_host(function(*to_device(args)))
     entry.__name__ = function.__name__
     return entry
 
