@@ -43,6 +43,10 @@ class Optimizer:
 
     #: names of the per-parameter state arrays, e.g. ("h",) for AdaGrad
     state_names: tuple[str, ...] = ()
+    #: One-element device arrays the update reads in place of `step_arguments`' numbers while a
+    #: step is captured as a CUDA graph (set by `xpcnn.nn.compiled_step`, which writes the numbers
+    #: of each step into them before each replay); None otherwise.
+    captured_arguments: dict[str, Any] | None = None
 
     def __init__(self, lr: float):
         self.lr = _check_hyper("lr", lr, what=type(self).__name__)
@@ -75,6 +79,11 @@ class Optimizer:
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
         """Apply the formula to one array (or the flat buffer); `state(name)` gives its state array."""
         raise NotImplementedError
+
+    def step_arguments(self, step: int) -> dict[str, float]:
+        """The numbers the update of step `step` (1-based) hands its operation that change from
+        step to step (a CUDA graph keeps the arguments it was captured with): none here."""
+        return {}
 
     def _zeros_like(self, name: str, key: str, param: Any) -> Any:
         slot = self.state[name]
@@ -168,9 +177,12 @@ class Adam(Optimizer):
         self.beta2 = _check_hyper("beta2", beta2, low=0.0, high=1.0, low_open=False, what="Adam")
         self.eps = _check_hyper("eps", eps, what="Adam")
 
+    def step_arguments(self, step: int) -> dict[str, float]:
+        """The bias-corrected step size of step `step`: ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``."""
+        return {"lr_t": self.lr * math.sqrt(1.0 - self.beta2 ** step) / (1.0 - self.beta1 ** step)}
+
     def update(self, params: dict[str, Any], grads: dict[str, Any]) -> None:
-        step = self.iterations + 1
-        self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** step) / (1.0 - self.beta1 ** step)
+        self._lr_t = (self.captured_arguments or self.step_arguments(self.iterations + 1))["lr_t"]
         super().update(params, grads)
 
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
