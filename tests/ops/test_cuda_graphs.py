@@ -322,3 +322,17 @@ def test_a_replayed_step_costs_a_few_calls(emulated_gpu):
         counts[compiled] = counter.calls
     print(f"SimpleConvNet step on the emulated GPU: {counts[False]} launches eagerly, {counts[True]} calls replayed")
     assert counts[True] == 5 < counts[False]
+
+
+# ------------------------------------------------------------------------------- on a GPU
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("model", ["simple", "deep"])
+def test_on_a_gpu_a_replayed_step_equals_the_eager_step(gpu_backend, model, optimizer):
+    """The emulated checks above, on a real GPU (skipped without one; scripts/gpu_check.sh runs
+    it): CuPy captures the step, and 48 replays give the eager run's numbers bit for bit."""
+    batches = _batches(50)
+    eager = _train(gpu_backend, model, optimizer, batches, compiled=False)
+    replayed = _train(gpu_backend, model, optimizer, batches, compiled=True)
+    assert replayed.replays == 48
+    _assert_identical(replayed, eager)
