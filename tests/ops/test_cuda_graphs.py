@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpcnn import SGD, AdaGrad, Adam, DeepConvNet, Momentum, SimpleConvNet, Trainer
+from xpcnn import SGD, AdaGrad, Adam, DeepConvNet, Momentum, MultiLayerNetExtend, SimpleConvNet, Trainer
 from xpcnn.backend.counting import count_calls
 from xpcnn.errors import DeviceMemoryError
 from xpcnn.nn import compiled_step
@@ -179,6 +179,26 @@ def test_deepconvnet_replays_its_dropout_masks_from_the_device_generator(emulate
     replayed = _train(emulated_gpu, "deep", "adam", batches, compiled=True)
     assert replayed.replays == 4 and replayed.draws == eager.draws == 12
     _assert_identical(replayed, eager)
+
+
+def test_the_books_mlp_with_batchnorm_dropout_and_weight_decay_replays_exactly(emulated_gpu):
+    """Not only the convolutional networks: MultiLayerNetExtend's step (its BatchNorm and
+    weight decay are array-API code, not table entries) captures too, running statistics included."""
+    rng = np.random.default_rng(2)
+    batches = [(rng.random((16, 36)), rng.integers(0, 10, 16)) for _ in range(8)]
+    results = []
+    for compiled in (False, True):
+        net = MultiLayerNetExtend(36, [20, 15], 10, use_dropout=True, dropout_ratio=0.3, use_batchnorm=True,
+                                  weight_decay_lambda=0.01, backend=emulated_gpu, seed=0)
+        optimizer = Adam(lr=0.01)
+        step = net.compile_step(optimizer)
+        for x_host, t_host in batches:
+            x, t = emulated_gpu.asarray(x_host, "float32"), emulated_gpu.asarray(t_host)
+            step(x, t) if compiled else optimizer.update(net.params, net.gradient(x, t))
+        results.append([emulated_gpu.to_numpy(a) for a in (net.params.flat, *net.buffers().values())])
+    assert step.replays == 6
+    for replayed, eager in zip(results[1], results[0]):
+        np.testing.assert_array_equal(replayed, eager)
 
 
 def test_each_batch_shape_gets_a_graph_and_a_further_shape_runs_eagerly(emulated_gpu, monkeypatch):
