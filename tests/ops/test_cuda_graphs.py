@@ -148,6 +148,8 @@ def test_warmed_buffers_serve_the_recorded_allocations_and_nothing_else(emulated
     graph, (again, twice) = graphs.capture(lambda: (cp.empty(10, dtype=np.float32), cp.empty(3, dtype=np.float64)),
                                            buffers)
     assert np.shares_memory(again._data, first._data) and np.shares_memory(twice._data, second._data)
+    with pytest.raises(RuntimeError, match="asked for 32 bytes at its allocation 2, where the recorded step made 24"):
+        graphs.capture(lambda: [cp.empty(10, dtype=np.float32), cp.empty(4, dtype=np.float64)], buffers)
     with pytest.raises(RuntimeError, match="asked for 8 bytes at its allocation 3"):
         graphs.capture(lambda: [cp.empty(10, dtype=np.float32), cp.empty(3, dtype=np.float64),
                                 cp.empty(2, dtype=np.float32)], buffers)
