@@ -20,6 +20,8 @@ warm-up steps excluded):
                an index scatter, Affine/ReLU/SoftmaxWithLoss and AdaGrad as in the book),
                written out in this file, in float64 as the seed ran it; ``book-f32`` is the
                same code in float32 (added when ``--dtype float32``; NumPy/CuPy only);
+* ``xpcnn-graph`` (``--backend gpu``) the same step replayed as a CUDA graph
+               (``net.compile_step``, what ``xpcnn train --cuda-graph`` runs);
 * ``torch``    the same network in PyTorch eager mode (nn.Conv2d/MaxPool2d/Linear,
                F.cross_entropy, torch.optim.Adagrad), same initial weights, batch, dtype and
                device, when torch is importable.
@@ -406,6 +408,19 @@ class XpcnnContender(Contender):
         self.backend.synchronize()
 
 
+class XpcnnGraphContender(XpcnnContender):
+    """The same step replayed as a CUDA graph (`net.compile_step`, CuPy's fast path): one launch
+    per step once the graph is captured (the warm-up steps capture it)."""
+
+    def __init__(self, *a):
+        super().__init__(*a, name="xpcnn-graph")
+        self.note = self.note.replace("xpcnn on", "xpcnn replayed as a CUDA graph on")
+        self.compiled = self.net.compile_step(self.opt)
+
+    def step(self):
+        self.compiled(self.x, self.t)
+
+
 class BookContender(Contender):
     def __init__(self, args, host_params, x, t, dtype):
         if args.backend == "gpu":
@@ -619,6 +634,8 @@ def build(args, which: str, host_params, data):
     x, t, x_eval, t_eval = data
     if which == "xpcnn":
         return XpcnnContender(args, host_params, x, t, x_eval, t_eval)
+    if which == "xpcnn-graph":
+        return XpcnnGraphContender(args, host_params, x, t, x_eval, t_eval)
     if which == "xpcnn-numpy":
         return XpcnnContender(args, host_params, x, t, x_eval, t_eval, backend_name="cpu", name="xpcnn-numpy")
     if which == "book-f64":
@@ -636,6 +653,8 @@ def build(args, which: str, host_params, data):
 
 def contender_names(args) -> list[str]:
     names = ["xpcnn"]
+    if args.backend == "gpu" and not args.reference:
+        names.append("xpcnn-graph")             # the same step as one CUDA graph (xpcnn train --cuda-graph)
     if torch_backend(args):
         # The book's code calls NumPy functions (np.pad, transpose) that torch lacks; on the
         # CPU the same xpcnn code on NumPy is the comparison instead.

@@ -44,12 +44,13 @@ if [ -d data/fashion-mnist ]; then
   data_args=(--data-dir data/fashion-mnist)
   export XPCNN_DATA_DIR=$PWD/data      # the suite's real-data tests look here too
 fi
-# Fast kernels against the reference (on the GPU, and through the CPU emulation where g++ is
-# there), the NVRTC compile and mutation checks of every kernel (tests/ops/test_cuda_kernels.py:
-# they skip with the reason where CuPy 14.2.0's wheels or g++ are missing), call counts,
-# CPU/GPU agreement, out-of-memory lines. The emulated whole training steps are slow: left out.
+# Fast kernels against the reference on the GPU, call counts, CPU/GPU agreement, out-of-memory
+# lines, and the step captured as a CUDA graph and replayed, bit for bit against the eager step
+# (tests/ops/test_cuda_graphs.py -k on_a_gpu). The CPU emulation of the kernels (NVRTC compiles,
+# mutation controls, tests/ops/test_cuda_kernels.py) runs in CI on every commit: left out here.
 phase fast_vs_reference 180 python3 -m pytest -q -s -p no:cacheprovider -m "not slow" -rs tests/ops/test_fast_ops.py \
-  tests/ops/test_cuda_kernels.py tests/backend/test_counting.py tests/system/test_gpu.py
+  -k "not emulated" tests/backend/test_counting.py tests/system/test_gpu.py
+phase cuda_graph_replay 120 python3 -m pytest -q -s -p no:cacheprovider -rs tests/ops/test_cuda_graphs.py -k on_a_gpu
 phase bench_gpu_100 90 python3 scripts/bench.py --backend gpu --profile --json "$OUT/bench-gpu-100.json"
 # The seed recipe, 10 epochs with full-set evaluation each epoch, twice: the first run fills
 # CuPy's kernel cache, the second is the timed one (goal: <= 5 s wall).
@@ -57,7 +58,13 @@ for run in cold warm; do
   phase "train_gpu_$run" 90 python3 -m xpcnn.cli train --backend gpu --dataset fashion-mnist "${data_args[@]}" \
     --quiet --no-plots --out "$OUT/run-gpu-$run"
 done
+# The same 10 epochs with each step replayed as a CUDA graph (issue 30's goal: <= 5 s).
+phase train_gpu_graph 90 python3 -m xpcnn.cli train --backend gpu --cuda-graph --dataset fashion-mnist \
+  "${data_args[@]}" --quiet --no-plots --out "$OUT/run-gpu-graph"
 phase bench_gpu_1000 60 python3 scripts/bench.py --backend gpu --batch-size 1000 --no-memory --json "$OUT/bench-gpu-1000.json"
+# Eager fast path, graph replay, torch eager and torch's CUDA graph at batch 100 and 1,000, and
+# the two 10-epoch runs, into docs/gpu-results.md (and $OUT/gpu-results-graph.md, which comes back).
+phase graph_results 30 python3 scripts/graph_results.py "$OUT"
 phase bench_gpu_deep 60 python3 scripts/bench.py --backend gpu --model deep --no-memory --repeats 20 \
   --json "$OUT/bench-gpu-deep.json"
 phase tests 240 python3 -m pytest -q -ra -m "not slow" -p no:cacheprovider -n 8 tests

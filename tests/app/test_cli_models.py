@@ -71,6 +71,7 @@ def test_mlp_options_are_saved_and_resumed(tmp_path, cli_dataset):
     (["--model", "mlp", "--dropout", "1.0"], 2, ["[0, 1)"]),
     (["--model", "simple", "--weight-init-std", "he"], 2, ["must be a number"]),
     (["--model", "big"], 2, ["invalid choice"]),
+    (["--cuda-graph"], 2, ["CUDA graphs (--cuda-graph) need --backend gpu", "got backend numpy"]),
 ])
 def test_options_a_model_lacks_are_one_line_errors(tmp_path, cli_dataset, argv, code, words):
     result = _train(tmp_path, cli_dataset, "out", *argv)

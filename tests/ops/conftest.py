@@ -31,6 +31,14 @@ def cupy_emulated_backend(emulated_fast_cupy):
         yield backend
 
 
+@pytest.fixture
+def emulated_gpu(emulated_fast_cupy):
+    """A "cupy" backend on the emulated GPU: its arrays, random numbers, fast table and CUDA
+    graphs are the emulation's (`emulator.use_emulated_device`)."""
+    with emulator.use_emulated_device(emulated_fast_cupy) as backend:
+        yield backend
+
+
 #: Tests that run whole training steps: minutes through the emulation (every kernel thread
 #: by thread on one core), so marked slow there (CI runs them; deselect with -m 'not slow').
 _SLOW_WHEN_EMULATED = {"test_whole_training_steps_fast_equal_reference", "test_two_runs_are_bit_identical"}

@@ -37,8 +37,13 @@ POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (3, 2, 5, 5, 1, 1, 1, 0),          # one-pixel windows: they tile too
 ]
 #: Rows of the softmax-CE and scoring cases: one, fewer and more than a block's 256 threads,
-#: and many blocks.
-SCORE_ROWS = (1, 100, 1000, 10000)
+#: many blocks, and more than 256 blocks (65,536 rows): there each thread of the second stage
+#: of CuPy's row reductions (`xpcnn_sum_blocks`, 256 threads) adds several blocks' sums.
+SCORE_ROWS = (1, 100, 1000, 10000, 70000)
+#: (M, K, N) of the matrix products checked against NumPy (CuPy's product kernel): one element,
+#: odd sizes, SimpleConvNet's hidden layer at batch 100 (a sum long enough to be cut into parts)
+#: and the im2col shape of its convolution at batch 100 (many tiles).
+PRODUCT_SHAPES = [(1, 1, 1), (7, 13, 7), (100, 4320, 100), (57600, 25, 30)]
 #: (name, hyperparameters) of each optimizer update.
 OPTIMIZER_CASES = [("sgd_update", (0.1,)), ("momentum_update", (0.1, 0.9)), ("adagrad_update", (0.06, 1e-7)),
                    ("adam_update", (0.001, 0.9, 0.999, 1e-8))]

@@ -135,7 +135,11 @@ def test_the_installed_package_folder_is_not_written(tmp_path):
 
 #: name: (anchor, text, replacement): a bug each compiled kernel could have.
 MUTATIONS = {
-    "off-by-one-window": ("def _conv1_plane(", "for j in range(filter_w)", "for j in range(filter_w - 1)"),
+    "off-by-one-window-3-wide": ("def _conv1_plane(", "image[at + 1:at + 1 + size], image[at + 2:at + 2 + size]\n",
+                                 "image[at + 1:at + 1 + size], image[at + 3:at + 3 + size]\n"),
+    "off-by-one-window-5-wide": ("def _conv1_plane(", "W[f, 0, i, 3], W[f, 0, i, 4]\n",
+                                 "W[f, 0, i, 3], W[f, 0, i, 3]\n"),
+    "dW-tap-5-wide": ("def _conv1_plane_backward(", "t4 += g * s4[p]", "t4 += g * s3[p]"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
     "argmax-tie-takes-the-last": ("def _conv1_relu_pool_forward(", "if not (candidate[pw] <= best[pw])",
                                   "if not (candidate[pw] < best[pw])"),
@@ -150,13 +154,25 @@ MUTATIONS = {
 }
 
 
-def _mutated_module(name: str, tmp_path: Path):
+#: Seeded bugs in the multi-channel loops (`conv_kernels.py`), run through fast_numba's entries.
+CONV_KERNEL_MUTATIONS = {
+    "pool-tie-takes-the-last": ("def bias_relu_pool(", "if not (value <= best[k])", "if not (value < best[k])"),
+    "pool-missing-bias": ("def bias_relu_pool(", "best[k] = first[k] + b[k]", "best[k] = first[k]"),
+    "relu-epilogue-keeps-negatives": ("def bias_relu(", "row[k] = value if not (value <= 0) else 0",
+                                      "row[k] = value"),
+    "relu-gradient-ignores-the-mask": ("def relu_gradient(", "source[k] if passed[k] > 0 else 0", "source[k]"),
+    "unpool-wrong-column": ("def unpool_gradient(", "pw * pool + offset % pool", "pw * pool + offset // pool"),
+}
+CONV_KERNELS = REPO / "xpcnn" / "ops" / "conv_kernels.py"
+
+
+def _mutated_module(name: str, tmp_path: Path, mutations: dict = MUTATIONS, source: Path = FAST_NUMBA):
     """A copy of fast_numba.py with the mutation `name`, imported as a module of xpcnn.ops."""
-    anchor, old, new = MUTATIONS[name]
-    text = FAST_NUMBA.read_text()
+    anchor, old, new = mutations[name]
+    text = source.read_text()
     at = text.find(old, text.index(anchor))
     assert at >= 0, f"the mutation no longer applies: {old!r} after {anchor!r}"
-    path = tmp_path / f"fast_numba_{name.replace('-', '_')}.py"
+    path = tmp_path / f"{source.stem}_{name.replace('-', '_')}.py"
     path.write_text(text[:at] + new + text[at + len(old):])
     spec = importlib.util.spec_from_file_location(f"xpcnn.ops._mutant_{path.stem}", path,
                                                   submodule_search_locations=None)
@@ -182,19 +198,39 @@ def _mismatches(module) -> list[str]:
 
     x = rng.standard_normal((3, 1, 10, 10))
     W, b = rng.standard_normal((4, 1, 3, 3)), rng.standard_normal(4)
+    wide = rng.standard_normal((4, 1, 5, 5))   # SimpleConvNet's 5x5 (pad 1: the same 8x8 output)
     tied_W = np.zeros_like(W)                  # every window ties: the first maximum must win
     dout = rng.standard_normal((3, 4, 4, 4))
     pool = (2, 2, 2, 0, 4, 4)
-    for label, filters in (("conv-relu-pool", W), ("conv-relu-pool ties", tied_W)):
-        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, 0, 8, 8, pool)
-        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, 0, 8, 8, pool)
+    for label, filters in (("conv-relu-pool", W), ("conv-relu-pool ties", tied_W), ("conv-relu-pool 5x5", wide)):
+        pad = (filters.shape[2] - 3) // 2
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, pad, 8, 8, pool)
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, pad, 8, 8, pool)
         differ(label, out, want)
-        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, 0, True),
-                                       reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, 0,
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, pad, True),
+                                       reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, pad,
                                                                                       True))):
             differ(f"{label} gradient {k}", g, r)
     out, _ = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)
     differ("conv-relu", out, reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)[0])
+    # Several channels (the chunked path with its compiled epilogues), ties included.
+    x3, W3, b3 = rng.standard_normal((3, 3, 10, 10)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
+    for label, filters in (("multi-channel", W3), ("multi-channel ties", np.zeros_like(W3))):
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x3, filters, b3, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x3, filters, b3, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
+        differ(f"{label} pool", out, want)
+        grad = rng.standard_normal((3, 5, 5, 5))
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, grad, cache, filters, 1, 1, True),
+                                       reference_table.conv2d_relu_maxpool2d_backward(grad, cache_r, filters, 1, 1,
+                                                                                      True))):
+            differ(f"{label} pool gradient {k}", g, r)
+        out, cache = module.conv2d_relu_forward(xp, x3, filters, b3, 1, 1, 10, 10)
+        want, cache_r = reference_table.conv2d_relu_forward(x3, filters, b3, 1, 1, 10, 10)
+        differ(f"{label} relu", out, want)
+        grad = rng.standard_normal((3, 5, 10, 10))
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, filters, 1, 1, True),
+                                       reference_table.conv2d_relu_backward(grad, cache_r, filters, 1, 1, True))):
+            differ(f"{label} relu gradient {k}", g, r)
     scores, labels = rng.standard_normal((9, 10)), rng.integers(0, 10, 9)
     scores[0, 3] = scores[0, 7] = 9.0          # a tied maximum: the first counts
     loss, cache = module.softmax_cross_entropy_forward(xp, scores, labels)
@@ -223,6 +259,18 @@ def test_the_kernels_as_they_are_match_the_reference(tmp_path):
         assert _mismatches(_mutated_module("unchanged", tmp_path)) == []
     finally:
         del MUTATIONS["unchanged"]
+
+
+@pytest.mark.parametrize("mutation", sorted(CONV_KERNEL_MUTATIONS))
+def test_a_seeded_bug_in_a_multi_channel_loop_is_caught(mutation, tmp_path, monkeypatch):
+    from xpcnn.ops import fast_numba
+
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
+    monkeypatch.setattr(fast_numba, "conv_kernels",
+                        _mutated_module(mutation, tmp_path, CONV_KERNEL_MUTATIONS, CONV_KERNELS))
+    found = _mismatches(fast_numba)
+    assert found, f"mutation {mutation} went unnoticed"
+    print(f"{mutation}: caught by {found}")
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))

@@ -4,8 +4,10 @@
   the calls fast_cupy.py's own wrappers make (recorded through the emulation's stand-in).
 - Run through the CPU emulation against the reference ops: test_fast_ops.py's cases on its
   "cupy-emulated" backend; here, the same cases (fast_cases.py) as a list of mismatches.
-- Mutation controls: a syntax error, a removed barrier and off-by-one indices, each applied
-  to a copy of fast_cupy.py's text, must be caught.
+- The product kernel (every matrix product of the fast path: no cuBLAS) against NumPy on odd
+  shapes, float32 and float64.
+- Mutation controls: a syntax error, removed barriers and off-by-one indices, each applied to
+  a copy of fast_cupy.py's text, must be caught.
 
 Skipped with the reason where CuPy's wheels (cupy-cuda12x, nvidia-cuda-nvrtc-cu12,
 nvidia-cuda-runtime-cu12) or g++ are missing; failing instead under CI=true (.ci/run installs
@@ -31,6 +33,7 @@ from fast_cases import (
     OPTIMIZER_CASES,
     OPTIMIZER_STATE_STARTS,
     POOL_GEOMETRIES,
+    PRODUCT_SHAPES,
     SCORE_ROWS,
     TOL,
     out_size,
@@ -43,26 +46,44 @@ KERNEL_NAMES = sorted(set(re.findall(r'"(xpcnn_\w+)"', SOURCE)))
 
 
 def exercise_every_kernel(module, dtype: str) -> None:
-    """Call every wrapper of `module` (a fast_cupy loaded on the stand-in) once, in `dtype`."""
+    """Call every wrapper of `module` (a fast_cupy loaded on the stand-in) once, in `dtype`,
+    so that every kernel it defines is launched (KERNEL_NAMES)."""
+    module = emulator.HostEntries(module)
     rng = np.random.default_rng(0)
     xp = xp_numpy
     n, c, h, w, fn, fh, fw, stride, pad = CONV_GEOMETRIES[1]
     oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     W = rng.standard_normal((fn, c, fh, fw)).astype(dtype)
-    out, cache = module.conv2d_forward(xp, x, W, np.zeros(fn, dtype), stride, pad, oh, ow)
+    b = np.zeros(fn, dtype)
+    out, cache = module.conv2d_forward(xp, x, W, b, stride, pad, oh, ow)
     module.conv2d_backward(xp, np.ones_like(out), cache, W, stride, pad, True)
+    out, cache = module.conv2d_relu_forward(xp, x, W, b, stride, pad, oh, ow)
+    module.conv2d_relu_backward(xp, np.ones_like(out), cache, W, stride, pad, True)
+    pool = (2, 2, 2, 0, oh // 2, ow // 2)
+    out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, W, b, stride, pad, oh, ow, pool)
+    for need_input_grad in (True, False):
+        module.conv2d_relu_maxpool2d_backward(xp, np.ones_like(out), cache, W, stride, pad, need_input_grad)
+    module.matmul(rng.standard_normal((100, 4320)).astype(dtype), rng.standard_normal((4320, 10)).astype(dtype))
+    features = rng.standard_normal((7, 12)).astype(dtype)
+    weights, bias = rng.standard_normal((12, 5)).astype(dtype), np.zeros(5, dtype)
+    out = module.affine_forward(xp, features, weights, bias)
+    module.affine_backward(xp, out, features, weights, True)
+    out, cache = module.affine_relu_forward(xp, features, weights, bias)
+    module.affine_relu_backward(xp, out, cache, features, weights, True)
     out, cache = module.maxpool2d_forward(xp, x, 2, 2, 2, 0, h // 2, w // 2)
     module.maxpool2d_backward(xp, np.ones_like(out), cache)
     module.relu_backward(xp, module.relu_forward(xp, x), x)
     scores, labels = rng.standard_normal((SCORE_ROWS[-1], 10)).astype(dtype), rng.integers(0, 10, SCORE_ROWS[-1])
     _, cache = module.softmax_cross_entropy_forward(xp, scores, labels)
-    module.softmax_cross_entropy_backward(xp, cache, 1)
+    module.softmax_cross_entropy_backward(xp, cache, 2.0)
     module.count_correct(xp, scores, labels)
     for name, args in OPTIMIZER_CASES:
         param, grad, *state = (rng.standard_normal(100).astype(dtype) for _ in range(4))
         n_state = {"sgd_update": 0, "momentum_update": 1, "adagrad_update": 1, "adam_update": 2}[name]
         getattr(module, name)(xp, param, grad, *[np.abs(s) for s in state[:n_state]], *args)
+    lr_t, *adam_args = OPTIMIZER_CASES[-1][1]       # Adam's step size read from the device (a captured step)
+    module.adam_update(xp, param, grad, np.abs(state[0]), np.abs(state[1]), np.array([lr_t], dtype), *adam_args)
 
 
 def record_sources(source: str | None = None) -> dict[tuple[str, str], str]:
@@ -123,7 +144,7 @@ def test_the_row_reductions_spread_over_blocks(n):
     block of 256 threads, one SM of an H200's 132 did all the work)."""
     require_cupy_wheels()
     recorder = emulator.Recorder()
-    module = emulator.load_fast_cupy(emulator.StandInCupy(recorder))
+    module = emulator.HostEntries(emulator.load_fast_cupy(emulator.StandInCupy(recorder)))
     scores, labels = np.zeros((n, 10)), np.zeros(n, dtype=np.int64)
     module.softmax_cross_entropy_forward(xp_numpy, scores, labels)
     module.count_correct(xp_numpy, scores, labels)
@@ -162,6 +183,7 @@ def _relative(got, want) -> float:
 def mismatches(module, dtype: str) -> list[str]:
     """Where `module`'s wrappers (a fast_cupy loaded on the emulation) differ from the
     reference on the shared cases; an emulation error counts as a mismatch."""
+    module = emulator.HostEntries(module)
     rng = np.random.default_rng(7)
     xp, found = xp_numpy, []
 
@@ -207,9 +229,48 @@ def mismatches(module, dtype: str) -> list[str]:
         loss_r, cache_r = reference.softmax_cross_entropy_forward(xp, s, t)
         check(f"softmax-CE loss n={n}", loss_f, loss_r)
         check(f"softmax n={n}", cache_f[0], cache_r[0])
-        check(f"softmax-CE backward n={n}", module.softmax_cross_entropy_backward(xp, cache_f, 1),
-              reference.softmax_cross_entropy_backward(xp, cache_r, 1))
+        for dout in (1, 2.5):
+            check(f"softmax-CE backward n={n} dout={dout}", module.softmax_cross_entropy_backward(xp, cache_f, dout),
+                  reference.softmax_cross_entropy_backward(xp, cache_r, dout))
         check(f"count_correct n={n}", module.count_correct(xp, s, t), reference.count_correct(xp, s, t), exact=True)
+
+    def fused_conv(geometry, pool):
+        """The fused convolutions (with ReLU, and with ReLU and max pooling) against their
+        composed definitions on the reference table, forward and backward."""
+        n, c, h, w, fn, fh, fw, stride, pad = geometry
+        oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
+        x, W = rng.standard_normal((n, c, h, w)).astype(dtype), rng.standard_normal((fn, c, fh, fw)).astype(dtype)
+        b = rng.standard_normal(fn).astype(dtype)
+        ref = ops_for(xp, reference=True)
+        args = (x, W, b, stride, pad, oh, ow)
+        names = ("conv2d_relu_forward", "conv2d_relu_backward") if pool is None else \
+            ("conv2d_relu_maxpool2d_forward", "conv2d_relu_maxpool2d_backward")
+        extra = () if pool is None else (pool,)
+        got, cache_f = getattr(module, names[0])(xp, *args, *extra)
+        want, cache_r = getattr(ref, names[0])(*args, *extra)
+        check(f"{names[0]} {geometry} {pool}", got, want)
+        dout = rng.standard_normal(want.shape).astype(dtype)
+        for need_input_grad in (True, False):
+            for name, g, r in zip(("dx", "dW", "db"),
+                                  getattr(module, names[1])(xp, dout, cache_f, W, stride, pad, need_input_grad),
+                                  getattr(ref, names[1])(dout, cache_r, W, stride, pad, need_input_grad)):
+                if r is not None:
+                    check(f"{names[1]} {name} {geometry} {pool}", g, r)
+
+    def affine(n, features, units):
+        ref = ops_for(xp, reference=True)
+        x, W = rng.standard_normal((n, features)).astype(dtype), rng.standard_normal((features, units)).astype(dtype)
+        b, dout = rng.standard_normal(units).astype(dtype), rng.standard_normal((n, units)).astype(dtype)
+        check(f"affine forward {n}x{features}x{units}", module.affine_forward(xp, x, W, b), ref.affine_forward(x, W, b))
+        for name, g, r in zip(("dx", "dW", "db"), module.affine_backward(xp, dout, x, W, True),
+                              ref.affine_backward(dout, x, W, True)):
+            check(f"affine {name} {n}x{features}x{units}", g, r)
+        got, cache_f = module.affine_relu_forward(xp, x, W, b)
+        want, cache_r = ref.affine_relu_forward(x, W, b)
+        check(f"affine+relu forward {n}x{features}x{units}", got, want)
+        for name, g, r in zip(("dx", "dW", "db"), module.affine_relu_backward(xp, dout, cache_f, x, W, True),
+                              ref.affine_relu_backward(dout, cache_r, x, W, True)):
+            check(f"affine+relu {name} {n}x{features}x{units}", g, r)
 
     def relu():
         x, dout = rng.standard_normal((7, 5, 3)).astype(dtype), rng.standard_normal((7, 5, 3)).astype(dtype)
@@ -227,11 +288,29 @@ def mismatches(module, dtype: str) -> list[str]:
             for _ in range(3):
                 update(xp, param, grad, *state, *args)
             runs.append([param, *state])
+        if name == "adam_update":            # the step size read from the device, as a captured step reads it
+            param, grad, *state = (h.astype(dtype) for h in host)
+            for _ in range(3):
+                module.adam_update(xp, param, grad, *state, np.array([args[0]], dtype), *args[1:])
+            for k, (got, want) in enumerate(zip([param, *state], runs[0])):
+                check(f"adam_update (step size on the device) array {k}", got, want, exact=True)
         for k, (got, want) in enumerate(zip(*runs)):
             check(f"{name} array {k}", got, want)
 
     for geometry in CONV_GEOMETRIES:
         guarded(f"conv {geometry}", lambda: conv(geometry))
+    for geometry in CONV_GEOMETRIES:
+        n, c, h, w, fn, fh, fw, stride, pad = geometry
+        oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
+        guarded(f"conv+relu {geometry}", lambda: fused_conv(geometry, None))
+        if min(oh, ow) >= 2:
+            guarded(f"conv+relu+pool {geometry}", lambda: fused_conv(geometry, (2, 2, 2, 0, oh // 2, ow // 2)))
+    n, c, h, w, fn, fh, fw, stride, pad = CONV_GEOMETRIES[2]     # overlapping windows, padded: not tiling
+    oh, ow = out_size(h, fh, stride, pad), out_size(w, fw, stride, pad)
+    overlapping = (3, 3, 2, 1, out_size(oh, 3, 2, 1), out_size(ow, 3, 2, 1))
+    guarded(f"conv+relu+pool {CONV_GEOMETRIES[2]} {overlapping}", lambda: fused_conv(CONV_GEOMETRIES[2], overlapping))
+    for shape in ((7, 12, 5), (100, 4320, 20)):                 # the second product's sum is cut into parts
+        guarded(f"affine {shape}", lambda: affine(*shape))
     for geometry in POOL_GEOMETRIES:
         guarded(f"pool {geometry}", lambda: pool(geometry))
     for n in SCORE_ROWS:
@@ -261,22 +340,37 @@ def mutate(anchor: str, old: str, new: str) -> str:
 
 #: name: (anchor, text, replacement), each a bug a kernel could have.
 MUTATIONS = {
-    "syntax-error-im2col": ("_im2col_kernel = ", "const int P = OH * OW;", "const int P = OH * OW"),
+    "syntax-error-product": ("_PRODUCT = ", "const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;",
+                             "const int tx = threadIdx.x % 8, ty = threadIdx.x / 8"),
     "removed-barrier-softmax-ce": ("xpcnn_softmax_ce(", "partial[threadIdx.x] = mine;\n    __syncthreads();",
                                    "partial[threadIdx.x] = mine;\n"),
     "removed-barrier-count-correct": ("xpcnn_count_correct(", "partial[threadIdx.x] = mine;\n    __syncthreads();",
                                       "partial[threadIdx.x] = mine;\n"),
-    "off-by-one-im2col-rows": ("_im2col_kernel = ", "y >= 0 && y < H", "y >= 0 && y <= H"),
-    "off-by-one-maxpool-backward": ("_maxpool_backward_kernel = ", "if (oh >= OH) continue;", "if (oh > OH) continue;"),
+    "off-by-one-window-rows": ("struct Windows {", "y >= 0 && y < H", "y >= 0 && y <= H"),
+    "off-by-one-maxpool-backward": ("_POOL_GRAD = ", "if (oh >= OH) continue;", "if (oh > OH) continue;"),
     "off-by-one-softmax-ce-rows": ("xpcnn_softmax_ce(", "row < n;", "row <= n;"),
+    # The product kernel and what it reads and writes.
+    "removed-barrier-product-loads": ("_PRODUCT = ", "        __syncthreads();\n        for (int kk = 0;",
+                                      "        for (int kk = 0;"),
+    "removed-barrier-product-sums": ("_PRODUCT = ", "        }\n        __syncthreads();\n    }", "        }\n    }"),
+    "off-by-one-product-sum-end": ("_PRODUCT = ", "row0 + r < rows && k0 + kk < k_end",
+                                   "row0 + r < rows && k0 + kk <= k_end"),
+    "split-sum-drops-a-part": ("xpcnn_split_sum(", "for (int s = 0; s < splits; ++s)",
+                               "for (int s = 1; s < splits; ++s)"),
+    "no-bias-gradient-line": ("struct Dense {", "if (outer == ones) return (T)1;", "if (outer == ones) return (T)0;"),
+    "relu-mask-ignored": ("struct Dense {", "(!masked || mask[at] > (T)0)", "(!masked || mask[at] >= (T)0)"),
+    "transposed-conv-ignores-stride": ("struct GradWindows {", "ty % stride != 0 || tx % stride != 0", "false"),
+    "pooled-grad-ignores-relu": ("_POOL_GRAD = ", "(!relu || out[o] > (T)0)", "(!relu || out[o] >= (T)0)"),
+    "softmax-grad-wrong-label": ("xpcnn_softmax_ce(", "(T)(j == label)", "(T)(j == label + 1)"),
+    "adam-device-step-size-misread": ("_adam_device_kernel = ", "step_size[0]", "step_size[1]"),
 }
 
 
 def test_nvrtc_rejects_a_syntax_error():
     require_cupy_wheels(need_nvrtc=True)
-    sources = record_sources(mutate(*MUTATIONS["syntax-error-im2col"]))
+    sources = record_sources(mutate(*MUTATIONS["syntax-error-product"]))
     with pytest.raises(cupy_internals.CudaCompileError, match="expected a \";\""):
-        cupy_internals.nvrtc_compile(sources[("xpcnn_im2col", "float32")], "90")
+        cupy_internals.nvrtc_compile(sources[("xpcnn_gemm", "float32")], "90")
 
 
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
@@ -291,8 +385,9 @@ def test_the_emulation_catches_a_mutated_kernel(emulation_runner, mutation):
 
 def test_the_stand_in_counts_each_launch_from_outside(emulated_fast_cupy, rng):
     """fast_cupy.py carries no counters: the stand-in counts its kernels, its library calls
-    and the operators on its arrays (Affine forward: the product and the bias added in place;
-    backward: two products and a reduction; the convolution: im2col, the product, the bias)."""
+    and the operators on its arrays (Affine forward: one product kernel adding the bias;
+    backward: one launch for dW, db and dx; the convolution: one product kernel reading the
+    image windows in place), and each table call into it."""
     with emulator.use_fast_module(emulated_fast_cupy) as base:
         be = counting_backend(base)
         ops = ops_for(be.xp)
@@ -307,12 +402,13 @@ def test_the_stand_in_counts_each_launch_from_outside(emulated_fast_cupy, rng):
             counts.append(counter.calls)
             ops.conv2d_forward(images, filters, bias, 1, 0, 4, 4)
             counts.append(counter.calls)
-    assert counts == [2, 5, 8]
+    assert counts == [1, 2, 3]
 
 
-#: Array-library calls of one SimpleConvNet training step on CuPy's fast path (issue 9's
-#: budget; 27 when this was written). Each call costs 8-28 us from Python on an H200.
-FAST_STEP_CALLS = {"simple": 30, "deep": 90}
+#: Array-library calls of one training step on CuPy's fast path (issue 30's budget; 27 and 87
+#: before the product kernels and the fused operations, 14 and 36 when this was written). Each
+#: call costs 8-28 us from Python on an H200.
+FAST_STEP_CALLS = {"simple": 16, "deep": 50}
 
 
 @pytest.mark.parametrize("model", ["simple", pytest.param("deep", marks=pytest.mark.slow)])
@@ -336,3 +432,20 @@ def test_fast_cupy_step_call_count_through_the_emulation(emulated_fast_cupy, emu
     print(f"{model}: {calls} array-library calls per training step on CuPy's fast path ({kernels} of them "
           f"xpcnn kernel launches), batch 100")
     assert calls <= FAST_STEP_CALLS[model], f"{calls} calls per step, more than the {FAST_STEP_CALLS[model]} held"
+
+
+# ----------------------------------------------------------------- the product kernel
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", PRODUCT_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_the_product_kernel_matches_numpy(emulated_fast_cupy, shape, dtype):
+    """Every matrix product of the fast path is fast_cupy's own tiled kernel (a captured step may
+    not call cuBLAS): ``matmul`` against NumPy's product in float64, on odd shapes, a sum cut into
+    parts (100x4320 @ 4320x100) and many tiles (57600x25 @ 25x30)."""
+    m, k, n = shape
+    rng = np.random.default_rng(m * 7 + k)
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    got = emulator.HostEntries(emulated_fast_cupy).matmul(a, b)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert got.shape == want.shape and got.dtype == np.dtype(dtype)
+    assert _relative(got, want) <= TOL[dtype], f"relative difference {_relative(got, want):.2e}"

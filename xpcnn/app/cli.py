@@ -27,6 +27,7 @@ from ..data.images import FIT_CHOICES, INVERT_CHOICES
 from ..errors import CheckpointError, ConfigError, DatasetError, OutputError, XpcnnError
 from ..models.multi_layer_net_extend import ACTIVATIONS
 from ..models.registry import MODELS, RUN_KEYS, build_network, check_options, model_entry, model_of_class, run_defaults
+from ..nn.compiled_step import check_graph_support
 from ..nn.optim import OPTIMIZERS
 from ..ops.table import describe as describe_table
 from ..ops.table import ops_of
@@ -137,6 +138,8 @@ def _add_train_parser(sub: Any) -> None:
                        help="steps between loss reads from the device (default 50)")
     train.add_argument("--on-nan", choices=list(ON_NAN_CHOICES), default="stop",
                        help="a NaN/inf loss stops training (default) or skips that step")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="gpu: replay each training step as one CUDA graph (captured once per batch shape)")
     train.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
     train.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint.npz")
     train.add_argument("--no-plots", action="store_true", help="do not draw loss.png, accuracy.png, filters.png")
@@ -398,6 +401,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = _prepare_out_dir(args.out)
     # fail fast, before loading data
     backend = get_backend(args.backend, device=args.device, reference=args.reference)
+    if args.cuda_graph:
+        check_graph_support(backend)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     run = _run_settings(args, checkpoint)
 
@@ -424,7 +429,7 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(network, x_train, t_train, x_test, t_test, epochs=epochs, mini_batch_size=run["batch_size"],
                       optimizer=optimizer, optimizer_param=optimizer_param, seed=run["seed"],
                       log_every=args.log_every, eval_batch_size=args.eval_batch_size, progress=not args.quiet,
-                      checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan)
+                      checkpoint_path=out / "checkpoint.npz", on_nan=args.on_nan, cuda_graph=args.cuda_graph)
     trainer.extra_state.update(dataset=run["dataset"], run=run, W1_initial=initial_w1)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)

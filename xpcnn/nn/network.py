@@ -24,6 +24,7 @@ from ..errors import ConfigError, ShapeError
 from ..ops.functions import host_class_labels
 from ..ops.table import Ops, ops_of
 from . import fusion
+from .compiled_step import CompiledStep
 from .inference import predict_proba
 from .layers import BatchNormalization
 from .params import make_params
@@ -146,6 +147,12 @@ class Network:
         self.loss(x, t)
         self._backward()
         return self._collect_grads()
+
+    def compile_step(self, optimizer: Any) -> CompiledStep:
+        """The training step (`gradient`, then ``optimizer.update``) captured as a CUDA graph per
+        batch shape and replayed: ``step(x, t)`` returns the loss. CuPy's fast path only
+        (`ConfigError` elsewhere); see `xpcnn.nn.compiled_step`."""
+        return CompiledStep(self, optimizer)
 
     def _collect_grads(self) -> Any:
         for key, name, attr in self._copied_grads:

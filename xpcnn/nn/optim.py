@@ -32,6 +32,10 @@ class Optimizer:
 
     #: names of the per-parameter state arrays, e.g. ("h",) for AdaGrad
     state_names: tuple[str, ...] = ()
+    #: One-element device arrays the update reads in place of `step_arguments`' numbers while a
+    #: step is captured as a CUDA graph (set by `xpcnn.nn.compiled_step`, which writes the numbers
+    #: of each step into them before each replay); None otherwise.
+    captured_arguments: dict[str, Any] | None = None
 
     def __init__(self, lr: float):
         self.lr = checks.number_in(lr, "lr", type(self).__name__)
@@ -64,6 +68,11 @@ class Optimizer:
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:
         """Apply the formula to one array (or the flat buffer); `state(name)` gives its state array."""
         raise NotImplementedError
+
+    def step_arguments(self, step: int) -> dict[str, float]:
+        """The numbers the update of step `step` (1-based) hands its operation that change from
+        step to step (a CUDA graph keeps the arguments it was captured with): none here."""
+        return {}
 
     def _zeros_like(self, name: str, key: str, param: Any) -> Any:
         slot = self.state[name]
@@ -157,9 +166,12 @@ class Adam(Optimizer):
         self.beta2 = checks.number_in(beta2, "beta2", "Adam", low=0.0, high=1.0, low_open=False)
         self.eps = checks.number_in(eps, "eps", "Adam")
 
+    def step_arguments(self, step: int) -> dict[str, float]:
+        """The bias-corrected step size of step `step`: ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``."""
+        return {"lr_t": self.lr * math.sqrt(1.0 - self.beta2 ** step) / (1.0 - self.beta1 ** step)}
+
     def update(self, params: dict[str, Any], grads: dict[str, Any]) -> None:
-        step = self.iterations + 1
-        self._lr_t = self.lr * math.sqrt(1.0 - self.beta2 ** step) / (1.0 - self.beta1 ** step)
+        self._lr_t = (self.captured_arguments or self.step_arguments(self.iterations + 1))["lr_t"]
         super().update(params, grads)
 
     def _update(self, ops: Any, key: str, param: Any, grad: Any, state: Callable[[str], Any]) -> None:

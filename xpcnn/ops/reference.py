@@ -6,8 +6,8 @@ replace. Faster variants of an operation live in `fast_numpy.py` and `fast_cupy.
 same name, and each is tested against the function here (tests/ops/test_fast_ops.py):
 
     operation                     here   fast_numpy              fast_cupy
-    conv2d_forward/backward        yes    yes (channels-last)     yes (im2col kernels + cuBLAS)
-    affine_forward/backward        yes    yes (batch slices)      yes (fused bias kernels)
+    conv2d_forward/backward        yes    yes (channels-last)     yes (product kernels, windows read in place)
+    affine_forward/backward        yes    yes (batch slices)      yes (product kernels)
     maxpool2d_forward/backward     yes    yes (2x2 tiles)         yes
     relu_forward/backward          yes    yes (batch slices)      yes
     softmax_cross_entropy_*        yes    -            yes (one fused kernel)

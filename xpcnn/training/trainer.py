@@ -27,6 +27,7 @@ from .. import checks
 from ..backend.arrays import values_are_free_to_read
 from ..backend.devices import out_of_memory_as_error
 from ..errors import CheckpointError, ConfigError, DTypeError, ShapeError, TrainingError, XpcnnError
+from ..nn.compiled_step import check_graph_support
 from ..nn.optim import Optimizer, make_optimizer
 from ..ops.functions import host_class_labels
 from .checkpoint import Checkpoint, generator_from_state, restore, save_checkpoint
@@ -72,6 +73,9 @@ class Trainer:
         print_fn: where summary lines go (default ``print``).
         epoch_callback: called with the trainer after each epoch is scored (e.g. a search that
             reports the epoch's accuracy and may stop the run by raising).
+        cuda_graph: replay the training step as a CUDA graph (`Network.compile_step`: CuPy's
+            fast path only, a `ConfigError` elsewhere); each shape of batch is captured once
+            (the last, shorter batch of an epoch too). Off by default.
     """
 
     def __init__(self, network: Any, x_train: Any, t_train: Any, x_test: Any, t_test: Any,
@@ -81,7 +85,7 @@ class Trainer:
                  eval_batch_size: int = 500, progress: bool = True,
                  checkpoint_path: "str | os.PathLike[str] | None" = None,
                  on_nan: str = "stop", print_fn: Callable[[str], None] = print,
-                 epoch_callback: "Callable[[Trainer], None] | None" = None):
+                 epoch_callback: "Callable[[Trainer], None] | None" = None, cuda_graph: bool = False):
         self.network = network
         self.backend = network.backend
         self.epochs = checks.positive_int(epochs, "epochs", "Trainer")
@@ -95,6 +99,12 @@ class Trainer:
         if on_nan not in ON_NAN_CHOICES:
             raise ConfigError(f"Trainer: on_nan must be one of {ON_NAN_CHOICES}, got {on_nan!r}")
         self.on_nan = on_nan
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph:
+            if on_nan == "skip":
+                raise ConfigError("Trainer: cuda_graph cannot skip a step with a non-finite loss (on_nan='skip'): "
+                                  "the update is part of the replayed graph; use on_nan='stop'")
+            check_graph_support(self.backend)
         self.verbose, self.progress, self.print_fn = verbose, progress, print_fn
         self.checkpoint_path = None if checkpoint_path is None else str(checkpoint_path)
 
@@ -127,6 +137,7 @@ class Trainer:
         self.signal_received = 0
         self.epoch_callback = epoch_callback
         self._phase = "training"            # or "scoring": which batch size an out-of-memory names
+        self._compiled_step: Any = None     # the step replayed as a CUDA graph (cuda_graph=True)
 
     # ---------------------------------------------------------------------- data
 
@@ -219,6 +230,10 @@ class Trainer:
 
     def train_step(self, x_batch: Any, t_batch: Any) -> Any:
         """One step on a batch already on the device: gradients, then the update. Returns the loss (0-d, on device)."""
+        if self.cuda_graph:
+            if self._compiled_step is None:
+                self._compiled_step = self.network.compile_step(self.optimizer)
+            return self._compiled_step(x_batch, t_batch)
         grads = self.network.gradient(x_batch, t_batch)
         loss = self.network.last_layer.loss
         if self.on_nan == "skip" and not math.isfinite(self.backend.to_float(loss)):

@@ -1,18 +1,27 @@
 """Run `xpcnn/ops/fast_cupy.py`'s own wrappers on the CPU: a stand-in for `cupy` whose kernel
 calls compile the kernels' CUDA source as C++ (g++, `xpcnn_emulation.h` in place of CuPy's
-device headers) and run them on NumPy arrays.
+device headers) and run them on NumPy arrays, on an emulated GPU (`device.py`: memory, the
+stream and CUDA-graph capture with CuPy's capture rules, device arrays).
 
     standin = StandInCupy(GxxRunner())          # or Recorder(): keep the sources, run nothing
     fast_cupy = load_fast_cupy(standin)         # the module's code, unmodified, on the stand-in
     loss, cache = fast_cupy.softmax_cross_entropy_forward(xp, scores, labels)
 
-Calls are counted from outside fast_cupy.py, as CuPy's cost model has them: inside the
-emulated module arrays are `DeviceArray` (a NumPy subclass standing for a CuPy array), and
-each kernel, each library call that launches one (products, reductions, `zeros`, copies)
-and each operator, in-place update, store and `astype` on a device array adds one call to a
-running `xpcnn.backend.counting.count_calls` block; allocations (`empty`) and views
-(slices, reshapes, ``.T``) are free, as on a GPU. `use_fast_module` hands the module's
-entries device arrays and takes NumPy arrays back.
+Two ways to run it:
+
+- `use_fast_module(module)`: NumPy's backend whose fast table is the module's entries; each
+  entry gets its arguments as device arrays (sharing the NumPy arrays' memory) and gives NumPy
+  arrays back. The layers' own code runs on NumPy. For comparing kernels with the reference.
+- `use_emulated_device(module)`: a backend named "cupy" whose arrays are the emulated device's
+  arrays everywhere (`device.DeviceArray`, not NumPy arrays), whose namespace is theirs, whose
+  random source draws on the device, and whose fast table and CUDA graphs are the module's:
+  a whole training step runs on the emulated GPU, so capture and replay can be checked.
+
+Calls are counted from outside fast_cupy.py, as CuPy's cost model has them: each kernel, each
+library call that launches one (products, reductions, `zeros`, copies) and each operator,
+in-place update, store and `astype` on a device array adds one call to a running
+`xpcnn.backend.counting.count_calls` block; allocations (`empty`) and views (slices,
+reshapes, ``.T``) are free, as on a GPU.
 
 The stand-in follows CuPy's rules for a kernel call: an `ElementwiseKernel`'s non-raw array
 arguments are broadcast together (outputs must have the broadcast shape; missing outputs are
@@ -25,9 +34,12 @@ indexing path). `matmul`, `tensordot`, `sum` and the allocations are NumPy's.
 Elementwise kernels run serially, block after block and thread after thread, each thread
 through its grid-stride loop (exact: their iterations are independent). A `RawKernel` runs
 block after block; the threads of a block are cooperative fibers switched at
-`__syncthreads()` (see `xpcnn_emulation.h`). Raw kernels get pointers: each array is copied
-into a buffer with guard zones (NaN for floats, -1 for integers) and its writes outside the
-array are reported; its reads outside come back as NaN or -1.
+`__syncthreads()` (see `xpcnn_emulation.h`); a raw kernel without a barrier runs its threads
+one after the other (nothing can pass between them). Raw kernels get pointers: each array is
+copied into a buffer with guard zones (NaN for floats, -1 for integers) and its writes
+outside the array are reported; its reads outside come back as NaN or -1. The same array
+passed twice shares one buffer, as one pointer would; two different views that overlap are
+refused.
 """
 
 from __future__ import annotations
@@ -49,27 +61,26 @@ from typing import Any, Iterator
 import array_api_compat
 import numpy as np
 
-from xpcnn.backend import counting, get_backend
+from xpcnn.backend import get_backend
+from xpcnn.backend.devices import Backend, CupyBackend
 from xpcnn.ops import table
 
-from . import cupy_internals
+from . import cupy_internals, device
+from .device import DeviceArray, EmulationError, unwrap
 
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "xpcnn_emulation.h"
 FAST_CUPY = HERE.parents[2] / "xpcnn" / "ops" / "fast_cupy.py"
 
 #: g++ flags: no contraction into fused multiply-adds and no fast-math, so the host computes
-#: each operation as written (a GPU may contract; see docs/cuda-emulation.md).
-GXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-w")
+#: each operation as written (a GPU may contract; see docs/cuda-emulation.md). No GNU-unique
+#: symbols: a template's `__shared__` array (a static) would otherwise be one object for every
+#: loaded kernel library, float's and double's alike.
+GXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-gnu-unique", "-w")
 
 ELEMENTWISE_BLOCK = 128          # CuPy's default block size for elementwise kernels
 ELEMENTWISE_MAX_GRID = 64        # a small grid, so long arrays take several grid-stride turns
 GUARD_ELEMENTS = 4096            # guard zone around each raw-kernel array
-
-
-class EmulationError(RuntimeError):
-    """A kernel did something a GPU would not do right (an access out of bounds, a barrier not
-    every thread reached, a launch CUDA would refuse, an argument of the wrong size)."""
 
 
 def gxx() -> str | None:
@@ -259,84 +270,6 @@ class GxxRunner:
             raise EmulationError(f"{name}: {library.xpcnn_message().decode()}")
 
 
-# --------------------------------------------------------------- device arrays, counted
-
-def _host(value: Any) -> Any:
-    """`value` with every `DeviceArray` (in lists, tuples and dicts too) viewed as a plain NumPy array."""
-    if isinstance(value, DeviceArray):
-        return value.view(np.ndarray)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _host(v) for k, v in value.items()}
-    return value
-
-
-def _device(value: Any) -> Any:
-    """`value` with every NumPy array (in lists and tuples too) viewed as a `DeviceArray`."""
-    if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
-        return value.view(DeviceArray)
-    if isinstance(value, np.generic):                   # a reduction's scalar: a 0-d array on a GPU
-        return np.asarray(value).view(DeviceArray)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_device(v) for v in value)
-    return value
-
-
-class DeviceArray(np.ndarray):
-    """A NumPy array standing for a CuPy array inside the emulated fast_cupy.py. Each ufunc on
-    it (every operator and in-place operator), each store into it and each `astype` is one
-    launch on a GPU, counted with `counting.add`; views are free."""
-
-    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
-        counting.add(1)
-        if out is not None:
-            kwargs["out"] = _host(out)
-        result = getattr(ufunc, method)(*_host(inputs), **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _device(result)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        counting.add(1)
-        self.view(np.ndarray)[key] = _host(value)
-
-    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> Any:
-        counting.add(1)
-        return _device(self.view(np.ndarray).astype(dtype, *args, **kwargs))
-
-    def copy(self, *args: Any, **kwargs: Any) -> Any:
-        counting.add(1)
-        return _device(self.view(np.ndarray).copy(*args, **kwargs))
-
-
-def _launching(function: Any) -> Any:
-    """A library function that launches one kernel on a GPU: counted, run on plain arrays."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        counting.add(1)
-        out = kwargs.get("out")
-        result = function(*_host(args), **_host(kwargs))
-        return out if out is not None else _device(result)
-    call.__name__ = function.__name__
-    return call
-
-
-def _allocating(function: Any) -> Any:
-    """A library function that only allocates on a GPU (no launch): not counted."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return _device(function(*_host(args), **_host(kwargs)))
-    call.__name__ = function.__name__
-    return call
-
-
-def _ascontiguousarray(array: Any, dtype: Any = None) -> Any:
-    """A copy (one launch) only where the array is not C-contiguous already."""
-    host = _host(array)
-    if not host.flags.c_contiguous or (dtype is not None and np.dtype(dtype) != host.dtype):
-        counting.add(1)
-    return _device(np.ascontiguousarray(host, dtype=dtype))
-
-
 # ------------------------------------------------------------------------ the stand-in
 
 def _scalar_dtype(value: Any) -> np.dtype:
@@ -351,6 +284,14 @@ def _scalar_dtype(value: Any) -> np.dtype:
     raise TypeError(f"unsupported kernel argument of type {type(value).__name__}")
 
 
+def _arrays_on_device(values: Any, what: str) -> None:
+    """A kernel takes device arrays only: a NumPy array would be host memory on a GPU."""
+    for value in values:
+        if isinstance(value, np.ndarray):
+            raise TypeError(f"{what}: a NumPy array was passed to a kernel; kernels take device arrays "
+                            f"(cupy.asarray it first)")
+
+
 class ElementwiseKernel:
     """`cupy.ElementwiseKernel` on the CPU (see the module docstring)."""
 
@@ -362,14 +303,16 @@ class ElementwiseKernel:
         self.params = cupy_internals.parameters(self.kernel)
         self.nin = self.kernel.nin
         self.nout = self.kernel.nout
+        self._sources: dict[tuple, str] = {}
 
     def __call__(self, *args: Any, size: int | None = None, block_size: int = ELEMENTWISE_BLOCK) -> Any:
         if size is not None:
             raise NotImplementedError("the emulation does not support ElementwiseKernel(size=...)")
         if len(args) not in (self.nin, self.nin + self.nout):
             raise TypeError(f"{self.name} takes {self.nin} or {self.nin + self.nout} arguments, got {len(args)}")
+        _arrays_on_device(args, self.name)
         given_outs = args[self.nin:]
-        ins, outs = list(_host(args[:self.nin])), list(_host(given_outs))
+        ins, outs = list(unwrap(args[:self.nin])), list(unwrap(given_outs))
         raw = [is_raw for _, is_raw, _ in self.params]
         in_dtypes = tuple(a.dtype if isinstance(a, np.ndarray) else None for a in ins)
         out_dtypes = tuple(a.dtype for a in outs)
@@ -379,8 +322,11 @@ class ElementwiseKernel:
         for k, out in enumerate(outs):
             if not raw[self.nin + k] and out.shape != shape:
                 raise ValueError(f"{self.name}: output {k} has shape {out.shape}, the arguments broadcast to {shape}")
-        if not outs:
-            outs = [np.empty(shape, dtype=t) for t in out_types]
+        if given_outs:
+            results = list(given_outs)                   # the caller's arrays come back as given
+        else:
+            results = [device.allocate(shape, t) for t in out_types]
+            outs = [r._data for r in results]
         if len(shape) == 0:
             raise NotImplementedError(f"{self.name}: 0-d launches are not emulated")
         values: list[Any] = []
@@ -393,37 +339,63 @@ class ElementwiseKernel:
                 values.append(np.asarray(arg).astype(in_types[k]))
         values += outs
         size = int(np.prod(shape))
-        if given_outs:
-            outs = list(given_outs)                      # the caller's arrays come back as given
-        else:
-            outs = _device(outs)
         if size == 0:
-            return outs[0] if self.nout == 1 else tuple(outs)
+            return results[0] if self.nout == 1 else tuple(results)
         broadcastable = [(k, v) for k, v in enumerate(values) if v.ndim and not raw[k]]
         indexer_shape = shape
         if len(shape) > 1 and all(v.flags.c_contiguous and v.shape == shape for _, v in broadcastable):
             indexer_shape = (size,)
             for k, v in broadcastable:
                 values[k] = v.reshape(size)
-        specs = []
         scalars = {k for k, arg in enumerate(ins) if not isinstance(arg, np.ndarray)}
-        for k, v in enumerate(values):
-            if k in scalars:
-                specs.append(cupy_internals.ScalarArg(v.dtype))
-            else:
-                specs.append(cupy_internals.ArrayArg(v.dtype, v.ndim, bool(v.flags.c_contiguous),
-                                                     max(v.nbytes, v.size) < 2**31))
-        source = cupy_internals.elementwise_source(self.kernel, type_map, specs, len(indexer_shape), size < 2**31)
+        specs = tuple(cupy_internals.ScalarArg(v.dtype) if k in scalars else
+                      cupy_internals.ArrayArg(v.dtype, v.ndim, bool(v.flags.c_contiguous),
+                                              max(v.nbytes, v.size) < 2**31)
+                      for k, v in enumerate(values))
+        key = (specs, len(indexer_shape), size < 2**31)
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = cupy_internals.elementwise_source(self.kernel, type_map, list(specs),
+                                                                            len(indexer_shape), size < 2**31)
         indexer = np.empty(indexer_shape, dtype=np.int8)       # only its shape is read
         grid = min(-(-size // block_size), ELEMENTWISE_MAX_GRID)
         dtype = str(next((v.dtype for v in values if v.dtype.kind == "f"), values[0].dtype))
-        counting.add(1)
-        self.runner.launch(self.name, source, dtype, [*_host(values), indexer], grid, block_size, cooperative=False)
-        return outs[0] if self.nout == 1 else tuple(outs)
+        device.launch(lambda: self.runner.launch(self.name, source, dtype, [*values, indexer], grid, block_size,
+                                                 cooperative=False))
+        return results[0] if self.nout == 1 else tuple(results)
 
 
 #: NumPy's name of each C type a raw kernel's ``typedef ... T;`` may name.
 _C_TYPE_NAMES = {"float": "float32", "double": "float64", "long long": "int64"}
+
+
+def _guarded_arguments(name: str, args: tuple) -> tuple[list, list]:
+    """(values for the launcher, [(array, buffer, inner)] to check and copy back): each array
+    copied into a buffer with guard zones; the same memory passed twice shares one buffer."""
+    guarded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    values: list[Any] = []
+    for k, arg in enumerate(args):
+        if not isinstance(arg, np.ndarray):
+            values.append(np.asarray(arg, dtype=_scalar_dtype(arg)))
+            continue
+        if not arg.flags.c_contiguous:
+            raise EmulationError(f"{name}: argument {k} is not C-contiguous, but a raw kernel gets only its pointer "
+                                 f"and reads it as contiguous")
+        same = next((g for g in guarded if g[0].ctypes.data == arg.ctypes.data and g[0].nbytes == arg.nbytes
+                     and g[0].dtype == arg.dtype), None)
+        if same is not None:
+            values.append(same[2])
+            continue
+        if any(np.may_share_memory(arg, g[0]) for g in guarded):
+            raise EmulationError(f"{name}: argument {k} overlaps another argument without being the same array "
+                                 f"(not emulated)")
+        poison = np.nan if arg.dtype.kind == "f" else -1
+        buffer = np.full(arg.size + 2 * GUARD_ELEMENTS, poison, dtype=arg.dtype)
+        inner = buffer[GUARD_ELEMENTS:GUARD_ELEMENTS + arg.size]
+        inner[...] = arg.reshape(-1)
+        guarded.append((arg, buffer, inner))
+        values.append(inner)
+    return values, guarded
 
 
 class RawKernel:
@@ -431,6 +403,10 @@ class RawKernel:
 
     def __init__(self, runner: Any, code: str, name: str, options: tuple = (), **kwargs: Any) -> None:
         self.runner, self.code, self.name = runner, code, name
+        typedef = re.search(r"typedef\s+([\w ]+?)\s+T\s*;", code)
+        self.dtype = _C_TYPE_NAMES.get(typedef.group(1), typedef.group(1)) if typedef else ""
+        # Without a barrier the threads of a block cannot exchange anything: one after the other is exact.
+        self.cooperative = "__syncthreads" in code
 
     def __call__(self, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, stream: Any = None) -> None:
         grid, block = tuple(grid) + (1, 1), tuple(block) + (1, 1)
@@ -440,58 +416,81 @@ class RawKernel:
             raise EmulationError(f"{self.name}: CUDA refuses a launch of grid {grid[0]} x block {block[0]}")
         if shared_mem:
             raise NotImplementedError(f"{self.name}: dynamic shared memory is not emulated")
-        guarded, values = [], []
-        for k, arg in enumerate(_host(tuple(args))):
-            if isinstance(arg, np.ndarray):
-                if not arg.flags.c_contiguous:
-                    raise EmulationError(f"{self.name}: argument {k} is not C-contiguous, but a raw kernel gets "
-                                         f"only its pointer and reads it as contiguous")
-                poison = np.nan if arg.dtype.kind == "f" else -1
-                buffer = np.full(arg.size + 2 * GUARD_ELEMENTS, poison, dtype=arg.dtype)
-                inner = buffer[GUARD_ELEMENTS:GUARD_ELEMENTS + arg.size]
-                inner[...] = arg.reshape(-1)
-                guarded.append((k, arg, buffer, inner))
-                values.append(inner)
-            else:
-                values.append(np.asarray(arg, dtype=_scalar_dtype(arg)))
-        typedef = re.search(r"typedef\s+([\w ]+?)\s+T\s*;", self.code)
-        dtype = _C_TYPE_NAMES.get(typedef.group(1), typedef.group(1)) if typedef else ""
-        counting.add(1)
-        self.runner.launch(self.name, self.code, dtype, values, grid[0], block[0], cooperative=True)
-        for k, arg, buffer, inner in guarded:
-            outside = np.concatenate([buffer[:GUARD_ELEMENTS], buffer[GUARD_ELEMENTS + arg.size:]])
-            untouched = np.isnan(outside) if arg.dtype.kind == "f" else outside == -1
-            if not untouched.all():
-                raise EmulationError(f"{self.name}: argument {k} was written outside its {arg.size} elements")
-            arg.reshape(-1)[...] = inner
+        _arrays_on_device(args, self.name)
+        host_args = tuple(unwrap(tuple(args)))
+
+        def run() -> None:
+            values, guarded = _guarded_arguments(self.name, host_args)
+            self.runner.launch(self.name, self.code, self.dtype, values, grid[0], block[0],
+                               cooperative=self.cooperative)
+            for arg, buffer, inner in guarded:
+                outside = np.concatenate([buffer[:GUARD_ELEMENTS], buffer[GUARD_ELEMENTS + arg.size:]])
+                untouched = np.isnan(outside) if arg.dtype.kind == "f" else outside == -1
+                if not untouched.all():
+                    raise EmulationError(f"{self.name}: an argument was written outside its {arg.size} elements")
+                arg.reshape(-1)[...] = inner
+        device.launch(run)
 
 
-def _sum(array: np.ndarray, axis: Any = None, dtype: Any = None, out: Any = None, keepdims: bool = False) -> Any:
-    result = np.sum(array, axis=axis, dtype=dtype, out=out, keepdims=keepdims)
-    return np.asarray(result) if out is None else result
+def _library_call(function: Any, cublas: bool = False) -> Any:
+    """A CuPy library function that launches a kernel on a GPU: NumPy's, on device arrays."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if cublas:
+            device.cublas(function.__name__)
+        return getattr(np, function.__name__)(*args, **kwargs)
+    call.__name__ = function.__name__
+    return call
+
+
+def _ascontiguousarray(array: Any, dtype: Any = None) -> Any:
+    """The array itself where it is C-contiguous already (and of `dtype`), else a copy (one launch)."""
+    host = unwrap(array)
+    if host.flags.c_contiguous and (dtype is None or np.dtype(dtype) == host.dtype):
+        return array
+    return device.produce(lambda: np.ascontiguousarray(host, dtype=dtype), [array])
+
+
+class _Namespace(types.SimpleNamespace):
+    pass
 
 
 class StandInCupy(types.ModuleType):
-    """A module that answers for `cupy` inside fast_cupy.py: NumPy arrays, kernels run by `runner`.
+    """A module that answers for `cupy` inside fast_cupy.py (and, under `use_emulated_device`,
+    for xpcnn's backend): device arrays of the emulated GPU, kernels run by `runner`.
 
-    Only the names fast_cupy.py uses are here; any other raises AttributeError naming it, so a
-    new CuPy call in the wrappers shows up as a missing piece of the emulation, not as NumPy
-    silently doing something else.
+    Only the names xpcnn uses are here; any other raises AttributeError naming it, so a new
+    CuPy call shows up as a missing piece of the emulation, not as NumPy silently doing
+    something else.
     """
 
     def __init__(self, runner: Any) -> None:
         super().__init__("cupy", "stand-in for CuPy on the CPU (tests/ops/emulation/emulator.py)")
         self.runner = runner
         self.__version__ = "emulated"
-        self.ndarray = DeviceArray
-        for name in ("float32", "float64", "int32", "int64", "bool_"):
+        # Not DeviceArray: array_api_compat takes a subclass of `cupy.ndarray` for CuPy's and
+        # imports its CuPy wrapper; the emulated arrays name their namespace themselves.
+        self.ndarray = type("ndarray", (), {"__doc__": "CuPy's array type: no emulated array is one"})
+        for name in ("float32", "float64", "int32", "int64", "uint64", "bool_"):
             setattr(self, name, getattr(np, name))
-        for name in ("empty", "empty_like"):
-            setattr(self, name, _allocating(getattr(np, name)))
-        for name in ("zeros", "zeros_like", "matmul", "tensordot", "maximum"):
-            setattr(self, name, _launching(getattr(np, name)))
-        self.sum = _launching(_sum)
+        self.empty = lambda shape, dtype=np.float64: device.allocate(shape, dtype)
+        self.empty_like = lambda a, dtype=None: device.allocate(a.shape, dtype or a.dtype)
+        self.zeros = lambda shape, dtype=np.float64: device.NAMESPACE.zeros(shape, dtype=dtype)
+        self.zeros_like = lambda a, dtype=None: device.NAMESPACE.zeros_like(a, dtype=dtype)
+        self.asarray = lambda obj, dtype=None: device.asarray(obj, dtype)
+        self.maximum = _library_call(np.maximum)
+        self.sum = _library_call(np.sum)
+        self.matmul = _library_call(np.matmul, cublas=True)
+        self.tensordot = _library_call(np.tensordot, cublas=True)
+        self.dot = _library_call(np.dot, cublas=True)
         self.ascontiguousarray = _ascontiguousarray
+        self.get_default_memory_pool = lambda: device.POOL
+        self.cuda = _Namespace(
+            Stream=device.Stream, Graph=device.Graph, Device=lambda index=0: device.DEVICE,
+            get_current_stream=device.get_current_stream, using_allocator=device.using_allocator,
+            MemoryPointer=device.MemoryPointer,
+            memory=_Namespace(OutOfMemoryError=device.OutOfMemoryError, MemoryPointer=device.MemoryPointer),
+            runtime=_Namespace(CUDARuntimeError=device.CUDARuntimeError))
+        self.random = _Namespace(default_rng=device.default_rng)
 
     def ElementwiseKernel(self, *args: Any, **kwargs: Any) -> ElementwiseKernel:  # noqa: N802 (CuPy's name)
         return ElementwiseKernel(self.runner, *args, **kwargs)
@@ -500,7 +499,9 @@ class StandInCupy(types.ModuleType):
         return RawKernel(self.runner, *args, **kwargs)
 
     def asnumpy(self, array: Any) -> np.ndarray:
-        return np.array(_host(array))
+        if isinstance(array, DeviceArray):
+            return array.get()
+        return np.asarray(array)
 
 
 _LOADED = {"count": 0}
@@ -529,30 +530,44 @@ def load_fast_cupy(standin: StandInCupy, source: str | None = None) -> types.Mod
 
 
 def _on_device(function: Any) -> Any:
-    """A fast entry of the emulated module taking and giving NumPy arrays: its arguments are
-    viewed as device arrays (so that its calls are counted), its results as NumPy arrays."""
-    def entry(xp: Any, *args: Any) -> Any:
+    """A function of the emulated module (a fast entry, ``xp`` first) taking and giving NumPy
+    arrays: its arguments are seen as device arrays sharing their memory (so that its calls are
+    counted), its results as NumPy arrays."""
+    def entry(*args: Any) -> Any:
         originals: dict[int, np.ndarray] = {}
 
         def to_device(value: Any) -> Any:
-            if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
-                view = value.view(DeviceArray)
+            if isinstance(value, np.ndarray):
+                view = DeviceArray(value)
                 originals[id(view)] = value          # given back as the caller's own array
                 return view
+            if isinstance(value, np.generic):
+                return DeviceArray(np.asarray(value))
             if isinstance(value, (list, tuple)):
                 return type(value)(to_device(v) for v in value)
             return value
 
         def to_host(value: Any) -> Any:
             if isinstance(value, DeviceArray):
-                return originals.get(id(value), value.view(np.ndarray))
+                return originals.get(id(value), value._data)
             if isinstance(value, (list, tuple)):
                 return type(value)(to_host(v) for v in value)
             return value
 
-        return to_host(function(xp, *to_device(args)))
+        return to_host(function(*to_device(args)))
     entry.__name__ = function.__name__
     return entry
+
+
+class HostEntries:
+    """`module`'s functions taking and giving NumPy arrays (each seen as a device array inside,
+    sharing its memory): ``HostEntries(fast_cupy).conv2d_forward(xp, x, ...)``."""
+
+    def __init__(self, module: types.ModuleType):
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return _on_device(getattr(self.module, name))
 
 
 @contextlib.contextmanager
@@ -574,3 +589,34 @@ def use_fast_module(module: types.ModuleType) -> Iterator[Any]:
     finally:
         table._fast_table = original
         table.ops_for.cache_clear()
+
+
+@contextlib.contextmanager
+def use_emulated_device(module: types.ModuleType) -> Iterator[Backend]:
+    """A backend named "cupy" on the emulated GPU inside the block (see the module docstring):
+    `sys.modules['cupy']` is `module`'s stand-in (xpcnn's backend code imports it), the fast
+    table of the device's namespace is `module`'s entries, and its CUDA graphs `module`'s."""
+    from xpcnn.nn import compiled_step
+
+    standin = module.cupy
+    original_table, original_graphs = table._fast_table, compiled_step.graph_support
+    saved = sys.modules.get("cupy", _MISSING)
+
+    def fast_table(xp):
+        return module.fast_ops() if xp is device.NAMESPACE else original_table(xp)
+
+    def graph_support(xp):
+        return module.cuda_graphs() if xp is device.NAMESPACE else original_graphs(xp)
+
+    sys.modules["cupy"] = standin
+    table._fast_table, compiled_step.graph_support = fast_table, graph_support
+    table.ops_for.cache_clear()
+    try:
+        yield CupyBackend(device.NAMESPACE, device.DEVICE)
+    finally:
+        table._fast_table, compiled_step.graph_support = original_table, original_graphs
+        table.ops_for.cache_clear()
+        if saved is _MISSING:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved

@@ -93,14 +93,61 @@ struct ArrayDesc {
 
 // ------------------------------------------------------------------- cooperative fibers
 
-struct Fiber {
+#if defined(__x86_64__) && !defined(XPCNN_EMU_UCONTEXT)
+// A minimal context switch (the callee-saved registers pushed on the fiber's own stack, then
+// its stack pointer swapped): ucontext's swapcontext makes a system call for the signal mask at
+// every switch, and the product kernels switch at every barrier of every thread.
+extern "C" __attribute__((visibility("hidden"))) void xpcnn_emu_switch(void** save_sp, void* load_sp);
+extern "C" __attribute__((visibility("hidden"))) void xpcnn_emu_trampoline();
+asm(".text\n"
+    ".p2align 4\n"
+    "xpcnn_emu_switch:\n"
+    "    pushq %rbp\n    pushq %rbx\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %rbx\n    popq %rbp\n"
+    "    ret\n"
+    ".p2align 4\n"
+    "xpcnn_emu_trampoline:\n"
+    "    andq $-16, %rsp\n"
+    "    call xpcnn_emu_fiber_main\n"
+    "    ud2\n");
+
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { xpcnn_emu_switch(&from.sp, to.sp); }
+inline void start_context(Context& context, std::vector<char>& stack) {
+    void** sp = reinterpret_cast<void**>(
+        (reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~static_cast<uintptr_t>(15)));
+    *--sp = nullptr;                                              // alignment
+    *--sp = reinterpret_cast<void*>(&xpcnn_emu_trampoline);       // where the first switch returns
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;                  // rbp, rbx, r12-r15
+    context.sp = sp;
+}
+#else
+struct Context {
     ucontext_t context;
+};
+extern "C" void xpcnn_emu_fiber_main();
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.context, &to.context); }
+inline void start_context(Context& context, std::vector<char>& stack) {
+    getcontext(&context.context);
+    context.context.uc_stack.ss_sp = stack.data();
+    context.context.uc_stack.ss_size = stack.size();
+    context.context.uc_link = nullptr;
+    makecontext(&context.context, xpcnn_emu_fiber_main, 0);
+}
+#endif
+
+struct Fiber {
+    Context context;
     std::vector<char> stack;
     bool done;
     long long barriers;
 };
 
-inline ucontext_t scheduler;
+inline Context scheduler;
 inline std::vector<Fiber> fibers;
 inline int running = -1;          // the fiber running now; -1 outside a cooperative block
 inline void (*fiber_body)() = nullptr;
@@ -109,12 +156,7 @@ inline void barrier() {
     if (running < 0) return;      // a serial launch: one thread at a time, nothing to wait for
     Fiber& self = fibers[running];
     self.barriers += 1;
-    swapcontext(&self.context, &scheduler);
-}
-
-inline void fiber_entry() {
-    fiber_body();
-    fibers[running].done = true;  // returns to uc_link, the scheduler
+    switch_context(self.context, scheduler);
 }
 
 // One block of `threads` threads, each running `body` as a fiber, phase by phase.
@@ -127,11 +169,7 @@ inline void run_block(int threads, void (*body)()) {
         if (f.stack.size() != stack_size) f.stack.assign(stack_size, 0);
         f.done = false;
         f.barriers = 0;
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack.data();
-        f.context.uc_stack.ss_size = stack_size;
-        f.context.uc_link = &scheduler;
-        makecontext(&f.context, fiber_entry, 0);
+        start_context(f.context, f.stack);
     }
     for (long long phase = 0;; ++phase) {
         int finished = 0;
@@ -139,7 +177,7 @@ inline void run_block(int threads, void (*body)()) {
             if (fibers[t].done) { ++finished; continue; }
             thread_index.x = t;
             running = t;
-            swapcontext(&scheduler, &fibers[t].context);
+            switch_context(scheduler, fibers[t].context);
             running = -1;
             if (fibers[t].done) ++finished;
         }
@@ -152,6 +190,17 @@ inline void run_block(int threads, void (*body)()) {
         if (phase > 1000000) { fail("more than 10^6 barriers in one block"); break; }
     }
 }
+
+}  // namespace xpcnn_emu
+
+// A fiber's life: the thread's code, then back to the scheduler for good.
+extern "C" __attribute__((visibility("hidden"))) void xpcnn_emu_fiber_main() {
+    xpcnn_emu::fiber_body();
+    xpcnn_emu::fibers[xpcnn_emu::running].done = true;
+    xpcnn_emu::switch_context(xpcnn_emu::fibers[xpcnn_emu::running].context, xpcnn_emu::scheduler);
+}
+
+namespace xpcnn_emu {
 
 // -------------------------------------------------------------------- CuPy's CArray
 
