@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xpcnn.app.batcher import Batcher
 from xpcnn.app.report import first_layer_maps
-from xpcnn.app.serve import Batcher, ServedModel, address_lines, create_app
+from xpcnn.app.serve import Limits, ServedModel, address_lines, create_app
 from xpcnn.cli import main
 from xpcnn.data.images import read_input_file
 
@@ -62,7 +63,7 @@ def client(model):
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
-    with TestClient(create_app(model, max_upload=256 * 1024), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(model, Limits(max_upload=256 * 1024)), raise_server_exceptions=False) as test_client:
         yield test_client
 
 

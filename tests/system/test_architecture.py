@@ -30,9 +30,10 @@ TOP = {"__init__", "cli", "__main__"}
 
 #: Libraries a function may import where it needs them: optional, heavy, or only present with
 #: a GPU (and xpcnn's CuPy fast path, which imports CuPy); the web server of ``xpcnn serve``
-#: (FastAPI, Starlette, uvicorn, python-multipart) is the optional extra ``serve``.
+#: (FastAPI, Starlette, uvicorn and its HTTP/1.1 parser h11, python-multipart) is the optional
+#: extra ``serve``.
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy", "fastapi", "starlette", "uvicorn", "multipart", "optuna"}
+                        "xpcnn.ops.fast_cupy", "fastapi", "starlette", "uvicorn", "h11", "multipart", "optuna"}
 
 
 def _modules() -> dict[str, Path]:
