@@ -15,6 +15,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -30,7 +31,7 @@ from xpcnn.app.batcher import Batcher, ServerBusy
 from xpcnn.app.connections import LINGER_BYTES, LINGER_IDLE_SECONDS
 from xpcnn.app.serve import Limits, ServedModel, create_app
 
-from helpers import start_server, stop_server, unavailable
+from helpers import REPO, isolated_env, start_server, stop_server, unavailable
 from trained import fashion_test_set, trained_checkpoint
 
 #: The slow-client server's --request-timeout (seconds).
@@ -349,3 +350,23 @@ def test_connections_over_the_bound_get_503_json_and_twice_over_are_closed(check
     finally:
         assert stop_server(process) == 130
     assert "Traceback" not in "".join(process.errors)
+
+
+# ---------------------------------------------------------------------- bursts
+
+
+def test_a_burst_of_ten_times_the_scoring_rate_from_200_clients_is_answered_whole(checkpoint, tmp_path):
+    """scripts/load_serve.py --burst, small: it measures what the server scores per second, then
+    sends ten times that at once from 200 clients; every request gets 200 with predict's answer,
+    or a 400/413/503 JSON; none reset or timed out; memory within 200 MiB more; /healthz answers."""
+    _server_packages()
+    from trained import FASHION_DIR
+
+    result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--burst", "--clients", "200",
+                             "--images", "60", "--calibration", "200", "--max-batch", "16",
+                             "--max-connections", "128", "--data-dir", str(FASHION_DIR), "--time-limit", "120"],
+                            capture_output=True, text=True, cwd=REPO, env=isolated_env(tmp_path), timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 ")]
+    assert len(rows) == 1 and "every request answered, none reset, memory within bound, healthy" in rows[0], \
+        result.stdout
