@@ -331,7 +331,7 @@ def _health_when_served(url):
             time.sleep(0.1)
 
 
-def test_connections_over_the_bound_get_503_json_and_twice_over_are_closed(checkpoint, picture, tmp_path):
+def test_connections_over_the_bound_get_503_json_and_four_times_over_are_closed(checkpoint, picture, tmp_path):
     _server_packages()
     process, url, _ = start_server(checkpoint, tmp_path, "--max-connections", "8")
     port, held = _port(url), []
@@ -347,13 +347,14 @@ def test_connections_over_the_bound_get_503_json_and_twice_over_are_closed(check
             connection.close()
             health = _health(url)                            # /healthz still answers over the bound
             assert health["status"] == "ok" and health["connections"]["refused_busy"] == 1
-            held += [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]    # 20 open: over 2 x 8
+            held += [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]    # 38 open: over 4 x 8
             dropped = _dropped_at_once(held[8:])
         finally:
             for sock in held:
                 sock.close()
         health = _health_when_served(url)
-        assert dropped >= 4 and health["connections"]["dropped"] == dropped, health
+        assert health["connections"]["drop_over"] == 32
+        assert dropped >= 6 and health["connections"]["dropped"] == dropped, health
     finally:
         assert stop_server(process) == 130
     assert "Traceback" not in "".join(process.errors)

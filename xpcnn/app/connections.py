@@ -16,8 +16,10 @@ mixed in, which adds what uvicorn does not do (docs/serve.md, "Limits"):
   uvicorn's keep-alive timeout, which uvicorn itself arms only after a first answer.
 - **A bound on connections**: a connection opened while `max_connections` are open already gets
   a 503 JSON answer with ``Retry-After`` to its requests (``GET /healthz`` excepted) and is
-  closed after it; one opened while twice that many are open is closed at once, unanswered (the
-  last guard of the process's file descriptors).
+  closed after it. Such a connection lives a moment (one request), or until a timeout above; one
+  opened while `open_limit` connections are open (four times `max_connections`, at most the
+  process's open-file limit less 64) is closed at once, unanswered: the last guard of the
+  process's file descriptors, against a flood of connections that never send anything.
 
 uvicorn's own ``limit_concurrency`` is not used: its 503 is plain text without ``Retry-After``,
 and it answers only connections that send a request (idle ones are never closed). The mixin
@@ -32,6 +34,11 @@ import asyncio
 import json
 from typing import Any
 
+try:
+    import resource
+except ImportError:                       # Windows: no open-file limit to read
+    resource = None
+
 from .batcher import RETRY_AFTER
 
 #: A lingering close reads and throws away for at most this long ...
@@ -45,10 +52,21 @@ MAX_CONNECTIONS = 256
 REQUEST_TIMEOUT = 10.0
 
 
+def open_limit(max_connections: int) -> int:
+    """Open connections over which a new one is closed at once: four times `max_connections`,
+    at most the process's open-file limit less 64 (files, the listening socket, the log)."""
+    limit = 4 * int(max_connections)
+    if resource is not None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, max(int(max_connections) + 1, soft - 64))
+    return limit
+
+
 def connection_stats(max_connections: int) -> dict[str, int]:
     """The counters `GuardedConnection` keeps (``GET /healthz`` shows them as ``connections``)."""
-    return {"open": 0, "max": int(max_connections), "refused_busy": 0, "dropped": 0, "header_timeouts": 0,
-            "lingering_closes": 0}
+    return {"open": 0, "max": int(max_connections), "drop_over": open_limit(max_connections), "refused_busy": 0,
+            "dropped": 0, "header_timeouts": 0, "lingering_closes": 0}
 
 
 def json_error(status: int, reason: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -92,7 +110,7 @@ class GuardedConnection:
         self._linger_end, self._lingered = 0.0, 0
         super().connection_made(_LingeringTransport(transport, self))
         self.stats["open"] += 1
-        if len(self.connections) > 2 * self.max_connections:
+        if len(self.connections) > self.stats["drop_over"]:
             self.stats["dropped"] += 1
             self.closing = True
             transport.close()
