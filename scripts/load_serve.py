@@ -4,6 +4,7 @@ few bad ones, every answer checked.
     python scripts/load_serve.py runs/latest/checkpoint.npz                    # 2,000 requests, 32 clients
     python scripts/load_serve.py CKPT --requests 500 --clients 8 --max-batch 1,32 --maps 0,1
     python scripts/load_serve.py CKPT --burst --clients 256                    # overload: 10x what it scores per second
+    python scripts/load_serve.py CKPT --slow --clients 40 --request-timeout 10 # uploads that stop half way
 
 Steady (the default): for each ``--max-batch`` (1: no batching) and ``--maps`` setting it starts
 ``xpcnn serve CKPT --port 0`` (a free port of 127.0.0.1), sends the requests from ``--clients``
@@ -22,6 +23,15 @@ Meanwhile ``/healthz`` is asked every 0.1 s (it must answer 200 each time) and t
 resident memory is sampled (``/proc``, Linux): its peak may exceed the resident memory before
 the burst by at most ``--memory-bound`` MiB.
 
+Slow clients (``--slow``): ``--clients`` connections each declare a 100 kB upload, send 10 bytes
+and stop, and a tenth as many more send half their headers and stop, while 8 other clients send
+``--requests`` good requests. Every slow one must be answered 408 (JSON) within the server's
+``--request-timeout`` plus 1 s, and be closed by the server within that plus the lingering
+close's idle time plus 1 s (or, opened over ``--max-connections``, be answered 503 busy at
+once); every good request answered (200, or 503 when the connections are over the bound); the
+open connections (``/healthz``) stay within what the clients opened, and fall back to one (the
+``/healthz`` asking) afterwards.
+
 Exit 1 when any check fails. Bounded: ``--requests`` at most 20,000, ``--clients`` at most 256,
 ``--time-limit`` seconds per run; the server is stopped at the end of each run.
 """
@@ -35,11 +45,13 @@ import json
 import math
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -375,23 +387,117 @@ def burst(args: argparse.Namespace, checkpoint: str, bodies: list[bytes], answer
     return not failed
 
 
+SLOW_BODY = (b"POST /api/predict HTTP/1.1\r\nHost: load\r\nContent-Type: application/octet-stream\r\n"
+             b"Content-Length: 100000\r\n\r\n0123456789")
+SLOW_HEADERS = b"POST /api/predict HTTP/1.1\r\nHost: load\r\n"
+
+
+def _slow_client(port: int, request: bytes, wait: float, out: list, index: int) -> None:
+    """Send `request` (an unfinished one) and stop; record ``(status, seconds to the answer,
+    seconds to the close, error text)`` in ``out[index]``."""
+    started = time.perf_counter()
+    status, answered, error = None, None, ""
+    try:
+        with socket.create_connection((HOST, port), timeout=wait) as sock:
+            sock.sendall(request)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                if not data:
+                    answered = time.perf_counter() - started
+                data += chunk
+        if data:
+            status = int(data.split(b" ", 2)[1])
+            body = data.partition(b"\r\n\r\n")[2]
+            error = json.loads(body)["error"] if body else ""
+    except (OSError, ValueError, IndexError) as exc:
+        error = repr(exc)
+    out[index] = (status, answered, time.perf_counter() - started, error)
+
+
+def slow(args: argparse.Namespace, checkpoint: str, bodies: list[bytes], answers: list[dict],
+         env: dict[str, str]) -> bool:
+    from xpcnn.app.connections import LINGER_IDLE_SECONDS
+
+    options = _server_options(args, args.max_batch[0])
+    if args.request_timeout is not None:
+        options += ["--request-timeout", str(args.request_timeout)]
+    timeout = args.request_timeout or 10.0
+    print("| slow clients | cut | answer after s: min, median, max | closed after s: max | open connections: "
+          "peak, after | good requests meanwhile | checks |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    process, port = start_server(checkpoint, options, env)
+    try:
+        kinds = [("body", SLOW_BODY)] * args.clients + [("headers", SLOW_HEADERS)] * max(1, args.clients // 10)
+        out: list = [None] * len(kinds)
+        threads = [threading.Thread(target=_slow_client, args=(port, request, timeout + 30, out, i))
+                   for i, (_, request) in enumerate(kinds)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        peak = _get_json(port, "/healthz")["connections"]["open"]
+        good = run_load(port, build_plan(args.requests, bodies, answers, args.bad_every), 8, False, args.time_limit)
+        for thread in threads:
+            thread.join()
+        time.sleep(0.5)
+        health = _get_json(port, "/healthz")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    problems = [f"good requests: {line}" for line in good["failures"]]
+    answer_bound, close_bound = timeout + 1.0, timeout + LINGER_IDLE_SECONDS + 1.0
+    rows = []
+    for kind in ("body", "headers"):
+        found = [result for (name, _), result in zip(kinds, out) if name == kind]
+        what = "upload" if kind == "body" else "request's headers"
+        for status, answered, closed, error in found:
+            if status == 503 and "busy" in error:
+                continue                        # opened over --max-connections: answered busy at once
+            if status != 408 or f"the {what} did not arrive within {timeout:g} s" not in error:
+                problems.append(f"slow {kind}: {status} {error!r}, expected 408")
+            elif not (timeout - 0.5 <= answered <= answer_bound and closed <= close_bound):
+                problems.append(f"slow {kind}: answered after {answered:.1f} s, closed after {closed:.1f} s; "
+                                f"expected {timeout:g} to {answer_bound:g} s, closed by {close_bound:g} s")
+        times = sorted(answered for _, answered, _, _ in found if answered is not None) or [float("nan")]
+        rows.append((kind, len(found), _statuses(Counter(status for status, _, _, _ in found)), times,
+                     max(closed for _, _, closed, _ in found)))
+    if peak > len(kinds) + 8 + 1 or health["connections"]["open"] > 1:
+        problems.append(f"open connections: {peak} with {len(kinds)} slow clients, {health['connections']['open']} "
+                        f"after")
+    ok = not problems
+    for kind, count, cut, times, closed in rows:
+        label = "100 kB declared, 10 bytes sent" if kind == "body" else "half the headers sent"
+        print(f"| {count} x {label} | {cut} | {times[0]:.1f}, {times[len(times) // 2]:.1f}, {times[-1]:.1f} | "
+              f"{closed:.1f} | {peak}, {health['connections']['open']} | {_statuses(good['statuses'])} | "
+              f"{'all cut in time, all answered' if ok else 'FAILED'} |", flush=True)
+    print(f"  /healthz after: {json.dumps(health)}", flush=True)
+    for line in problems[:10]:
+        print(f"  {line}", file=sys.stderr)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--requests", type=int, default=None,
-                        help="requests per run (default 2000; with --burst: at least this many, default 0)")
+                        help="requests per run (default 2000; with --burst: at least this many, default 0; "
+                             "with --slow: good ones meanwhile, default 200)")
     parser.add_argument("--clients", type=int, default=None,
-                        help="concurrent clients (default 32; with --burst 256; at most 256)")
+                        help="concurrent clients (default 32; with --burst 256, with --slow 40; at most 256)")
     parser.add_argument("--images", type=int, default=300, help="distinct test images sent (default 300)")
     parser.add_argument("--bad-every", type=int, default=20, help="every Nth request is a bad upload (default 20)")
     parser.add_argument("--max-batch", type=_int_list, default=None,
-                        help="settings to compare (default 1,32; with --burst 32)")
+                        help="settings to compare (default 1,32; with --burst or --slow 32)")
     parser.add_argument("--maps", type=_int_list, default=None, help="feature maps off/on (default 0,1; burst: 1)")
     parser.add_argument("--max-queue", type=int, default=None, help="the server's --max-queue (default its own)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="the server's --max-connections (default its own)")
     parser.add_argument("--queue-timeout", type=float, default=None, help="the server's --queue-timeout")
+    parser.add_argument("--request-timeout", type=float, default=None, help="the server's --request-timeout")
     parser.add_argument("--burst", action="store_true", help="overload the server (see above)")
+    parser.add_argument("--slow", action="store_true", help="slow clients (see above)")
     parser.add_argument("--burst-factor", type=float, default=10.0,
                         help="burst requests per request scored per second (default 10)")
     parser.add_argument("--calibration", type=int, default=400,
@@ -401,9 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset's IDX files")
     parser.add_argument("--time-limit", type=float, default=300, help="seconds per run at most (default 300)")
     args = parser.parse_args(argv)
-    args.requests = args.requests if args.requests is not None else (0 if args.burst else 2000)
-    args.clients = args.clients or (256 if args.burst else 32)
-    args.max_batch = args.max_batch or ([32] if args.burst else [1, 32])
+    if args.burst and args.slow:
+        parser.error("--burst and --slow are two different runs: give one")
+    args.requests = args.requests if args.requests is not None else (0 if args.burst else 200 if args.slow else 2000)
+    args.clients = args.clients or (256 if args.burst else 40 if args.slow else 32)
+    args.max_batch = args.max_batch or ([32] if args.burst or args.slow else [1, 32])
     args.maps = args.maps or ([1] if args.burst else [0, 1])
     if not (0 <= args.requests <= 20000 and (args.burst or args.requests >= 1) and 1 <= args.clients <= 256
             and args.bad_every >= 2 and 1 <= args.calibration <= 5000):
@@ -416,7 +524,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         names, bodies = make_bodies(_dataset_images(checkpoint, args.data_dir, args.images), folder)
         answers = expected_answers(checkpoint, folder, names, env)
-        if args.burst:
+        if args.slow:
+            print(f"{args.clients} slow uploads and {max(1, args.clients // 10)} slow headers to {HOST}, meanwhile "
+                  f"{args.requests} good requests from 8 clients, {os.cpu_count()} CPUs", flush=True)
+            ok = slow(args, checkpoint, bodies, answers, env)
+        elif args.burst:
             print(f"burst of {args.burst_factor:g}x the scoring rate from {args.clients} clients to {HOST}, "
                   f"{os.cpu_count()} CPUs, checkpoint {args.checkpoint}", flush=True)
             ok = burst(args, checkpoint, bodies, answers, env)

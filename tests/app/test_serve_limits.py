@@ -378,3 +378,19 @@ def test_a_burst_of_ten_times_the_scoring_rate_from_200_clients_is_answered_whol
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 ")]
     assert len(rows) == 1 and "every request answered, none reset, memory within bound, healthy" in rows[0], \
         result.stdout
+
+
+@pytest.mark.slow
+def test_the_load_script_cuts_40_slow_uploads_and_serves_meanwhile(checkpoint, tmp_path):
+    """scripts/load_serve.py --slow, as in the issue: 40 uploads that stop after 10 of 100,000
+    bytes and 4 unfinished headers, each cut with 408 in time, 200 good requests answered."""
+    _server_packages()
+    from trained import FASHION_DIR
+
+    result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--slow", "--clients", "40",
+                             "--request-timeout", str(TIMEOUT), "--images", "30", "--data-dir", str(FASHION_DIR)],
+                            capture_output=True, text=True, cwd=REPO, env=isolated_env(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 40 x ") or line.startswith("| 4 x ")]
+    assert len(rows) == 2 and all("408" in row and row.endswith("| all cut in time, all answered |") for row in rows), \
+        result.stdout
