@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xpcnn.app.batcher import Batcher
 from xpcnn.app.report import first_layer_maps
-from xpcnn.app.serve import Batcher, ServedModel, address_lines, create_app
+from xpcnn.app.serve import Limits, ServedModel, address_lines, create_app
 from xpcnn.cli import main
 from xpcnn.data.images import read_input_file
 
@@ -62,7 +63,7 @@ def client(model):
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
-    with TestClient(create_app(model, max_upload=256 * 1024), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(model, Limits(max_upload=256 * 1024)), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -407,3 +408,31 @@ def test_load_script_checks_every_answer_under_concurrency(checkpoint, tmp_path)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 16 ")]
     assert len(rows) == 2 and all(row.endswith("| all answers right, none lost, healthy |") for row in rows), \
         result.stdout
+
+
+def test_serve_warms_the_model_up_before_the_first_client(model, monkeypatch):
+    """A first forward pass compiles (or loads) the CPU kernels, seconds on a fresh machine:
+    `serve` runs it on a blank image before it accepts a connection."""
+    from xpcnn.app import serve as serve_module
+
+    events = []
+    monkeypatch.setattr(model, "forward", lambda images, maps: events.append(("forward", images.shape, maps)))
+    monkeypatch.setattr(serve_module, "open_socket", lambda host, port: events.append(("socket",)) or _NoServer())
+    monkeypatch.setattr(serve_module, "protocol_class", lambda *args: _Stop.raise_it())
+    with pytest.raises(_Stop):
+        serve_module.serve(model, "127.0.0.1", 0)
+    assert events == [("socket",), ("forward", (1, *model.size), model.has_maps)]
+
+
+class _Stop(Exception):
+    @classmethod
+    def raise_it(cls):
+        raise cls()
+
+
+class _NoServer:
+    def getsockname(self):
+        return ("127.0.0.1", 0)
+
+    def close(self):
+        pass

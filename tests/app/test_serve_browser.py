@@ -212,6 +212,57 @@ def test_dropped_and_picked_files_and_a_bad_file(page, capsys):
     assert _error(driver) is None and _shown(driver)[:2] == (label, number)
 
 
+#: Wraps the page's fetch: the next `count` POSTs to /api/predict get the 503 a busy server
+#: gives (JSON, Retry-After: 1, or window.retryAfter); the rest go to the server. Counts the
+#: POSTs in window.predictCalls.
+BUSY_FETCH = """
+    const realFetch = window.fetch;
+    window.busyLeft = arguments[0];
+    window.retryAfter = "1";
+    window.predictCalls = 0;
+    window.fetch = (url, init) => {
+      if (String(url).startsWith("/api/predict")) {
+        window.predictCalls += 1;
+        if (window.busyLeft > 0) {
+          window.busyLeft -= 1;
+          return Promise.resolve(new Response(
+            JSON.stringify({ error: "the server is busy (128 requests queued, its limit); retry in 1 s" }),
+            { status: 503, headers: { "Content-Type": "application/json", "Retry-After": window.retryAfter } }));
+        }
+      }
+      return realFetch(url, init);
+    };
+"""
+
+
+def test_a_busy_server_is_retried_and_the_page_says_so(page, capsys):
+    driver, checkpoint, folder = page
+    x, _ = fashion_test_set()
+    Image.fromarray(255 - np.round(x[11, 0] * 255).astype(np.uint8)).resize((140, 140)).save(folder / "busy.png")
+    expected = _predict(checkpoint, folder, "busy.png", capsys)
+    driver.execute_script(BUSY_FETCH, 2)
+    try:
+        before = _answers(driver)
+        _drop(driver, (folder / "busy.png").read_bytes(), "busy.png")
+        _wait(driver, "const box = document.getElementById('busy'); "
+                      "return !box.hidden && box.textContent.startsWith('busy, retrying in 1 s (try 2 of 10)')")
+        _answered(driver, before)
+        assert driver.execute_script("return window.predictCalls") == 3          # two busy answers, then served
+        assert not driver.find_element("id", "busy").is_displayed() and _error(driver) is None
+        assert _shown(driver)[:2] == (expected["top"][0]["label"], expected["top"][0]["class"])
+
+        driver.execute_script("window.busyLeft = 100; window.predictCalls = 0; window.retryAfter = '0';")
+        before = _answers(driver)                                                 # busy for good: it gives up
+        _drop(driver, (folder / "busy.png").read_bytes(), "busy.png")
+        _wait(driver, f"return Number(document.body.dataset.answers) > {before}", timeout=60)
+        assert driver.execute_script("return window.predictCalls") == 10
+        assert _error(driver) == ("the server is busy (128 requests queued, its limit); retry in 1 s "
+                                  "(gave up after 10 tries)")
+    finally:
+        driver.refresh()                                  # the page's own fetch again
+        _wait(driver, "return document.body.dataset.state === 'idle'")
+
+
 def test_readable_on_a_phone(page):
     driver, _, folder = page
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",              # a phone: 390 x 844, touch

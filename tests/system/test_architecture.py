@@ -33,10 +33,10 @@ TOP = {"__init__", "cli", "__main__"}
 #: Libraries a function may import where it needs them: optional, heavy, or only present with
 #: a GPU (and xpcnn's CuPy fast path, which imports CuPy, and its compiled CPU kernels, which
 #: import Numba and may fail to on an unsupported platform); the web server of ``xpcnn serve``
-#: (FastAPI, Starlette, uvicorn, python-multipart) is the optional extra ``serve``; ONNX, ONNX
-#: Runtime and ndonnx the optional extra ``export``.
+#: (FastAPI, Starlette, uvicorn and its HTTP/1.1 parser h11, python-multipart) is the optional
+#: extra ``serve``; ONNX, ONNX Runtime and ndonnx the optional extra ``export``.
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "fastapi", "starlette", "uvicorn",
+                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "fastapi", "starlette", "uvicorn", "h11",
                         "multipart", "optuna", "onnx", "onnxruntime", "ndonnx"}
 
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import xpcnn.training.checkpoint as ckpt_mod
-from xpcnn.models import SimpleConvNet
+from xpcnn import __version__
+from xpcnn.backend.devices import get_backend
+from xpcnn.models import MultiLayerNetExtend, SimpleConvNet
 from xpcnn.nn.optim import make_optimizer
 from xpcnn.training.checkpoint import (
     CheckpointError,
@@ -195,7 +197,7 @@ def test_training_continues_identically_after_restore(backend, name, how, tmp_pa
     else:
         resumed = build_from_checkpoint(ckpt, backend=backend)
         resumed_optimizer = make_optimizer_from_checkpoint(ckpt, resumed)
-        assert type(resumed_optimizer) is type(optimizer)
+        assert type(resumed_optimizer) is type(optimizer) and resumed.backend.name == net.backend.name
     resumed_losses = train_steps(resumed, resumed_optimizer, generator_from_state(ckpt.rng_state), 4, data)
 
     assert resumed_losses == uninterrupted_losses
@@ -223,8 +225,9 @@ def test_build_from_checkpoint_keeps_dtype_and_config(tmp_path):
     assert built.config == net.config
     assert str(built.params["W1"].dtype) == "float64"
     assert_dicts_bitwise_equal(host_params(built), host_params(net), "built params")
-    with pytest.raises(CheckpointError, match="no optimizer"):
+    with pytest.raises(CheckpointError) as info:
         make_optimizer_from_checkpoint(load_checkpoint(path))
+    assert str(info.value) == "checkpoint holds no optimizer"
 
 
 # --------------------------------------------------------------------------- mismatches
@@ -374,6 +377,501 @@ def test_unsaveable_values_are_refused_before_touching_the_file(trained):
         save_checkpoint(path, net, extra={"objects": np.array([None, 1], dtype=object)})
     assert path.read_bytes() == before
     assert os.listdir(path.parent) == [path.name]
+
+
+# ------------------------------------------------- BatchNorm, Dropout, optimizers of one's own
+
+def make_extend(seed=0, **overrides):
+    kwargs = dict(input_size=12, hidden_size_list=[6, 5], output_size=3, use_dropout=True, use_batchnorm=True,
+                  seed=seed)
+    kwargs.update(overrides)
+    return MultiLayerNetExtend(**kwargs)
+
+
+def _extend_data():
+    data_rng = np.random.default_rng(4)
+    return data_rng.standard_normal((8, 12)).astype(np.float32), np.arange(8) % 3
+
+
+def _host_buffers(net):
+    return {key: net.backend.to_numpy(value).copy() for key, value in net.buffers().items()}
+
+
+def test_batchnorm_statistics_and_the_dropout_stream_come_back_whole(tmp_path):
+    """The BatchNorm running statistics are saved as buffers and the Dropout masks' random
+    stream in the metadata: a restored or rebuilt network takes the next step exactly as the
+    saved one does."""
+    net, optimizer = make_extend(), make_optimizer("sgd", lr=0.1)
+    x, t = _extend_data()
+    for _ in range(3):
+        optimizer.update(net.params, net.gradient(x, t))
+    path = save_checkpoint(tmp_path / "bn.npz", net, optimizer)
+    with np.load(path, allow_pickle=False) as npz:
+        assert sorted(k for k in npz.files if k.startswith("buffer/")) == [
+            "buffer/BatchNorm1/running_mean", "buffer/BatchNorm1/running_var",
+            "buffer/BatchNorm2/running_mean", "buffer/BatchNorm2/running_var"]
+    ckpt = load_checkpoint(path)
+    assert_dicts_bitwise_equal(ckpt.buffers, _host_buffers(net), "loaded buffers")
+    assert ckpt.metadata["network_rng"] == net.rng.state() and net.rng.state()["draws"] > 0
+
+    restored = make_extend(seed=9)
+    restore(ckpt, restored)
+    for resumed in (restored, build_from_checkpoint(ckpt)):
+        assert_dicts_bitwise_equal(_host_buffers(resumed), _host_buffers(net), "restored buffers")
+        assert resumed.rng.state() == net.rng.state()
+    grads = net.gradient(x, t)                                   # the next step: the same masks
+    for resumed in (restored, build_from_checkpoint(ckpt)):
+        resumed.rng.set_state(ckpt.metadata["network_rng"])
+        assert_dicts_bitwise_equal({k: np.asarray(v) for k, v in resumed.gradient(x, t).items()},
+                                   {k: np.asarray(v) for k, v in grads.items()}, "gradients of the next step")
+
+
+def test_a_checkpoint_without_the_dropout_stream_leaves_the_networks_own(tmp_path):
+    """Checkpoints that hold no ``network_rng`` restore the weights and leave the network's
+    random stream as it is; a malformed one is a CheckpointError saying why."""
+    net = make_extend()
+    path = save_checkpoint(tmp_path / "bn.npz", net)
+    other = make_extend(seed=3)
+    before = other.rng.state()
+    ckpt = load_checkpoint(path)
+    ckpt.metadata["network_rng"] = None
+    restore(ckpt, other)
+    assert other.rng.state() == before
+    assert_dicts_bitwise_equal(host_params(other), host_params(net), "params")
+    ckpt.metadata["network_rng"] = {"seed": 1}
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, other)
+    assert str(info.value) == ("cannot restore checkpoint: RandomSource.set_state: expected a snapshot from "
+                               "state(), got {'seed': 1}")
+
+
+def test_buffers_that_do_not_match_are_refused_naming_both(tmp_path):
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "bn.npz", make_extend()))
+    names = sorted(ckpt.buffers)
+    del ckpt.buffers["BatchNorm2/running_var"]
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_extend())
+    assert str(info.value) == (f"checkpoint buffers {names[:3]} do not match the network's {names}")
+    ckpt = load_checkpoint(tmp_path / "bn.npz")
+    ckpt.buffers["BatchNorm1/running_mean"] = np.zeros(7, np.float32)
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_extend())
+    assert str(info.value) == "checkpoint buffer BatchNorm1/running_mean has shape (7,), the network's has (6,)"
+    assert load_checkpoint(save_checkpoint(tmp_path / "plain.npz", make_net())).buffers == {}
+
+
+class BookStyleNetwork:
+    """A network of the book's protocol that is not an xpcnn `Network`: parameters, config,
+    dtype, backend and `set_params`, but no BatchNorm buffers and no Dropout stream."""
+
+    def __init__(self, value=0.0):
+        self.backend, self.dtype, self.config = get_backend("cpu"), np.float32, {"size": 3}
+        self.params = {"W1": np.full(3, value, np.float32)}
+
+    def set_params(self, params):
+        for key, value in params.items():
+            self.params[key][...] = value
+
+
+def test_a_network_without_buffers_or_a_random_stream_is_saved_and_restored(tmp_path):
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "book.npz", BookStyleNetwork(1.5)))
+    assert ckpt.buffers == {} and ckpt.metadata["network_rng"] is None
+    assert ckpt.metadata["architecture"] == {"class": "BookStyleNetwork", "config": {"size": 3}}
+    other = BookStyleNetwork()
+    ckpt.metadata["network_rng"] = make_extend().rng.state()      # a stream it has no use for: ignored
+    restore(ckpt, other)
+    assert other.params["W1"].tolist() == [1.5, 1.5, 1.5]
+
+
+class HandMadeOptimizer:
+    """An optimizer of one's own (not in xpcnn's registry), with a list among its arguments."""
+
+    def __init__(self, lr=0.5, betas=(0.9, 0.99), unstored=1):
+        self.lr, self.betas = lr, list(betas)
+
+    def state_dict(self):
+        return {}
+
+
+def test_an_optimizer_of_ones_own_is_saved_by_its_class_name_and_scalar_arguments(tmp_path):
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "own.npz", make_net(), HandMadeOptimizer()))
+    assert ckpt.metadata["optimizer"] == {"name": "handmadeoptimizer", "class": "HandMadeOptimizer",
+                                          "hparams": {"lr": 0.5}, "iterations": 0}
+    assert (ckpt.optimizer_name, ckpt.optimizer_hparams, ckpt.optimizer_state) == \
+        ("handmadeoptimizer", {"lr": 0.5}, {"iterations": 0})
+
+
+# ------------------------------------------------------------ what a save writes, exactly
+
+def test_extra_arrays_are_npz_entries_and_the_rest_json_with_sorted_keys(tmp_path):
+    net = make_net()
+    extra = {"mask": np.arange(5, dtype=np.int16), "scale": np.float32(0.5), "note": "hello", "steps": [1, 2]}
+    history = {"curve": np.array([1.5, 2.5], np.float32), "big": 2 ** 53, "safe": 2 ** 53 - 1, "b": 1, "a": 2}
+    path = save_checkpoint(tmp_path / "x.npz", net, extra=extra, history=history)
+    with np.load(path, allow_pickle=False) as npz:
+        assert sorted(k for k in npz.files if not k.startswith("param/")) == ["extra/mask", "metadata"]
+        text = npz["metadata"].tobytes().decode("utf-8")
+    metadata = json.loads(text)
+    assert list(metadata) == sorted(metadata) and list(metadata["history"]) == sorted(metadata["history"])
+    assert metadata["extra_arrays"] == ["mask"] and metadata["extra"] == {"note": "hello", "scale": 0.5,
+                                                                          "steps": [1, 2]}
+    assert '"big": {"__int__": "9007199254740992"}' in text and '"safe": 9007199254740991' in text
+    assert metadata["history"]["curve"] == {"__ndarray__": [1.5, 2.5], "dtype": "<f4"}
+    ckpt = load_checkpoint(path)
+    assert ckpt.extra["note"] == "hello" and isinstance(ckpt.extra["note"], str) and ckpt.extra["scale"] == 0.5
+    assert_bitwise_equal(ckpt.extra["mask"], extra["mask"], "extra mask")
+    assert_bitwise_equal(ckpt.history["curve"], history["curve"], "history curve")
+    assert ckpt.history["big"] == 2 ** 53 and (ckpt.epoch, ckpt.step) == (0, 0)
+    assert metadata["optimizer"] is None and ckpt.optimizer_name is None
+
+
+class _Stub:
+    """A network or optimizer made of the attributes `save_checkpoint` reads."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("history", "save_checkpoint: metadata['history']['loss'][1] holds a object"),
+    ("history key", "save_checkpoint: metadata['history'] has a non-string key 1; JSON keys must be strings"),
+    ("history objects", "save_checkpoint: metadata['history']['x'] holds an object array, which cannot be saved "
+                        "without pickle"),
+    ("history datetime", "save_checkpoint: metadata['history']['when'] holds a datetime"),
+    ("history datetimes", "save_checkpoint: metadata['history']['when'][0] holds a datetime"),
+    ("extra key", "save_checkpoint: extra keys must be non-empty strings, got 5"),
+    ("empty extra key", "save_checkpoint: extra keys must be non-empty strings, got ''"),
+    ("rng", "save_checkpoint: rng_state must be a bit-generator state dict, a numpy.random.Generator or None, "
+            "got int"),
+    ("parameter", "save_checkpoint: parameter 'W1' is an object array, which cannot be saved without pickle"),
+    ("buffer", "save_checkpoint: buffer 'BN/running_mean' is an object array, which cannot be saved without pickle"),
+    ("optimizer state", "save_checkpoint: optimizer state 'h/W1' is an object array, which cannot be saved "
+                        "without pickle"),
+])
+def test_what_cannot_be_saved_is_named_exactly(tmp_path, what, message):
+    net, objects, kwargs = make_net(), np.array([None, 1], dtype=object), {}
+    if what == "history":
+        kwargs["history"] = {"loss": [1.0, object()]}
+    elif what == "history key":
+        kwargs["history"] = {1: "a"}
+    elif what == "history objects":
+        kwargs["history"] = {"x": objects}
+    elif what == "history datetime":
+        kwargs["history"] = {"when": np.datetime64("2026-01-01T10:00:00")}
+    elif what == "history datetimes":
+        kwargs["history"] = {"when": np.array(["2026-01-01T10:00:00"], dtype="datetime64[s]")}
+    elif what in ("extra key", "empty extra key"):
+        kwargs["extra"] = {5 if what == "extra key" else "": "x"}
+    elif what == "rng":
+        kwargs["rng_state"] = 42
+    elif what == "parameter":
+        net = _Stub(backend=get_backend("cpu"), params={"W1": objects}, config={}, dtype=np.float32)
+    elif what == "buffer":
+        net = _Stub(backend=get_backend("cpu"), params={}, config={}, dtype=np.float32,
+                    buffers=lambda: {"BN/running_mean": objects})
+    else:
+        kwargs["optimizer"] = _Stub(state_dict=lambda: {"h/W1": objects})
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(tmp_path / "x.npz", net, **kwargs)
+    assert str(info.value).startswith(message), str(info.value)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_bit_generator_or_its_state_is_saved_as_its_state(tmp_path):
+    for rng in (np.random.PCG64(5), np.random.PCG64(5).state):
+        ckpt = load_checkpoint(save_checkpoint(tmp_path / "r.npz", make_net(), rng_state=rng))
+        assert ckpt.rng_state == np.random.PCG64(5).state
+
+
+@pytest.mark.parametrize("state, message", [
+    ("nonsense", "RNG state names bit generator None, which numpy.random does not have"),
+    ({"bit_generator": "Nope"}, "RNG state names bit generator 'Nope', which numpy.random does not have"),
+    ({"bit_generator": "Generator"}, "RNG state names bit generator 'Generator', which numpy.random does not have"),
+    ({"bit_generator": "random"}, "RNG state names bit generator 'random', which numpy.random does not have"),
+    ({"bit_generator": "PCG64", "state": "garbage"}, "RNG state for PCG64 is invalid: "),
+])
+def test_a_bad_rng_state_is_refused_saying_why(state, message):
+    with pytest.raises(CheckpointError) as info:
+        generator_from_state(state)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("error, described", [
+    (OSError(errno.EIO, "the disk said no"), "the disk said no (EIO)"),
+    (OSError(errno.EIO, None), "Input/output error (EIO)"),
+    (OSError(9999, "odd"), "odd (9999)"),
+    (OSError("a plain message"), "a plain message"),
+    (OSError(), "OSError"),
+])
+def test_write_errors_name_the_os_reason(tmp_path, monkeypatch, error, described):
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(ckpt_mod, "atomic_write", failing)
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, make_net())
+    assert str(info.value) == f"cannot write checkpoint {str(path)!r}: {described}"
+
+
+def test_a_directory_is_refused_as_a_target(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(tmp_path, make_net())
+    assert str(info.value) == f"cannot write checkpoint {str(tmp_path)!r}: it is a directory"
+
+
+# ------------------------------------------------------- what a load refuses, exactly
+
+def _entries(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _json_bytes(metadata):
+    return np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
+
+
+def _saved_with(trained, tmp_path, change):
+    """The trained checkpoint's entries, changed by `change(entries, metadata)`, saved anew
+    (a change that sets ``entries["metadata"]`` to None has the changed `metadata` written)."""
+    path, _, _ = trained
+    entries = _entries(path)
+    metadata = json.loads(entries["metadata"].tobytes().decode("utf-8"))
+    change(entries, metadata)
+    if entries.get("metadata", ()) is None:
+        entries["metadata"] = _json_bytes(metadata)
+    other = tmp_path / "changed.npz"
+    np.savez(other, **entries)
+    return other
+
+
+def _set(key, value):
+    def change(entries, metadata):
+        metadata[key] = value
+        entries["metadata"] = None
+    return change
+
+
+def _drop_metadata_key(*keys):
+    def change(entries, metadata):
+        target = metadata
+        for key in keys[:-1]:
+            target = target[key]
+        del target[keys[-1]]
+        entries["metadata"] = None
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e, m: e.update(metadata=np.zeros(3)), "metadata must be UTF-8 JSON as uint8 or a 0-d string, got "
+                                                  "dtype float64 shape (3,)"),
+    (lambda e, m: e.update(metadata=np.array(1.5)), "metadata must be UTF-8 JSON as uint8 or a 0-d string, got "
+                                                    "dtype float64 shape ()"),
+    (lambda e, m: e.update(metadata=np.frombuffer(b"\xff\xfe{", np.uint8)), "metadata is not valid UTF-8 JSON: "),
+    (lambda e, m: e.update(metadata=np.frombuffer(b"[1, 2]", np.uint8)), "metadata must be a JSON object, got list"),
+    (_set("format_version", 999), f"has format version 999; this xpcnn reads 1 (written by xpcnn {__version__})"),
+    (lambda e, m: (m.update(format_version=7), m.pop("xpcnn_version"), e.update(metadata=None)),
+     "has format version 7; this xpcnn reads 1 (written by xpcnn unknown)"),
+    (_drop_metadata_key("dtype"), "metadata lacks 'dtype'"),
+    (_drop_metadata_key("architecture", "config"), "metadata 'architecture' must hold a 'config' object"),
+    (lambda e, m: e.update({"other/x": np.zeros(2)}), "unexpected entry 'other/x'"),
+    (lambda e, m: [e.pop(k) for k in list(e) if k.startswith("param/")], "holds no parameters (no 'param/...' "
+                                                                          "entries)"),
+    (lambda e, m: e.update({"param/W1": e["param/W1"].astype(np.float64)}),
+     "parameter 'W1' is float64, metadata says float32"),
+    (_set("optimizer", None), "has optimizer state but no optimizer metadata"),
+])
+def test_a_bad_file_is_refused_naming_it_and_what_is_wrong(trained, tmp_path, change, message):
+    other = _saved_with(trained, tmp_path, change)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(other)
+    text = str(info.value)
+    assert text.startswith(f"checkpoint {str(other)!r}") and message in text, text
+
+
+def test_an_optimizer_without_an_iteration_count_starts_at_zero(trained, tmp_path):
+    ckpt = load_checkpoint(_saved_with(trained, tmp_path, _drop_metadata_key("optimizer", "iterations")))
+    assert ckpt.optimizer_state["iterations"] == 0
+    del ckpt.optimizer_state["iterations"]                      # a hand-made state: the same
+    optimizer = make_optimizer("adagrad")
+    optimizer.iterations = 5
+    restore(ckpt, make_net(), optimizer)
+    assert optimizer.iterations == 0
+
+
+def test_unreadable_and_undecodable_files_are_refused_saying_why(trained, tmp_path, monkeypatch):
+    path, _, _ = trained
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    assert str(info.value) == f"checkpoint {str(tmp_path)!r} is a directory, expected an .npz file"
+    text = tmp_path / "notes.npz"
+    text.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(text)
+    assert str(info.value) == (f"checkpoint {str(text)!r} is not an .npz (zip) file: it starts with b'this', "
+                               f"expected b'PK\\x03\\x04'")
+
+    def eio(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(ckpt_mod, "open", eio, raising=False)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"cannot read checkpoint {str(path)!r}: Input/output error (EIO)"
+    monkeypatch.undo()
+    for raised, said in ((OSError(errno.EIO, "Input/output error"), "cannot read checkpoint {}: Input/output "
+                                                                     "error (EIO)"),
+                         (ValueError("bad header"), "checkpoint {} is not a valid .npz file: bad header"),
+                         (RuntimeError("odd"), "checkpoint {} is corrupted: RuntimeError: odd")):
+        def failing(*args, **kwargs):
+            raise raised
+        monkeypatch.setattr(np, "load", failing)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        monkeypatch.undo()
+        assert str(info.value) == said.format(repr(str(path)))
+
+
+def test_a_pickled_entry_is_refused_with_what_to_do(trained, tmp_path):
+    path, _, _ = trained
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, **_entries(path), **{"extra/payload": np.array([None], dtype=object)}, allow_pickle=True)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(evil)
+    assert str(info.value) == (f"checkpoint {str(evil)!r} contains pickled data (an object array or a pickle "
+                               f"file); refusing to load it: checkpoints hold only numeric arrays")
+
+
+# -------------------------------------------------- what a restore refuses, exactly
+
+def test_another_class_is_refused_and_a_checkpoint_without_a_class_is_a_simpleconvnet(trained, tmp_path):
+    path, net, _ = trained
+    with pytest.raises(CheckpointError) as info:
+        restore(load_checkpoint(path), make_extend())
+    assert str(info.value) == "checkpoint is a SimpleConvNet, but the network is a MultiLayerNetExtend"
+    ckpt = load_checkpoint(_saved_with(trained, tmp_path, _drop_metadata_key("architecture", "class")))
+    built = build_from_checkpoint(ckpt)
+    assert type(built) is SimpleConvNet
+    assert_dicts_bitwise_equal(host_params(built), host_params(net), "params")
+    ckpt.metadata["architecture"]["class"] = "ResNet"
+    with pytest.raises(CheckpointError) as info:
+        build_from_checkpoint(ckpt)
+    assert str(info.value) == ("checkpoint is a 'ResNet'; this xpcnn can build ['DeepConvNet', "
+                               "'MultiLayerNetExtend', 'SimpleConvNet']")
+
+
+def test_architecture_differences_are_listed_whole(trained):
+    path, net, _ = trained
+    ckpt = load_checkpoint(path)
+    other = make_net(seed=1, hidden_size=16, conv_param={**SMALL_CONV, "filter_num": 6})
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, other)
+    assert str(info.value) == (
+        "checkpoint architecture does not match the network: conv_param.filter_num: checkpoint has 4, network "
+        "has 6; hidden_size: checkpoint has 8, network has 16 "
+        f"(checkpoint config {ckpt.config}, network config {other.config})")
+    ckpt.config["zz_added"] = [1, 2]               # a key only one side has, after an init-only one
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_net(seed=1))
+    assert "does not match the network: zz_added: checkpoint has [1, 2], network has '<absent>' (" in str(info.value)
+    del ckpt.config["zz_added"]
+    hidden = ckpt.config.pop("hidden_size")
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_net(seed=1))
+    assert "does not match the network: hidden_size: checkpoint has '<absent>', network has 8 (" in str(info.value)
+    ckpt.config["hidden_size"] = hidden
+    ckpt.config["weight_init_std"] = {"per_layer": [0.1, 0.2]}     # init-only, whatever it holds
+    restore(ckpt, make_net(seed=1))
+
+
+def test_unsaveable_config_values_are_named(trained):
+    path, _, _ = trained
+    ckpt = load_checkpoint(path)
+    ckpt.config["bad"] = object()
+    with pytest.raises(CheckpointError, match=r"config\['bad'\] holds a object"):
+        restore(ckpt, make_net())
+    other = make_net()
+    other.config["bad"] = object()
+    with pytest.raises(CheckpointError, match=r"config\['bad'\] holds a object"):
+        restore(load_checkpoint(path), other)
+
+
+def test_parameters_that_do_not_match_are_refused_naming_both(trained):
+    path, _, _ = trained
+    names = sorted(load_checkpoint(path).params)
+    ckpt = load_checkpoint(path)
+    del ckpt.params["W1"]
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_net())
+    assert str(info.value) == (f"checkpoint parameters {sorted(ckpt.params)} do not match the network's {names} "
+                               f"(missing ['W1'], unexpected [])")
+    ckpt = load_checkpoint(path)
+    ckpt.params["W9"] = np.zeros(2, np.float32)
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_net())
+    assert str(info.value).endswith("(missing [], unexpected ['W9'])")
+    ckpt = load_checkpoint(path)
+    ckpt.params["W1"] = np.zeros((4, 1, 2, 2), np.float32)
+    with pytest.raises(CheckpointError) as info:
+        restore(ckpt, make_net())
+    assert str(info.value) == "checkpoint parameter W1 has shape (4, 1, 2, 2), the network's has (4, 1, 3, 3)"
+
+
+def test_optimizer_state_that_does_not_fit_is_refused_naming_it(trained, tmp_path):
+    path, _, _ = trained
+    plain = save_checkpoint(tmp_path / "plain.npz", make_net())
+    with pytest.raises(CheckpointError) as info:
+        restore(load_checkpoint(plain), make_net(), make_optimizer("adagrad"))
+    assert str(info.value) == ("checkpoint holds no optimizer state, but an optimizer (AdaGrad) was given to "
+                               "restore")
+    with pytest.raises(CheckpointError) as info:
+        restore(load_checkpoint(path), make_net(), make_optimizer("adam"))
+    assert str(info.value) == "checkpoint optimizer is 'adagrad', but the optimizer given is 'adam' (Adam)"
+    for key, value, message in (
+            ("v/W1", np.zeros((4, 1, 3, 3), np.float32), "checkpoint optimizer state 'v/W1' is unknown to AdaGrad "
+                                                         "(it keeps ['h'])"),
+            ("h/W9", np.zeros(3, np.float32), "checkpoint optimizer state 'h/W9' with shape (3,) matches no network "
+                                              "parameter"),
+            ("h/W1", np.zeros(3, np.float32), "checkpoint optimizer state 'h/W1' with shape (3,) matches no network "
+                                              "parameter")):
+        ckpt = load_checkpoint(path)
+        ckpt.optimizer_state[key] = value
+        with pytest.raises(CheckpointError) as info:
+            restore(ckpt, make_net(), make_optimizer("adagrad"))
+        assert str(info.value) == message
+
+
+def test_optimizer_state_comes_back_in_the_networks_dtype_in_any_order(trained):
+    path, net, optimizer = trained
+    ckpt = load_checkpoint(path)
+    state = dict(ckpt.optimizer_state)
+    ckpt.optimizer_state = {"iterations": state.pop("iterations"),
+                            **{key: value.astype(np.float64) for key, value in state.items()}}
+    other = make_optimizer("adagrad")
+    restore(ckpt, make_net(), other)
+    assert other.iterations == optimizer.iterations
+    assert sorted(other.state["h"]) == sorted(optimizer.state["h"])
+    assert all(value.dtype == np.float32 for value in other.state["h"].values())
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"colour": 3}, "does not fit SimpleConvNet: "),
+    ({"hidden_size": 0}, "is invalid for SimpleConvNet: "),
+])
+def test_a_config_that_does_not_build_is_refused_naming_it(trained, config, message):
+    path, _, _ = trained
+    ckpt = load_checkpoint(path)
+    ckpt.config.update(config)
+    with pytest.raises(CheckpointError) as info:
+        build_from_checkpoint(ckpt)
+    assert str(info.value).startswith(f"checkpoint config {ckpt.config} {message}"), str(info.value)
+
+
+def test_an_optimizer_that_cannot_be_rebuilt_is_refused_naming_it(trained):
+    path, _, _ = trained
+    ckpt = load_checkpoint(path)
+    ckpt.optimizer_hparams["lr"] = -1.0
+    with pytest.raises(CheckpointError) as info:
+        make_optimizer_from_checkpoint(ckpt)
+    assert str(info.value).startswith("cannot rebuild the checkpoint's optimizer 'adagrad': "), str(info.value)
 
 
 # --------------------------------------------------------------------------- atomic writes

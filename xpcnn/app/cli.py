@@ -39,7 +39,17 @@ from .onnx_model import OnnxModel, is_onnx_path
 from .plots import plot_accuracy, plot_filters, plot_loss
 from .predict import FileFailure, classify_files, input_size, prediction_record
 from .report import evaluate_report, write_report
-from .serve import DEFAULT_MAX_BATCH, MAX_WAIT, ServedModel, require_server_packages, serve
+from .serve import (
+    DEFAULT_MAX_BATCH,
+    MAX_CONNECTIONS,
+    MAX_WAIT,
+    QUEUE_TIMEOUT,
+    REQUEST_TIMEOUT,
+    Limits,
+    ServedModel,
+    require_server_packages,
+    serve,
+)
 from .tune import TuneConfig, run_tune
 
 
@@ -261,6 +271,17 @@ def _add_serve_parser(sub: Any) -> None:
     serve_parser.add_argument("--max-wait-ms", type=_non_negative_float, default=MAX_WAIT * 1000,
                               help=f"how long a request waits for others to share its batch "
                                    f"(default {MAX_WAIT * 1000:g} ms)")
+    serve_parser.add_argument("--max-queue", type=_int_at_least(1), default=None,
+                              help="requests in hand at once past reading their upload; more are answered 503 "
+                                   "(default 4 x --max-batch, at least 32)")
+    serve_parser.add_argument("--queue-timeout", type=_positive_float, default=QUEUE_TIMEOUT,
+                              help=f"seconds a request may wait for the network before it is answered 503 instead "
+                                   f"(default {QUEUE_TIMEOUT:g})")
+    serve_parser.add_argument("--max-connections", type=_int_at_least(1), default=MAX_CONNECTIONS,
+                              help=f"open connections; requests on more are answered 503 (default {MAX_CONNECTIONS})")
+    serve_parser.add_argument("--request-timeout", type=_positive_float, default=REQUEST_TIMEOUT,
+                              help=f"seconds a request's headers, and then its body, may take to arrive; slower "
+                                   f"ones are answered 408 (default {REQUEST_TIMEOUT:g})")
     serve_parser.add_argument("--dataset", default=None,
                               help="whose class names to show (default: the checkpoint's dataset)")
     serve_parser.add_argument("--access-log", action="store_true", help="print one line per request")
@@ -585,8 +606,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.dataset:
         get_spec(args.dataset)                           # an unknown name is refused, not ignored
     model = ServedModel.from_checkpoint(args.checkpoint, backend, dataset=args.dataset)
-    serve(model, args.host, args.port, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
-          log_requests=args.access_log)
+    limits = Limits(max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue or 0,
+                    queue_timeout=args.queue_timeout, max_connections=args.max_connections,
+                    request_timeout=args.request_timeout)
+    serve(model, args.host, args.port, limits, log_requests=args.access_log)
     return ExitCode.OK
 
 

@@ -15,9 +15,13 @@ Uploads are read with `xpcnn.data.images.read_input_bytes` (the same checks and 
 requests arriving together share one forward pass (up to ``max_batch`` images, waiting at most
 ``max_wait`` seconds after the first), and each gets exactly the probabilities it would get alone
 (`xpcnn.nn.inference.predict_proba` pads every batch to whole blocks of rows). Every error is
-a JSON ``{"error": ...}``: 400 for a bad image or option, 413 for an upload over the size limit;
-never a traceback. FastAPI, uvicorn and python-multipart are the optional extra ``serve``,
-imported only here, only when a server is made.
+a JSON ``{"error": ...}``: 400 for a bad image or option, 408 for an upload that does not arrive
+in time, 413 for one over the size limit, 503 with ``Retry-After`` when the server is busy (its
+queue or its connections full, or a request waited too long: `Limits`); never a traceback. An
+answer given before the upload was read says ``Connection: close``, and the server then closes
+with a lingering close, so a client still sending reads the answer rather than a reset
+(`xpcnn.app.connections`). FastAPI, uvicorn and python-multipart are the optional extra
+``serve``, imported only here and in `xpcnn.app.connections`, only when a server is made.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (``Request``,
@@ -31,7 +35,6 @@ import logging
 import os
 import socket
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,8 @@ from ..data.images import FIT_CHOICES, INVERT_CHOICES, InputFile, read_input_byt
 from ..errors import DatasetError, ImageFileError, ServeError
 from ..nn.inference import predict_proba, top_k
 from ..training.checkpoint import build_from_checkpoint, load_checkpoint
+from .batcher import DEFAULT_MAX_BATCH, MAX_WAIT, QUEUE_TIMEOUT, RETRY_AFTER, Batcher, ServerBusy, default_max_queue
+from .connections import MAX_CONNECTIONS, REQUEST_TIMEOUT, connection_stats, protocol_class
 from .predict import Prediction, input_size, prediction_record
 from .report import first_convolution, first_layer_outputs
 
@@ -54,12 +59,33 @@ from .report import first_convolution, first_layer_outputs
 MAX_UPLOAD_BYTES = 8 * 2 ** 20
 #: Pictures declaring more pixels than this are refused with 400 before decoding.
 MAX_PIXELS = 4096 * 4096
-DEFAULT_MAX_BATCH = 32
-#: How long the first request of a batch waits for others (seconds).
-MAX_WAIT = 0.004
 INSTALL_HINT = "xpcnn serve needs the optional web server packages: pip install 'xpcnn[serve]'"
 STATIC = Path(__file__).resolve().parent / "static"
 LOG = logging.getLogger("xpcnn.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one ``xpcnn serve`` takes on at once, and how long it waits (docs/serve.md, "Limits").
+
+    `max_batch` images share a forward pass, the first waiting `max_wait` s for the others;
+    uploads over `max_upload` bytes are refused (413); at most `max_queue` requests are in hand
+    past reading their upload (default `default_max_queue`; more: 503), and one not in a forward
+    pass `queue_timeout` s after its upload arrived is refused (503); a request's headers, and
+    then its body, must each arrive within `request_timeout` s (408); over `max_connections`
+    open connections, new ones are answered 503 (``xpcnn serve`` only: `serve`)."""
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_wait: float = MAX_WAIT
+    max_upload: int = MAX_UPLOAD_BYTES
+    max_queue: int = 0                    # 0: default_max_queue(max_batch)
+    queue_timeout: float = QUEUE_TIMEOUT
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        if not self.max_queue:
+            object.__setattr__(self, "max_queue", default_max_queue(self.max_batch))
 
 
 def require_server_packages() -> None:
@@ -132,6 +158,11 @@ class ServedModel:
         model.info["fit"] = fit
         return model
 
+    def warm_up(self) -> None:
+        """One forward pass on a blank image, so that what a first pass does once (compiling or
+        loading NumPy's compiled kernels, a GPU's first launches) is not a first client's wait."""
+        self.forward(np.zeros((1, *self.size), dtype=self.dtype), maps=self.has_maps)
+
     def prepare(self, data: bytes, name: str, invert: str = "auto", fit: str | None = None) -> InputFile:
         """An upload's bytes -> its one prepared image (`ImageFileError` for anything else)."""
         item = read_input_bytes(data, name, self.size, invert, fit=fit or self.fit, max_pixels=MAX_PIXELS)
@@ -180,74 +211,9 @@ class ServedModel:
                 "width": int(width), "columns": columns, "rows": rows, "gap": gap, "png": _png(gray, alpha)}
 
 
-class Batcher:
-    """Gathers concurrent requests into one forward pass: up to `max_batch` images, the first
-    waiting at most `max_wait` seconds for the others. The network runs on one thread only."""
+class _Refusal(Exception):
+    """A request answered with an error: its status and the message of its JSON ``{"error": ...}``."""
 
-    def __init__(self, model: ServedModel, max_batch: int = DEFAULT_MAX_BATCH, max_wait: float = MAX_WAIT) -> None:
-        self.model, self.max_batch, self.max_wait = model, max(1, int(max_batch)), float(max_wait)
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="xpcnn-forward")
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
-
-    async def submit(self, image: np.ndarray, maps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """One prepared image ``(H, W)`` -> its probabilities ``(K,)`` and first-layer maps."""
-        if self._queue is None:
-            await self.start()
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, maps, future))
-        return await future
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
-                try:
-                    items.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            images = np.stack([image for image, _, _ in items])
-            want_maps = any(maps for _, maps, _ in items)
-            try:
-                proba, maps = await loop.run_in_executor(self._executor, self.model.forward, images, want_maps)
-            except Exception as exc:            # handed to each waiting request (a 500 without traceback)
-                for _, _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.stats["requests"] += len(items)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
-            for row, (_, wanted, future) in enumerate(items):
-                if not future.done():
-                    future.set_result((proba[row], maps[row] if wanted and maps is not None else None))
-
-
-class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
@@ -258,7 +224,7 @@ def _query_choice(params: Any, name: str, choices: tuple[str, ...], default: str
     if value is None:
         return default
     if value not in choices:
-        raise _BadRequest(400, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise _Refusal(400, f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -269,29 +235,47 @@ def _query_top(params: Any) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise _BadRequest(400, f"top must be an integer >= 1, got {text!r}")
+        raise _Refusal(400, f"top must be an integer >= 1, got {text!r}")
     return value
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+def _options(params: Any) -> tuple[int, str, str | None, bool]:
+    """``?top=&invert=&fit=&maps=`` -> ``(top, invert, fit, maps)``, or a 400."""
+    return (_query_top(params), _query_choice(params, "invert", INVERT_CHOICES, "auto"),
+            _query_choice(params, "fit", FIT_CHOICES, None), _query_choice(params, "maps", ("0", "1"), "1") == "1")
+
+
+async def _read_body(request: Any, limit: int, timeout: float) -> bytes:
+    """The request body: 413 as soon as it passes `limit` bytes (before reading it, when its
+    declared length does), 408 when it has not all arrived `timeout` seconds after the headers."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _BadRequest(413, f"the upload is {int(declared)} bytes, over the limit of {limit} bytes "
-                               f"({limit / 2 ** 20:g} MiB); send a smaller picture")
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
+        raise _Refusal(413, f"the upload is {size} bytes, over the limit of {limit} bytes "
+                            f"({limit / 2 ** 20:g} MiB); send a smaller picture")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _BadRequest(413, f"the upload is over the limit of {limit} bytes ({limit / 2 ** 20:g} MiB); "
-                                   f"send a smaller picture")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise _Refusal(413, f"the upload is over the limit of {limit} bytes ({limit / 2 ** 20:g} MiB); "
+                                        f"send a smaller picture")
+                chunks.append(chunk)
+    except TimeoutError:
+        of = f" of the {size} declared" if size is not None else ""
+        raise _Refusal(408, f"the upload did not arrive within {timeout:g} s ({total} bytes{of} came); "
+                            f"send the whole request at once") from None
+    except ClientDisconnect:
+        raise _Refusal(400, "the client closed the connection before its upload was complete") from None
     return b"".join(chunks)
 
 
-async def _upload(request: Any, limit: int) -> tuple[bytes, str]:
+async def _upload(request: Any, limit: int, timeout: float) -> tuple[bytes, str]:
     """``(bytes, name)`` of the image in a raw body or a multipart upload (the name only labels messages)."""
-    body = await _read_body(request, limit)
+    body = await _read_body(request, limit, timeout)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         return body, "upload"
@@ -304,39 +288,151 @@ async def _upload(request: Any, limit: int) -> tuple[bytes, str]:
     try:
         form = await MultiPartParser(request.headers, replay(), max_files=1, max_fields=8).parse()
     except MultiPartException as exc:
-        raise _BadRequest(400, f"expected a multipart upload holding one image file: {exc.message}") from None
+        raise _Refusal(400, f"expected a multipart upload holding one image file: {exc.message}") from None
     files = [value for _, value in form.multi_items() if not isinstance(value, str)]
     if len(files) != 1:
-        raise _BadRequest(400, f"expected a multipart upload holding one image file (field 'file'), "
-                               f"got {len(files)} files")
+        raise _Refusal(400, f"expected a multipart upload holding one image file (field 'file'), "
+                            f"got {len(files)} files")
     data = await files[0].read()
     name = os.path.basename((files[0].filename or "upload").replace("\\", "/"))[:200] or "upload"
     await form.close()
     return data, name
 
 
-def create_app(model: ServedModel, *, max_batch: int = DEFAULT_MAX_BATCH, max_wait: float = MAX_WAIT,
-               max_upload: int = MAX_UPLOAD_BYTES) -> Any:
-    """The ASGI application (FastAPI) serving `model`."""
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+class _CloseUnreadUploads:
+    """ASGI middleware: an answer given before the request's body was read to its end (a 413 on
+    the declared length, a 408, a 503, a 404) says ``Connection: close``. uvicorn then closes the
+    connection (with `xpcnn.app.connections`' lingering close) instead of keeping it alive to read
+    and throw away an upload of any length."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _has_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def receive_noting_the_end() -> dict:
+            nonlocal read
+            message = await receive()
+            read = read or message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def send_closing(message: dict) -> None:
+            headers = message.get("headers", [])
+            if message["type"] == "http.response.start" and not read and all(n != b"connection" for n, _ in headers):
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_noting_the_end, send_closing)
+
+
+class _Api:
+    """What the endpoints do: read an upload, queue it for the `Batcher`, answer, and count the
+    refusals by kind (``/healthz``)."""
+
+    def __init__(self, model: ServedModel, limits: "Limits", connections: dict[str, int] | None) -> None:
+        self.model, self.limits, self.connections = model, limits, connections
+        self.batcher = Batcher(model, limits.max_batch, limits.max_wait, limits.max_queue, limits.queue_timeout)
+        self.counts = {"bad_requests": 0, "busy": 0, "server_errors": 0}
+
+    async def predict(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        try:
+            top, invert, fit, maps = _options(request.query_params)
+            data, name = await _upload(request, self.limits.max_upload, self.limits.request_timeout)
+            with self.batcher.admit() as since:
+                item = await self._prepare(data, name, invert, fit)
+                proba, feature_maps = await self.batcher.submit(item.images[0], maps, since)
+                record = await asyncio.get_running_loop().run_in_executor(
+                    None, self.model.answer, item, proba, feature_maps, top)
+        except ServerBusy as exc:
+            return self.refuse(503, str(exc))
+        except _Refusal as exc:
+            return self.refuse(exc.status, exc.message)
+        return JSONResponse(record)
+
+    async def _prepare(self, data: bytes, name: str, invert: str, fit: str | None) -> InputFile:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.model.prepare, data, name, invert, fit)
+        except ImageFileError as exc:
+            raise _Refusal(400, str(exc)) from None
+        except (MemoryError, RecursionError, ValueError, OSError) as exc:     # a decoder's own failure
+            raise _Refusal(400, f"{name}: cannot decode the picture ({type(exc).__name__}); expected a PNG, JPEG, "
+                                f"BMP or GIF picture, or a .npy/IDX array of one image") from None
+
+    def refuse(self, status: int, message: str) -> Any:
+        from starlette.responses import JSONResponse
+
+        self.counts["busy" if status == 503 else "bad_requests"] += 1
+        headers = {"Retry-After": str(RETRY_AFTER)} if status == 503 else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def server_error(self, exc: Exception) -> Any:
+        from starlette.responses import JSONResponse
+
+        self.counts["server_errors"] += 1
+        LOG.error("internal error: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server goes on serving"},
+                            status_code=500)
+
+    def health(self) -> dict[str, Any]:
+        found = {"status": "ok", **self.batcher.stats, **self.counts, "max_batch": self.batcher.max_batch,
+                 "max_queue": self.batcher.max_queue}
+        if self.connections is not None:
+            found["connections"] = dict(self.connections)
+        return found
+
+    def info(self) -> dict[str, Any]:
+        return {**self.model.info, "max_batch": self.batcher.max_batch, "max_upload_bytes": self.limits.max_upload,
+                "max_queue": self.batcher.max_queue}
+
+
+#: The OpenAPI description of ``POST /api/predict``'s body and query (FastAPI cannot see them:
+#: the endpoint reads the raw request).
+PREDICT_OPENAPI = {
+    "requestBody": {"content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "string", "format": "binary"}}}}}},
+    "parameters": [
+        {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 3}},
+        {"name": "invert", "in": "query", "schema": {"enum": list(INVERT_CHOICES), "default": "auto"}},
+        {"name": "fit", "in": "query", "schema": {"enum": list(FIT_CHOICES)}},
+        {"name": "maps", "in": "query", "schema": {"enum": ["0", "1"], "default": "1"}}]}
+
+
+def create_app(model: ServedModel, limits: Limits | None = None, connections: dict[str, int] | None = None) -> Any:
+    """The ASGI application (FastAPI) serving `model` within `limits`; `connections`: the
+    counters of `xpcnn.app.connections` for ``/healthz`` (`serve` passes them)."""
     require_server_packages()
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    batcher = Batcher(model, max_batch, max_wait)
-    errors = {"bad_requests": 0, "server_errors": 0}
+    api = _Api(model, limits or Limits(), connections)
 
     @asynccontextmanager
     async def lifespan(_app: Any):
-        await batcher.start()
+        await api.batcher.start()
         yield
-        await batcher.stop()
+        await api.batcher.stop()
 
     # Swagger's /docs page loads its scripts from a CDN: off, so everything served works offline.
     app = FastAPI(title="xpcnn serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Classify an image with a trained xpcnn checkpoint (see docs/serve.md).")
-    app.state.batcher, app.state.model = batcher, model
+    app.add_middleware(_CloseUnreadUploads)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Any, exc: Any) -> Any:
@@ -344,57 +440,26 @@ def create_app(model: ServedModel, *, max_batch: int = DEFAULT_MAX_BATCH, max_wa
 
     @app.exception_handler(Exception)
     async def server_error(_request: Any, exc: Exception) -> Any:
-        errors["server_errors"] += 1
-        LOG.error("internal error: %s: %s", type(exc).__name__, exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server goes on serving"},
-                            status_code=500)
+        return api.server_error(exc)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     async def page() -> Any:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/healthz", summary="liveness, and how many requests were batched together")
+    @app.get("/healthz", summary="liveness, how requests were batched, and what was refused")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", **batcher.stats, **errors, "max_batch": batcher.max_batch}
+        return api.health()
 
     @app.get("/api/model", summary="the served model: name, dataset, classes, input size, accuracy, backend")
     async def model_info() -> dict[str, Any]:
-        return {**model.info, "max_batch": batcher.max_batch, "max_upload_bytes": max_upload}
+        return api.info()
 
     @app.post("/api/predict", summary="classify one image (raw bytes or a multipart upload)",
-              openapi_extra={"requestBody": {"content": {
-                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                  "multipart/form-data": {"schema": {"type": "object", "properties": {
-                      "file": {"type": "string", "format": "binary"}}}}}},
-                  "parameters": [
-                      {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 3}},
-                      {"name": "invert", "in": "query", "schema": {"enum": list(INVERT_CHOICES), "default": "auto"}},
-                      {"name": "fit", "in": "query", "schema": {"enum": list(FIT_CHOICES)}},
-                      {"name": "maps", "in": "query", "schema": {"enum": ["0", "1"], "default": "1"}}]})
+              openapi_extra=PREDICT_OPENAPI)
     async def predict(request: Request) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            params = request.query_params
-            top = _query_top(params)
-            invert = _query_choice(params, "invert", INVERT_CHOICES, "auto")
-            fit = _query_choice(params, "fit", FIT_CHOICES, None)
-            maps = _query_choice(params, "maps", ("0", "1"), "1") == "1"
-            data, name = await _upload(request, max_upload)
-            try:
-                item = await loop.run_in_executor(None, model.prepare, data, name, invert, fit)
-            except ImageFileError as exc:
-                raise _BadRequest(400, str(exc)) from None
-            except (MemoryError, RecursionError, ValueError, OSError) as exc:     # a decoder's own failure
-                raise _BadRequest(400, f"{name}: cannot decode the picture ({type(exc).__name__}); expected a "
-                                       f"PNG, JPEG, BMP or GIF picture, or a .npy/IDX array of one image") from None
-        except _BadRequest as exc:
-            errors["bad_requests"] += 1
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        proba, feature_maps = await batcher.submit(item.images[0], maps)
-        record = await loop.run_in_executor(None, model.answer, item, proba, feature_maps, top)
-        return JSONResponse(record)
+        return await api.predict(request)
 
     return app
 
@@ -433,24 +498,30 @@ def address_lines(host: str, port: int) -> tuple[str, str | None]:
             f"(there is no login); use --host 127.0.0.1 to keep it on this computer")
 
 
-def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = DEFAULT_MAX_BATCH,
-          max_wait: float = MAX_WAIT, max_upload: int = MAX_UPLOAD_BYTES, log_requests: bool = False) -> None:
+def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None, *,
+          log_requests: bool = False) -> None:
     """Serve `model` with uvicorn until Ctrl-C; prints the address first (and a warning off 127.0.0.1)."""
     require_server_packages()
     import uvicorn
 
-    app = create_app(model, max_batch=max_batch, max_wait=max_wait, max_upload=max_upload)
+    limits = limits or Limits()
+    connections = connection_stats(limits.max_connections)
+    app = create_app(model, limits, connections)
     sock = open_socket(host, port)
+    model.warm_up()          # before the first client: compiled CPU kernels load (or compile) now
     bound = sock.getsockname()[1]
     info = model.info
     accuracy = f", test acc {info['test_accuracy']:.4f}" if info.get("test_accuracy") is not None else ""
     print(f"xpcnn {__version__}: serving {info['model']} ({info['dataset'] or 'unknown dataset'}{accuracy}, "
-          f"epoch {info['epoch']}) on backend {info['backend']}, batches of up to {max_batch}", flush=True)
+          f"epoch {info['epoch']}) on backend {info['backend']}, batches of up to {limits.max_batch}, "
+          f"at most {limits.max_queue} requests queued and {limits.max_connections} connections", flush=True)
     line, warning = address_lines(host, bound)
     print(line, flush=True)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=log_requests, timeout_graceful_shutdown=5)
+    protocol = protocol_class(limits.max_connections, limits.request_timeout, connections)
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=log_requests,
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

@@ -109,8 +109,8 @@ def cross_entropy_error(y: Any, t: Any) -> Any:
     `t` is ``(N,)`` class indices or ``(N, K)`` one-hot. Returns a 0-d array.
     """
     xp = namespace_of(y)
-    if y.ndim == 1:
+    if y.ndim == 1:                       # one sample: a one-hot row, or its label (0-d or one element)
         y = xp.reshape(y, (1, -1))
-        t = xp.reshape(t, (1, -1)) if t.ndim == 1 and t.shape[0] == y.shape[1] else xp.reshape(t, (1,))
+        t = xp.reshape(t, (1, -1)) if t.ndim == 1 and t.shape[0] == y.shape[1] else xp.reshape(t, (-1,))
     t_hot = as_one_hot(t, y)
     return -xp.sum(t_hot * xp.log(y + 1e-7)) / y.shape[0]

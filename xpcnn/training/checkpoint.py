@@ -574,11 +574,8 @@ def network_like(checkpoint: Checkpoint, backend: "str | Backend" = "cpu") -> An
         raise CheckpointError(f"checkpoint is a {class_name!r}; this xpcnn can build "
                               f"{sorted(entry.cls.__name__ for entry in MODELS.values())}")
     cls = MODELS[model].cls
-    config = dict(checkpoint.config)
-    if "input_dim" in config:
-        config["input_dim"] = tuple(config["input_dim"])
     try:
-        network = cls(**config, backend=backend, dtype=checkpoint.dtype)
+        network = cls(**checkpoint.config, backend=backend, dtype=checkpoint.dtype)
     except TypeError as exc:
         raise CheckpointError(f"checkpoint config {checkpoint.config} does not fit {class_name}: {exc}") from exc
     except XpcnnError as exc:

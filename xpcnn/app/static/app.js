@@ -4,9 +4,11 @@
 const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
 const errorBox = document.getElementById("error");
+const busyBox = document.getElementById("busy");
 const TOP = 5;
 const BRUSH = 22;          // pixels of the 280 x 280 pad: about 2 pixels of a 28 x 28 image
 const DEBOUNCE_MS = 150;
+const MAX_TRIES = 10;      // a request answered 503 (busy) is sent again up to this many times in all
 
 let drawing = null;        // the pointer id drawing now
 let last = null;
@@ -73,30 +75,53 @@ function sendPad() {
   pad.toBlob((blob) => predict(blob, null, "your drawing"), "image/png");
 }
 
+function request(body, name) {
+  if (name === null) return { method: "POST", body, headers: { "Content-Type": "application/octet-stream" } };
+  const form = new FormData();             // a new one for each try
+  form.append("file", body, name);
+  return { method: "POST", body: form };
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A busy server answers 503 with Retry-After: say so, wait that long (plus up to half again, so
+// that many pages do not all come back at the same moment) and try again, at most MAX_TRIES times.
+// A drawing that changed meanwhile is not retried: the newer one is sent instead.
 async function predict(body, name, source) {
   inFlight = true;
   document.body.dataset.state = "busy";
-  let request = { method: "POST", body };
-  if (name !== null) {
-    const form = new FormData();
-    form.append("file", body, name);
-    request = { method: "POST", body: form };
-  } else {
-    request.headers = { "Content-Type": "application/octet-stream" };
-  }
   try {
-    const response = await fetch(`/api/predict?top=${TOP}`, request);
-    let answer;
-    try { answer = await response.json(); } catch { answer = { error: `the server answered ${response.status}` }; }
-    if (!response.ok) showError(answer.error || `the server answered ${response.status}`);
-    else show(answer, source);
+    for (let attempt = 1; ; attempt++) {
+      const response = await fetch(`/api/predict?top=${TOP}`, request(body, name));
+      let answer;
+      try { answer = await response.json(); } catch { answer = { error: `the server answered ${response.status}` }; }
+      if (response.status === 503 && attempt < MAX_TRIES) {
+        if (name === null && document.body.dataset.pending === "1") break;
+        const after = (response.headers.get("Retry-After") || "").trim();
+        const seconds = /^[0-9]+$/.test(after) ? Number(after) : 1;
+        showBusy(`busy, retrying in ${seconds} s (try ${attempt + 1} of ${MAX_TRIES}): ${answer.error || ""}`);
+        await sleep(seconds * 1000 * (1 + Math.random() / 2));
+        continue;
+      }
+      showBusy(null);
+      if (response.status === 503) showError(`${answer.error || "the server is busy"} (gave up after ${MAX_TRIES} tries)`);
+      else if (!response.ok) showError(answer.error || `the server answered ${response.status}`);
+      else show(answer, source);
+      break;
+    }
   } catch (exc) {
+    showBusy(null);
     showError(`no answer from the server (${exc.message}); is xpcnn serve still running?`);
   } finally {
     inFlight = false;
     document.body.dataset.answers = String(Number(document.body.dataset.answers) + 1);
     document.body.dataset.state = "idle";
   }
+}
+
+function showBusy(message) {
+  busyBox.textContent = message || "";
+  busyBox.hidden = !message;
 }
 
 function showError(message) {
