@@ -131,6 +131,12 @@ def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def slice_count(n: int, nbytes: int, threads: int | None = None) -> int:
+    """How many slices `run_in_slices` cuts ``range(n)`` into for work of about `nbytes`."""
+    threads = thread_count() if threads is None else threads
+    return max(1, min(threads, n)) if nbytes >= MIN_PARALLEL_BYTES else 1
+
+
 def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int, *, uses_blas: bool = True) -> int:
     """Call ``work(part, start, end)`` for contiguous slices of ``range(n)``, one per thread,
     with BLAS at one thread meanwhile; returns the number of slices. `nbytes` is about how
@@ -143,7 +149,7 @@ def run_in_slices(n: int, work: Callable[[int, int, int], None], nbytes: int, *,
     spin on the core the next sliced operation needs.
     """
     threads = thread_count()
-    parts = min(threads, n) if nbytes >= MIN_PARALLEL_BYTES else 1
+    parts = slice_count(n, nbytes, threads)
     if parts <= 1:
         with blas_at_one_thread() if threads > 1 and uses_blas else contextlib.nullcontext():
             work(0, 0, n)

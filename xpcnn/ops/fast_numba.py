@@ -177,42 +177,50 @@ def _store_input_gradient(dimage, n, pad, width, dx):
         dx[n, 0, y] = dimage[start:start + dx.shape[3]]
 
 
+@njit(nogil=True, error_model="numpy")
+def _pool_plane(plane, width, pool, out, arg, best, offset):
+    """``out = relu(maxpool(plane))`` for tiling ``pool x pool`` windows of a plane `width`
+    values wide, ``out``/``arg (PH, PW)``: a pooled row at a time, each window offset a strided
+    slice across the row's windows. ``arg`` is the offset ``r * pool + c`` of the window's
+    first maximum, or -1 where the ReLU passed nothing back (maximum <= 0, or NaN); a NaN wins
+    its window and stays NaN."""
+    pooled_w = out.shape[1]
+    for ph in range(out.shape[0]):
+        corner = ph * pool * width
+        first = plane[corner:corner + pooled_w * pool:pool]
+        for pw in range(pooled_w):
+            best[pw] = first[pw]
+            offset[pw] = 0
+        for k in range(1, pool * pool):
+            at = corner + (k // pool) * width + k % pool
+            candidate = plane[at:at + pooled_w * pool:pool]
+            for pw in range(pooled_w):
+                # Larger, or a NaN: a NaN wins and stays (`not <=` is true for a NaN).
+                if not (candidate[pw] <= best[pw]) and best[pw] == best[pw]:
+                    best[pw] = candidate[pw]
+                    offset[pw] = k
+        target, where = out[ph], arg[ph]
+        for pw in range(pooled_w):
+            value = best[pw]
+            target[pw] = value if not (value <= 0) else 0        # a NaN stays NaN
+            where[pw] = offset[pw] if value > 0 else -1
+
+
 @kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
 def _conv1_relu_pool_forward(x, W, b, pad, pool, start, end, out, arg):
     """Images ``start..end-1``: ``out[n, f] = maxpool(relu(conv(x[n], W[f]) + b[f]))`` for a
-    tiling ``pool x pool`` window; ``arg`` is the offset ``r * pool + c`` of the window's first
-    maximum, or -1 where the ReLU passed nothing back (maximum <= 0, or NaN). A pooled row at
-    a time, each window offset a strided slice across the row's windows (vectorised)."""
+    tiling ``pool x pool`` window (`_pool_plane`), the plane still in cache."""
     width = x.shape[3] + 2 * pad
     out_h = x.shape[2] + 2 * pad - W.shape[2] + 1
-    pooled_w = out.shape[3]
     image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
     plane = np.empty(out_h * width, dtype=x.dtype)
-    best = np.empty(pooled_w, dtype=x.dtype)
-    offset = np.empty(pooled_w, dtype=np.int8)
+    best = np.empty(out.shape[3], dtype=x.dtype)
+    offset = np.empty(out.shape[3], dtype=np.int8)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         for f in range(W.shape[0]):
             _conv1_plane(image, width, W, f, b[f], plane)
-            for ph in range(out.shape[2]):
-                corner = ph * pool * width
-                first = plane[corner:corner + pooled_w * pool:pool]
-                for pw in range(pooled_w):
-                    best[pw] = first[pw]
-                    offset[pw] = 0
-                for k in range(1, pool * pool):
-                    at = corner + (k // pool) * width + k % pool
-                    candidate = plane[at:at + pooled_w * pool:pool]
-                    for pw in range(pooled_w):
-                        # Larger, or a NaN: a NaN wins and stays (`not <=` is true for a NaN).
-                        if not (candidate[pw] <= best[pw]) and best[pw] == best[pw]:
-                            best[pw] = candidate[pw]
-                            offset[pw] = k
-                target, where = out[n, f, ph], arg[n, f, ph]
-                for pw in range(pooled_w):
-                    value = best[pw]
-                    target[pw] = value if not (value <= 0) else 0        # a NaN stays NaN
-                    where[pw] = offset[pw] if value > 0 else -1
+            _pool_plane(plane, width, pool, out[n, f], arg[n, f], best, offset)
 
 
 @kernel(nogil=True, error_model="numpy", fastmath=_SUMS)

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import reference
-from .cpu_threads import run_in_slices, run_over
+from .cpu_threads import run_in_slices, run_over, slice_bounds, slice_count
 from .geometry import spatial_slices, window_offsets
 from .reference import store_gradient
 
@@ -290,22 +290,25 @@ def affine_forward(xp: ModuleType, x: Any, W: Any, b: Any) -> Any:
 
 def affine_backward(xp: ModuleType, dout: Any, x: Any, W: Any, need_input_grad: bool,
                     dW_out: Any = None, db_out: Any = None) -> tuple[Any, Any, Any]:
-    """``dout (N, out) -> (dx (N, in) or None, dW, db)``; dW and db summed over the slices in order."""
-    sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    """``dout (N, out) -> (dx (N, in) or None, dW, db)``. Each thread takes a slice of dW's
+    rows (the input features: ``x[:, rows].T @ dout``, the whole batch at once, so no partial
+    sums to add and the same numbers on any number of threads) and a slice of dx's (the batch)."""
+    n, features = x.shape
+    dW = dW_out if dW_out is not None and dW_out.flags.c_contiguous else np.empty((features, W.shape[1]),
+                                                                                  dtype=dout.dtype)
     dx = np.empty_like(x, dtype=dout.dtype) if need_input_grad else None
+    nbytes = x.nbytes + 2 * W.nbytes + 2 * dout.nbytes
+    batch_rows = slice_bounds(n, slice_count(features, nbytes))      # as many as run_in_slices cuts
 
     def one_slice(part: int, start: int, end: int) -> None:
-        rows = dout[start:end]
-        sums[part] = (x[start:end].T @ rows, rows.sum(axis=0))
-        if need_input_grad:
-            np.matmul(rows, W.T, out=dx[start:end])
+        np.matmul(x[:, start:end].T, dout, out=dW[start:end])
+        if need_input_grad and part < len(batch_rows):
+            first, last = batch_rows[part]
+            np.matmul(dout[first:last], W.T, out=dx[first:last])
 
-    slices = run_in_slices(x.shape[0], one_slice, x.nbytes + 2 * W.nbytes + 2 * dout.nbytes)
-    dW, db = sums[0]
-    for part in range(1, slices):
-        dW += sums[part][0]
-        db += sums[part][1]
-    return dx, store_gradient(dW_out, dW), store_gradient(db_out, db)
+    run_in_slices(features, one_slice, nbytes)
+    db = dout.sum(axis=0)
+    return dx, store_gradient(dW_out, dW) if dW is not dW_out else dW, store_gradient(db_out, db)
 
 
 def relu_forward(xp: ModuleType, x: Any) -> Any:
