@@ -816,7 +816,8 @@ def summarize(values: list[float]) -> dict:
 
 
 def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
-    """Median seconds of each layer's forward and backward and of the optimizer update."""
+    """Median seconds of each step's forward and backward (a layer, or a fused run of layers)
+    and of the optimizer update."""
     net, opt = c.net, c.opt
     parts: dict[str, list[float]] = {}
 
@@ -828,14 +829,25 @@ def profile_layers(c: "XpcnnContender", repeats: int) -> dict:
         parts.setdefault(key, []).append(time.perf_counter() - t0)
         return result
 
+    # The network's steps as its gradient() runs them (fused runs of layers where the table has
+    # one operation for them); an xpcnn from before 2026-12-06 runs its layers one by one.
+    names = {id(layer): name for name, layer in net.layers.items()}
+    if hasattr(net, "_steps"):
+        steps = [("+".join(names[id(layer)] for layer in step.layers), step) for step in net._steps()]
+    else:
+        steps = [(name, layer) for name, layer in net.layers.items()]
+
+    def forward(step, h):
+        return step.forward(h, True) if hasattr(net, "_steps") else step.forward(h)
+
     for _ in range(repeats):
         h = c.x
-        for name, layer in net.layers.items():
-            h = timed(f"{name} forward", layer.forward, h)
+        for name, step in steps:
+            h = timed(f"{name} forward", forward, step, h)
         timed("SoftmaxWithLoss forward", net.last_layer.forward, h, c.t)
         d = timed("SoftmaxWithLoss backward", net.last_layer.backward, 1)
-        for name, layer in reversed(list(net.layers.items())):
-            d = timed(f"{name} backward", layer.backward, d)
+        for name, step in reversed(steps):
+            d = timed(f"{name} backward", step.backward, d)
         timed(f"{type(opt).__name__} update", opt.update, net.params, net.grads)   # the layers wrote into net.grads
     return {key: statistics.median(v) for key, v in parts.items()}
 

@@ -2,17 +2,20 @@
 
 Each takes the namespace `xp` as its first argument (so nobody resolves a namespace per call)
 and is the entry of every backend's operation table (`table.py`) that the backend does not
-replace. Faster variants of an operation live in `fast_numpy.py` and `fast_cupy.py` under the
-same name, and each is tested against the function here (tests/ops/test_fast_ops.py):
+replace. Faster variants of an operation live in `fast_numpy.py`, `fast_numba.py` (compiled
+CPU kernels, laid over fast_numpy's entries) and `fast_cupy.py` under the same name, and each
+is tested against the function here (tests/ops/test_fast_ops.py):
 
-    operation                     here   fast_numpy              fast_cupy
-    conv2d_forward/backward        yes    yes (channels-last)     yes (product kernels, windows read in place)
-    affine_forward/backward        yes    yes (batch slices)      yes (product kernels)
-    maxpool2d_forward/backward     yes    yes (2x2 tiles)         yes
-    relu_forward/backward          yes    yes (batch slices)      yes
-    softmax_cross_entropy_*        yes    -            yes (one fused kernel)
-    count_correct                  yes    -            yes
-    sgd/momentum/adagrad/adam      yes    -            yes (one kernel over the flat buffer)
+    operation                   here  fast_numpy           fast_numba              fast_cupy
+    conv2d_forward/backward     yes   yes (channels-last)  -                       yes (product kernels)
+    affine_forward/backward     yes   yes (batch slices)   -                       yes (product kernels)
+    maxpool2d_forward/backward  yes   yes (2x2 tiles)      -                       yes
+    relu_forward/backward       yes   yes (batch slices)   -                       yes
+    softmax_cross_entropy_*     yes   -                    yes (one pass)          yes (one fused kernel)
+    count_correct               yes   -                    yes                     yes
+    sgd/momentum/adagrad/adam   yes   -                    yes (one pass)          yes (one kernel)
+    conv2d_relu[_maxpool2d]_*   (the entries above in turn, `fused.py`)
+                                      -                    yes (stride 1)          yes
 
 A `cache` is whatever the forward pass keeps for its backward pass; only the matching
 backward of the same table reads it. Backward passes take optional `dW_out`/`db_out` arrays:
