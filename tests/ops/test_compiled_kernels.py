@@ -141,7 +141,7 @@ MUTATIONS = {
                                  "W[f, 0, i, 3], W[f, 0, i, 3]\n"),
     "dW-tap-5-wide": ("def _conv1_plane_backward(", "t4 += g * s4[p]", "t4 += g * s3[p]"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
-    "argmax-tie-takes-the-last": ("def _conv1_relu_pool_forward(", "if not (candidate[pw] <= best[pw])",
+    "argmax-tie-takes-the-last": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
                                   "if not (candidate[pw] < best[pw])"),
     "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (row[ow] <= 0) else 0",
                                     "if True else 0"),

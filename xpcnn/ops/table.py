@@ -122,8 +122,43 @@ def _fast_table(xp: Any) -> dict[str, Callable[..., Any]]:
 
         return fast_cupy.fast_ops()
     if array_api_compat.is_numpy_namespace(xp):
-        return {**fast_numpy.fast_ops(), **cpu_kernels.compiled_ops()}
+        return {**fast_numpy.fast_ops(), **_compiled_cpu_ops()}
     return {}
+
+
+#: The compiled CPU kernels' module once imported, or why it could not be (`_compiled_cpu_module`).
+_COMPILED_CPU: dict[str, Any] = {}
+
+
+def _compiled_cpu_module() -> Any:
+    """`fast_numba`, or None with the reason kept (Numba missing, or failing to import)."""
+    if "module" not in _COMPILED_CPU:
+        try:
+            from . import fast_numba  # imports Numba: an optional heavy library, imported where it is used
+        except Exception as error:  # noqa: BLE001 - any failure to import means "not available here"
+            _COMPILED_CPU.update(module=None, reason=f"{type(error).__name__}: {error}")
+        else:
+            _COMPILED_CPU.update(module=fast_numba, reason="")
+    return _COMPILED_CPU["module"]
+
+
+def _compiled_cpu_ops() -> dict[str, Callable[..., Any]]:
+    """The compiled entries laid over NumPy's fast table, or none where `XPCNN_CPU_KERNELS=numpy`
+    or Numba cannot be imported (NumPy's path then runs, without an error)."""
+    if cpu_kernels.requested() != "numba":
+        return {}
+    module = _compiled_cpu_module()
+    return module.fast_ops() if module is not None else {}
+
+
+def _cpu_kernels_line() -> str:
+    if cpu_kernels.requested() == "numpy":
+        return f"NumPy calls ({cpu_kernels.KERNELS_VARIABLE}=numpy)"
+    module = _compiled_cpu_module()
+    if module is None:
+        return f"NumPy calls (compiled kernels unavailable: {_COMPILED_CPU['reason']})"
+    return (f"compiled kernels (Numba {module.numba_version()}; compiled on first use, kept in "
+            f"{cpu_kernels.cache_dir()})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +172,7 @@ def describe(ops: Ops) -> str:
     if ops.reference:
         return "the array-API reference code"
     if array_api_compat.is_numpy_namespace(ops.xp):
-        return f"NumPy's fast path, {cpu_kernels.describe()}, {thread_count()} thread(s)"
+        return f"NumPy's fast path, {_cpu_kernels_line()}, {thread_count()} thread(s)"
     return f"the fast path of {getattr(ops.xp, '__name__', ops.xp)}"
 
 
