@@ -33,6 +33,17 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_serve_extra() -> None:
+    """Skip (fail under CI) unless the `serve` extra and the test client are installed."""
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"the serve extra is not installed ({exc.name}: pip install 'xpcnn[serve]' httpx)")
+
+
 def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for an xpcnn subprocess: one BLAS thread (bit-reproducible, no
     oversubscription), a fresh HOME and cache, no XPCNN_* settings, the checkout importable.

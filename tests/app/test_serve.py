@@ -28,37 +28,17 @@ from PIL import Image
 
 from xpcnn.app.batcher import Batcher
 from xpcnn.app.report import first_layer_maps
-from xpcnn.app.serve import Limits, ServedModel, address_lines, create_app
+from xpcnn.app.serve import Limits, address_lines, create_app
 from xpcnn.cli import main
 from xpcnn.data.images import read_input_file
 
-from helpers import REPO, error_line, isolated_env, post_bytes, start_server, stop_server, unavailable
-from trained import fashion_test_set, trained_checkpoint
-
-
-def _server_packages():
-    try:
-        import fastapi  # noqa: F401
-        import httpx  # noqa: F401
-        import python_multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        unavailable(f"the serve extra is not installed ({exc.name}: pip install 'xpcnn[serve]' httpx)")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return trained_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return ServedModel.from_checkpoint(checkpoint)
+from helpers import REPO, error_line, isolated_env, post_bytes, require_serve_extra, start_server, stop_server
+from trained import fashion_test_set
 
 
 @pytest.fixture(scope="module")
 def client(model):
-    _server_packages()
+    require_serve_extra()
     with warnings.catch_warnings():         # Starlette 1.x would rather have httpx2; httpx works
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
@@ -241,7 +221,7 @@ def test_a_client_path_is_never_opened(client, pictures, tmp_path):
 
 
 def test_a_failure_inside_the_server_is_a_json_500_without_traceback(model, pictures, monkeypatch):
-    _server_packages()
+    require_serve_extra()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
@@ -305,7 +285,7 @@ def test_a_batched_burst_equals_one_at_a_time_bit_for_bit(model):
 
 
 def test_the_command_serves_a_concurrent_burst_batched_like_alone(checkpoint, pictures, tmp_path):
-    _server_packages()
+    require_serve_extra()
     folder, names = pictures
     x, _ = fashion_test_set()
     bodies = []
@@ -343,7 +323,7 @@ def test_address_lines_warn_off_this_computer():
 
 
 def test_a_taken_port_is_one_line_exit_10(checkpoint, tmp_path):
-    _server_packages()
+    require_serve_extra()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -374,7 +354,7 @@ def test_without_the_extra_one_line_says_how_to_install_it(checkpoint, tmp_path)
 
 
 def test_serve_shuts_down_cleanly_with_requests_in_flight(checkpoint, pictures, tmp_path):
-    _server_packages()
+    require_serve_extra()
     folder, _ = pictures
     process, url, _ = start_server(checkpoint, tmp_path)
     body = (folder / "paper.png").read_bytes()
@@ -397,7 +377,7 @@ def test_serve_shuts_down_cleanly_with_requests_in_flight(checkpoint, pictures, 
 
 def test_load_script_checks_every_answer_under_concurrency(checkpoint, tmp_path):
     """scripts/load_serve.py, small: 240 requests (12 bad) from 16 clients, batched and not."""
-    _server_packages()
+    require_serve_extra()
     from trained import FASHION_DIR
 
     result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--requests", "240",

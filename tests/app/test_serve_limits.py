@@ -29,34 +29,15 @@ from PIL import Image
 
 from xpcnn.app.batcher import Batcher, ServerBusy
 from xpcnn.app.connections import LINGER_BYTES, LINGER_IDLE_SECONDS
-from xpcnn.app.serve import Limits, ServedModel, create_app
+from xpcnn.app.serve import Limits, create_app
 
-from helpers import REPO, isolated_env, start_server, stop_server, unavailable
-from trained import fashion_test_set, trained_checkpoint
+from helpers import REPO, isolated_env, require_serve_extra, start_server, stop_server, unavailable
+from trained import fashion_test_set
 
 #: The slow-client server's --request-timeout (seconds).
 TIMEOUT = 2.0
 #: Slack on every time bound: a cut must come within its timeout plus this (a busy machine).
 SLACK = 8.0
-
-
-def _server_packages():
-    try:
-        import fastapi  # noqa: F401
-        import httpx  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        unavailable(f"the serve extra is not installed ({exc.name}: pip install 'xpcnn[serve]' httpx)")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return trained_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return ServedModel.from_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +51,7 @@ def picture():
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """`xpcnn serve --request-timeout 2` (the other limits at their defaults): ``base URL``."""
-    _server_packages()
+    require_serve_extra()
     folder = tmp_path_factory.mktemp("serve-limits")
     process, url, _ = start_server(checkpoint, folder, "--request-timeout", str(TIMEOUT))
     yield url
@@ -134,7 +115,7 @@ def test_the_batcher_admits_at_most_max_queue_and_refuses_late_requests(model):
 
 
 def _test_client(app):
-    _server_packages()
+    require_serve_extra()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
@@ -332,7 +313,7 @@ def _health_when_served(url):
 
 
 def test_connections_over_the_bound_get_503_json_and_four_times_over_are_closed(checkpoint, picture, tmp_path):
-    _server_packages()
+    require_serve_extra()
     process, url, _ = start_server(checkpoint, tmp_path, "--max-connections", "8")
     port, held = _port(url), []
     try:
@@ -367,7 +348,7 @@ def test_a_burst_of_ten_times_the_scoring_rate_from_200_clients_is_answered_whol
     """scripts/load_serve.py --burst, small: it measures what the server scores per second, then
     sends ten times that at once from 200 clients; every request gets 200 with predict's answer,
     or a 400/413/503 JSON; none reset or timed out; memory within 200 MiB more; /healthz answers."""
-    _server_packages()
+    require_serve_extra()
     from trained import FASHION_DIR
 
     result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--burst", "--clients", "200",
@@ -384,7 +365,7 @@ def test_a_burst_of_ten_times_the_scoring_rate_from_200_clients_is_answered_whol
 def test_the_load_script_cuts_40_slow_uploads_and_serves_meanwhile(checkpoint, tmp_path):
     """scripts/load_serve.py --slow, as in the issue: 40 uploads that stop after 10 of 100,000
     bytes and 4 unfinished headers, each cut with 408 in time, 200 good requests answered."""
-    _server_packages()
+    require_serve_extra()
     from trained import FASHION_DIR
 
     result = subprocess.run([sys.executable, "scripts/load_serve.py", str(checkpoint), "--slow", "--clients", "40",

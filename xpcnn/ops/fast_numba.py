@@ -170,6 +170,17 @@ def _conv1_plane_backward(image, width, W, f, grad, dW, dimage):
 
 
 @njit(nogil=True, error_model="numpy")
+def _gradient_buffers(x, W, pad, out_h, want_dx):
+    """``(width, image, grad, dimage)`` for a backward kernel: the padded width, a flat padded
+    image (`_load_image`), a gradient plane, and the input gradient's plane (empty unless
+    `want_dx`)."""
+    width = x.shape[3] + 2 * pad
+    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
+    dimage = np.zeros(image.shape[0] if want_dx else 0, dtype=x.dtype)
+    return width, image, np.zeros(out_h * width, dtype=x.dtype), dimage
+
+
+@njit(nogil=True, error_model="numpy")
 def _store_input_gradient(dimage, n, pad, width, dx):
     """The middle of the flat padded `dimage` into ``dx[n, 0]``."""
     for y in range(dx.shape[2]):
@@ -227,11 +238,7 @@ def _conv1_relu_pool_forward(x, W, b, pad, pool, start, end, out, arg):
 def _conv1_relu_pool_backward(x, W, dout, arg, pad, pool, start, end, dW, db, dx):
     """Images ``start..end-1``: dW and db summed (into `dW`, `db`) over the pooled maxima that
     passed the ReLU; `dx` (or an empty array when not wanted) gets the input gradient."""
-    width = x.shape[3] + 2 * pad
-    out_h = x.shape[2] + 2 * pad - W.shape[2] + 1
-    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
-    grad = np.zeros(out_h * width, dtype=x.dtype)
-    dimage = np.zeros(image.shape[0] if dx.shape[0] > 0 else 0, dtype=x.dtype)
+    width, image, grad, dimage = _gradient_buffers(x, W, pad, x.shape[2] + 2 * pad - W.shape[2] + 1, dx.shape[0] > 0)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         dimage[:] = 0
@@ -272,11 +279,8 @@ def _conv1_relu_forward(x, W, b, pad, start, end, out):
 def _conv1_relu_backward(x, W, dout, out, pad, start, end, dW, db, dx):
     """Images ``start..end-1``: dW and db summed where the output passed the ReLU; `dx` as in
     `_conv1_relu_pool_backward`."""
-    width = x.shape[3] + 2 * pad
     out_h, out_w = dout.shape[2], dout.shape[3]
-    image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
-    grad = np.zeros(out_h * width, dtype=x.dtype)
-    dimage = np.zeros(image.shape[0] if dx.shape[0] > 0 else 0, dtype=x.dtype)
+    width, image, grad, dimage = _gradient_buffers(x, W, pad, out_h, dx.shape[0] > 0)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         dimage[:] = 0
