@@ -5,21 +5,27 @@ each function here replaces an operation of the table with compiled loops that m
 over memory where NumPy makes several:
 
     operation                               kernel
-    conv2d_relu_maxpool2d_*, one channel,   the convolution computed plane by plane (a long
-    stride 1                                multiply-add per tap, vectorised), its bias, ReLU
-                                            and the pooling's maximum with the window offset of
-                                            the maximum while the plane is in cache; backward:
-                                            the gradient placed at the pooled maxima that passed
-                                            the ReLU, then dW as one dot product per tap
+    conv2d_relu_maxpool2d_*, one channel,   the convolution computed plane by plane (one long
+    stride 1                                vectorised multiply-add per filter row), its bias,
+                                            ReLU and the pooling's maximum with the window
+                                            offset of the maximum while the plane is in cache;
+                                            backward: the gradient placed at the pooled maxima
+                                            that passed the ReLU, then dW as one dot product
+                                            per tap
     conv2d_relu_*, one channel, stride 1    the same convolution with its bias and ReLU
+    conv2d_relu[_maxpool2d]_*, several      fast_numpy's window copies and BLAS products chunk
+    channels, stride 1, pad < filter        by chunk, with bias, ReLU (and pooling) in one
+                                            compiled pass on each chunk's product
+                                            (`_ChunkedConvolution`, `conv_kernels`)
     softmax_cross_entropy_*                 one pass per row: probabilities, loss, and the
                                             gradient for ``dout = 1`` (backward returns it)
     count_correct                           argmax and comparison in one pass
     sgd / momentum / adagrad / adam         one pass over the flat parameter buffer
 
-Multi-channel convolutions and matrix products stay in `fast_numpy` (BLAS); this module's
-entries are laid over that table. Cases without a kernel here (pooling that does not tile,
-one-hot labels, ...) return ``NotImplemented`` and take the table's other path.
+The unfused operations (the plain convolution, Affine, ReLU, pooling) stay `fast_numpy`'s;
+this module's entries are laid over that table. Cases without a kernel here (stride 2,
+pooling that does not tile, one-hot labels, ...) return ``NotImplemented`` and take the
+table's other path (for a fused operation, its definition on fast_numpy's entries).
 
 **Threads.** The kernels release the GIL (``nogil``) and run on the slices of the batch (or
 of the flat buffer) of `cpu_threads.run_in_slices`: one pool of threads for the whole fast
