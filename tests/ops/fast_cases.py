@@ -17,6 +17,8 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
     (3, 1, 28, 28, 16, 3, 3, 1, 1),    # DeepConvNet's first convolution
     (5, 64, 7, 7, 64, 3, 3, 1, 1),     # its sixth: odd sizes, an uneven cut into slices
     (1, 16, 13, 11, 8, 3, 3, 1, 2),    # N = 1, odd sizes, pad 2
+    (2, 3, 8, 7, 4, 3, 2, 1, 1),       # stride 1, a filter wider than tall: the input gradient's
+    (2, 3, 7, 8, 4, 2, 3, 1, 1),       # padding differs along the two axes (1 and 0, 0 and 1)
 ]
 #: Convolution, ReLU and a square max pooling (fused): (N, C, H, W, FN, FH, FW, stride, pad, pool size);
 #: the pooling's stride is its size.

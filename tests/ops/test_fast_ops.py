@@ -126,7 +126,9 @@ def _calls_into_reference(*names):
 
 
 def _close(backend, fast, ref, dtype, what):
-    f, r = backend.to_numpy(fast).astype(np.float64), backend.to_numpy(ref).astype(np.float64)
+    f, r = backend.to_numpy(fast), backend.to_numpy(ref)
+    assert f.dtype == r.dtype == np.dtype(dtype), f"{what}: dtype {f.dtype}, the reference's {r.dtype}, input {dtype}"
+    f, r = f.astype(np.float64), r.astype(np.float64)
     assert f.shape == r.shape, (what, f.shape, r.shape)
     scale = max(float(np.abs(r).max()), 1e-30)
     err = float(np.abs(f - r).max()) / scale

@@ -584,7 +584,7 @@ class _ChunkedConvolution:
         dx = np.empty((n, height, width, channels), dtype=dtype) if need_input_grad else None
         if need_input_grad:                  # stride 1: dx is the gradient convolved with the flipped filters
             flipped = np.ascontiguousarray(self.W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, channels)
-            grad_pad = fh - 1 - self.pad
+            pad_h, pad_w = fh - 1 - self.pad, fw - 1 - self.pad      # the gradient's padding on each axis
         sums: dict[int, tuple] = {}
 
         def one_slice(part: int, first: int, last: int) -> None:
@@ -593,9 +593,8 @@ class _ChunkedConvolution:
             dW, dW_chunk, db = (np.zeros((self.row_len, filter_num), dtype=dtype),
                                 np.empty((self.row_len, filter_num), dtype=dtype), np.zeros(filter_num, dtype=dtype))
             if need_input_grad:      # the chunk's gradient inside a zero border (the border is written once)
-                padded = np.zeros((images, self.out_h + 2 * grad_pad, self.out_w + 2 * grad_pad, filter_num),
-                                  dtype=dtype)
-                grad = padded[:, grad_pad:grad_pad + self.out_h, grad_pad:grad_pad + self.out_w]
+                padded = np.zeros((images, self.out_h + 2 * pad_h, self.out_w + 2 * pad_w, filter_num), dtype=dtype)
+                grad = padded[:, pad_h:pad_h + self.out_h, pad_w:pad_w + self.out_w]
                 grad_windows = fast_numpy._windows(padded, fh, fw, 1, height, width)
                 grad_columns = np.empty((images,) + grad_windows.shape[1:], dtype=dtype)
             else:
