@@ -197,6 +197,22 @@ def test_affine_matches_reference(fast_backend, rng, dtype, into_buffers):
         _close(be, got, want, dtype, f"affine {name}")
 
 
+def test_affine_backward_without_input_gradient_and_into_a_strided_buffer(fast_backend, rng, dtype):
+    """No input gradient asked for: none made (None back); gradient buffers that are views
+    with other strides (a transposed array) are written, and handed back, as given."""
+    be = fast_backend
+    fast, ref = _tables(be, "affine_forward", "affine_backward")
+    x, W = be.asarray(rng.standard_normal((9, 12)), dtype), be.asarray(rng.standard_normal((12, 5)), dtype)
+    dout = be.asarray(rng.standard_normal((9, 5)), dtype)
+    dW_buffer = be.xp.permute_dims(be.asarray(np.zeros((5, 12)), dtype), (1, 0))       # (12, 5), not contiguous
+    db_buffer = be.asarray(np.zeros(5), dtype)
+    dx, dW, db = fast.affine_backward(dout, x, W, False, dW_buffer, db_buffer)
+    _, dW_r, db_r = ref.affine_backward(dout, x, W, False)
+    assert dx is None and dW is dW_buffer and db is db_buffer
+    _close(be, dW_buffer, dW_r, dtype, "affine dW into a strided buffer")
+    _close(be, db_buffer, db_r, dtype, "affine db")
+
+
 def _compare_gradients(be, got, want, dtype, what):
     for name, g, r in zip(("dx", "dW", "db"), got, want):
         if r is None:
