@@ -141,8 +141,13 @@ MUTATIONS = {
                                  "W[f, 0, i, 3], W[f, 0, i, 3]\n"),
     "dW-tap-5-wide": ("def _conv1_plane_backward(", "t4 += g * s4[p]", "t4 += g * s3[p]"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
-    "argmax-tie-takes-the-last": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
-                                  "if not (candidate[pw] < best[pw])"),
+    "argmax-tie-takes-the-last": ("def _pool_plane_2(", "take = not (value <= best)", "take = not (value < best)"),
+    "argmax-tie-takes-the-last-wider-window": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
+                                               "if not (candidate[pw] < best[pw])"),
+    "unpool-2-wrong-offset": ("def _conv1_relu_pool_backward(", "bottom[2 * pw] = g if k == 2",
+                              "bottom[2 * pw] = g if k == 3"),
+    "unpool-2-db-counts-blocked-maxima": ("def _conv1_relu_pool_backward(", "if plane_arg[q] >= 0 else zero",
+                                          "if plane_arg[q] >= -1 else zero"),
     "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (row[ow] <= 0) else 0",
                                     "if True else 0"),
     "adagrad-formula": ("def _adagrad(", "(np.sqrt(h[i]) + eps) * lr", "(h[i] + eps) * lr"),
@@ -209,6 +214,16 @@ def _mismatches(module) -> list[str]:
         differ(label, out, want)
         for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, pad, True),
                                        reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, pad,
+                                                                                      True))):
+            differ(f"{label} gradient {k}", g, r)
+    # 4 x 4 windows (the general pooling loop; the book's 2 x 2 has its own), ties included.
+    for label, filters in (("conv-relu-pool 4x4 windows", W), ("conv-relu-pool 4x4 windows, ties", tied_W)):
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
+        differ(label, out, want)
+        coarse = rng.standard_normal((3, 4, 2, 2))
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, coarse, cache, filters, 1, 0, True),
+                                       reference_table.conv2d_relu_maxpool2d_backward(coarse, cache_r, filters, 1, 0,
                                                                                       True))):
             differ(f"{label} gradient {k}", g, r)
     out, _ = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)

@@ -195,12 +195,40 @@ def _store_input_gradient(dimage, n, pad, width, dx):
 
 
 @njit(nogil=True, error_model="numpy")
+def _pool_plane_2(plane, width, out, arg):
+    """`_pool_plane` for the book's 2 x 2 windows: a window's four values read from two rows
+    of the plane in one loop whose choices are selects, not branches (LLVM vectorises it:
+    0.18 against 0.75 ms for 1,500 of SimpleConvNet's planes)."""
+    pooled_w = out.shape[1]
+    for ph in range(out.shape[0]):
+        top = plane[2 * ph * width:2 * ph * width + 2 * pooled_w]
+        bottom = plane[(2 * ph + 1) * width:(2 * ph + 1) * width + 2 * pooled_w]
+        target, where = out[ph], arg[ph]
+        for pw in range(pooled_w):
+            best, k = top[2 * pw], 0
+            value = top[2 * pw + 1]
+            take = not (value <= best) and best == best      # larger, or the first NaN
+            best, k = (value, 1) if take else (best, k)
+            value = bottom[2 * pw]
+            take = not (value <= best) and best == best
+            best, k = (value, 2) if take else (best, k)
+            value = bottom[2 * pw + 1]
+            take = not (value <= best) and best == best
+            best, k = (value, 3) if take else (best, k)
+            target[pw] = best if not (best <= 0) else 0          # a NaN stays NaN
+            where[pw] = k if best > 0 else -1
+
+
+@njit(nogil=True, error_model="numpy")
 def _pool_plane(plane, width, pool, out, arg, best, offset):
     """``out = relu(maxpool(plane))`` for tiling ``pool x pool`` windows of a plane `width`
     values wide, ``out``/``arg (PH, PW)``: a pooled row at a time, each window offset a strided
     slice across the row's windows. ``arg`` is the offset ``r * pool + c`` of the window's
     first maximum, or -1 where the ReLU passed nothing back (maximum <= 0, or NaN); a NaN wins
     its window and stays NaN."""
+    if pool == 2:
+        _pool_plane_2(plane, width, out, arg)
+        return
     pooled_w = out.shape[1]
     for ph in range(out.shape[0]):
         corner = ph * pool * width
@@ -245,20 +273,40 @@ def _conv1_relu_pool_backward(x, W, dout, arg, pad, pool, start, end, dW, db, dx
     """Images ``start..end-1``: dW and db summed (into `dW`, `db`) over the pooled maxima that
     passed the ReLU; `dx` (or an empty array when not wanted) gets the input gradient."""
     width, image, grad, dimage = _gradient_buffers(x, W, pad, x.shape[2] + 2 * pad - W.shape[2] + 1, dx.shape[0] > 0)
+    zero = dout.dtype.type(0)       # (outside the windows, `grad` is never written: it stays zero)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         dimage[:] = 0
         for f in range(W.shape[0]):
-            grad[:] = 0
-            total = db.dtype.type(0)
-            for ph in range(dout.shape[2]):
-                for pw in range(dout.shape[3]):
-                    offset = arg[n, f, ph, pw]
-                    if offset >= 0:
-                        g = dout[n, f, ph, pw]
-                        grad[(ph * pool + offset // pool) * width + pw * pool + offset % pool] = g
-                        total += g
-            db[f] += total
+            if pool == 2:
+                # Every value of the 2 x 2 windows written, selects not branches (inline: a
+                # call per plane measured slower); db as a second, vectorised pass.
+                for ph in range(dout.shape[2]):
+                    top = grad[2 * ph * width:2 * ph * width + 2 * dout.shape[3]]
+                    bottom = grad[(2 * ph + 1) * width:(2 * ph + 1) * width + 2 * dout.shape[3]]
+                    source, where = dout[n, f, ph], arg[n, f, ph]
+                    for pw in range(dout.shape[3]):
+                        k, g = where[pw], source[pw]
+                        top[2 * pw] = g if k == 0 else zero
+                        top[2 * pw + 1] = g if k == 1 else zero
+                        bottom[2 * pw] = g if k == 2 else zero
+                        bottom[2 * pw + 1] = g if k == 3 else zero
+                plane_dout, plane_arg = dout[n, f].reshape(-1), arg[n, f].reshape(-1)
+                total = zero
+                for q in range(plane_dout.shape[0]):
+                    total += plane_dout[q] if plane_arg[q] >= 0 else zero
+                db[f] += total
+            else:
+                grad[:] = 0
+                total = db.dtype.type(0)
+                for ph in range(dout.shape[2]):
+                    for pw in range(dout.shape[3]):
+                        offset = arg[n, f, ph, pw]
+                        if offset >= 0:
+                            g = dout[n, f, ph, pw]
+                            grad[(ph * pool + offset // pool) * width + pw * pool + offset % pool] = g
+                            total += g
+                db[f] += total
             _conv1_plane_backward(image, width, W, f, grad, dW, dimage)
         if dx.shape[0] > 0:
             _store_input_gradient(dimage, n, pad, width, dx)
