@@ -140,12 +140,21 @@ MUTATIONS = {
     "off-by-one-window-5-wide": ("def _conv1_plane(", "W[f, 0, i, 3], W[f, 0, i, 4]\n",
                                  "W[f, 0, i, 3], W[f, 0, i, 3]\n"),
     "dW-tap-5-wide": ("def _conv1_plane_backward(", "t4 += g * s4[p]", "t4 += g * s3[p]"),
+    "pair-second-filter-tap": ("def _conv1_plane_pair(", "W[f + 1, 0, i, 4])", "W[f, 0, i, 4])"),
+    "pair-3-wide-window": ("def _conv1_plane_pair(", "plane2[p] += u0 * v0 + u1 * v1 + u2 * v2",
+                           "plane2[p] += u0 * v0 + u1 * v1 + u1 * v2"),
+    "pair-backward-second-filter": ("def _conv1_plane_backward_pair(", "u4 += h * v4", "u4 += g * v4"),
+    "offset-planes-shifted-tap": ("def _pooled_dW_pair(", "planes[c + 3], planes[c + 4]",
+                                  "planes[c + 4], planes[c + 4]"),
+    "offset-planes-3-wide-tap": ("def _pooled_dW_pair(", "source = planes[c + j]", "source = planes[j]"),
+    "offset-planes-mask": ("def _mask_by_offset(", "if arg[p] == k else zero", "if arg[p] == 3 - k else zero"),
+    "shifted-planes-padding": ("def _load_shifted(", "2 * ph + u - pad", "2 * ph + u"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
     "argmax-tie-takes-the-last": ("def _pool_plane_2(", "take = not (value <= best)", "take = not (value < best)"),
     "argmax-tie-takes-the-last-wider-window": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
                                                "if not (candidate[pw] < best[pw])"),
-    "unpool-2-wrong-offset": ("def _conv1_relu_pool_backward(", "bottom[2 * pw] = g if k == 2",
-                              "bottom[2 * pw] = g if k == 3"),
+    "unpool-2-wrong-offset": ("def _conv1_relu_pool_backward(", "bottom[2 * pw] = g if o == 2",
+                              "bottom[2 * pw] = g if o == 3"),
     "unpool-2-db-counts-blocked-maxima": ("def _conv1_relu_pool_backward(", "if plane_arg[q] >= 0 else zero",
                                           "if plane_arg[q] >= -1 else zero"),
     "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (row[ow] <= 0) else 0",
@@ -202,26 +211,32 @@ def _mismatches(module) -> list[str]:
             found.append(what)
 
     x = rng.standard_normal((3, 1, 10, 10))
-    W, b = rng.standard_normal((4, 1, 3, 3)), rng.standard_normal(4)
-    wide = rng.standard_normal((4, 1, 5, 5))   # SimpleConvNet's 5x5 (pad 1: the same 8x8 output)
+    W, b = rng.standard_normal((5, 1, 3, 3)), rng.standard_normal(5)     # 5 filters: a pair and a single one
+    # SimpleConvNet's 5x5 (pad 1: the same 8x8 output), 5 filters: a pair and a single one.
+    wide, wide_b = rng.standard_normal((5, 1, 5, 5)), rng.standard_normal(5)
     tied_W = np.zeros_like(W)                  # every window ties: the first maximum must win
-    dout = rng.standard_normal((3, 4, 4, 4))
+    tie_b = np.abs(b) + 0.1                    # (and passes the ReLU, so that the tie rule shows)
     pool = (2, 2, 2, 0, 4, 4)
-    for label, filters in (("conv-relu-pool", W), ("conv-relu-pool ties", tied_W), ("conv-relu-pool 5x5", wide)):
+    for label, filters, bias in (("conv-relu-pool", W, b), ("conv-relu-pool ties", tied_W, tie_b),
+                                 ("conv-relu-pool 5x5", wide, wide_b)):
         pad = (filters.shape[2] - 3) // 2
-        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, pad, 8, 8, pool)
-        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, pad, 8, 8, pool)
+        dout = rng.standard_normal((3, filters.shape[0], 4, 4))
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, bias, 1, pad, 8, 8, pool)
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, bias, 1, pad, 8, 8, pool)
         differ(label, out, want)
-        for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, pad, True),
-                                       reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, pad,
-                                                                                      True))):
-            differ(f"{label} gradient {k}", g, r)
+        for need_dx in (True, False):          # without dx (a first layer): the offset planes
+            for k, (g, r) in enumerate(zip(
+                    module.conv2d_relu_maxpool2d_backward(xp, dout, cache, filters, 1, pad, need_dx),
+                    reference_table.conv2d_relu_maxpool2d_backward(dout, cache_r, filters, 1, pad, need_dx))):
+                if r is not None:
+                    differ(f"{label} gradient {k}{'' if need_dx else ' (no dx)'}", g, r)
     # 4 x 4 windows (the general pooling loop; the book's 2 x 2 has its own), ties included.
-    for label, filters in (("conv-relu-pool 4x4 windows", W), ("conv-relu-pool 4x4 windows, ties", tied_W)):
-        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, b, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
-        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, b, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
+    for label, filters, bias in (("conv-relu-pool 4x4 windows", W, b),
+                                 ("conv-relu-pool 4x4 windows, ties", tied_W, tie_b)):
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, bias, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, bias, 1, 0, 8, 8, (4, 4, 4, 0, 2, 2))
         differ(label, out, want)
-        coarse = rng.standard_normal((3, 4, 2, 2))
+        coarse = rng.standard_normal((3, filters.shape[0], 2, 2))
         for k, (g, r) in enumerate(zip(module.conv2d_relu_maxpool2d_backward(xp, coarse, cache, filters, 1, 0, True),
                                        reference_table.conv2d_relu_maxpool2d_backward(coarse, cache_r, filters, 1, 0,
                                                                                       True))):
@@ -230,7 +245,8 @@ def _mismatches(module) -> list[str]:
     differ("conv-relu", out, reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)[0])
     # Several channels (the chunked path with its compiled epilogues), ties included.
     x3, W3, b3 = rng.standard_normal((3, 3, 10, 10)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
-    for label, filters in (("multi-channel", W3), ("multi-channel ties", np.zeros_like(W3))):
+    # (ties: a positive bias, so that the ReLU passes the tied maxima and the tie rule shows)
+    for label, filters, b3 in (("multi-channel", W3, b3), ("multi-channel ties", np.zeros_like(W3), np.abs(b3) + 0.1)):
         out, cache = module.conv2d_relu_maxpool2d_forward(xp, x3, filters, b3, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
         want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x3, filters, b3, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
         differ(f"{label} pool", out, want)
