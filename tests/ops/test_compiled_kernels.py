@@ -179,6 +179,33 @@ CONV_KERNEL_MUTATIONS = {
 }
 CONV_KERNELS = REPO / "xpcnn" / "ops" / "conv_kernels.py"
 
+#: Seeded bugs in Winograd's transforms (`winograd.py`), run through fast_numba's entries.
+WINOGRAD_MUTATIONS = {
+    "input-transform-B-coefficient": ("def input_transform(", "patch[1, j, c] = d1 + d2", "patch[1, j, c] = d1 - d2"),
+    "filter-transform-G-half": ("def filter_transform(", "t[i, 2] = (g[i, 0] - g[i, 1] + g[i, 2]) * 0.5",
+                                "t[i, 2] = (g[i, 0] - g[i, 1] + g[i, 2])"),
+    "filter-gradient-G-transposed": ("def filter_gradient(", "t[2, q] = (u1 + u2) * 0.5 + u3",
+                                     "t[2, q] = (u1 - u2) * 0.5 + u3"),
+    "output-transform-A-row": ("def _output_tile(", "s10 = M[t, 4, k] - M[t, 8, k] - M[t, 12, k]",
+                               "s10 = M[t, 4, k] - M[t, 8, k] + M[t, 12, k]"),
+    "gradient-transform-A-transposed": ("def _store_gradient_tile(", "r30, r31 = -g10, -g11", "r30, r31 = g10, -g11"),
+    "dx-transform-B-transposed": ("def input_gradient(", "patch[i, 2, c] = v1 + v2 - v0",
+                                  "patch[i, 2, c] = v1 + v2 + v0"),
+    "dx-scatter-edge-off-by-one": ("def input_gradient(", "if 0 <= y0 + i < height and", "if 0 < y0 + i < height and"),
+    "padding-offset": ("def input_transform(", "y0, x0 = 2 * ty - pad, 2 * tx - pad",
+                       "y0, x0 = 2 * ty - pad, 2 * tx"),
+    "half-tile-kept": ("def relu_tiles_gradient(", "keep_y, keep_x = y0 + 1 < out_h, x0 + 1 < out_w",
+                       "keep_y, keep_x = True, x0 + 1 < out_w"),
+    "half-tile-written-short": ("def output_relu(", "if y0 + a < out_h and x0 + col < out_w:",
+                                "if y0 + a < out_h - 1 and x0 + col < out_w:"),
+    "missing-bias": ("def output_relu(", "top[x0, k] = _relu(y00 + b[k], zero)", "top[x0, k] = _relu(y00, zero)"),
+    "pool-tie-takes-the-last": ("def output_relu_pool(", "value = y10 + bias\n            if not (value <= best)",
+                                "value = y10 + bias\n            if not (value < best)"),
+    "pool-gradient-wrong-offset": ("def pool_tiles_gradient(", "g if where == 1 else zero",
+                                   "g if where == 2 else zero"),
+}
+WINOGRAD = REPO / "xpcnn" / "ops" / "winograd.py"
+
 
 def _mutated_module(name: str, tmp_path: Path, mutations: dict = MUTATIONS, source: Path = FAST_NUMBA):
     """A copy of fast_numba.py with the mutation `name`, imported as a module of xpcnn.ops."""
@@ -262,6 +289,28 @@ def _mismatches(module) -> list[str]:
         for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, filters, 1, 1, True),
                                        reference_table.conv2d_relu_backward(grad, cache_r, filters, 1, 1, True))):
             differ(f"{label} relu gradient {k}", g, r)
+    # Winograd's edges: pad 0 and 2, odd output sizes (half tiles), a batch of one.
+    for label, (n, c, h, w, pad) in (("pad 0", (2, 3, 8, 8, 0)), ("pad 2, odd", (1, 4, 7, 9, 2)),
+                                     ("pad 1, odd", (3, 5, 7, 7, 1))):
+        xs, Ws, bs = rng.standard_normal((n, c, h, w)), rng.standard_normal((4, c, 3, 3)), rng.standard_normal(4)
+        oh, ow = h + 2 * pad - 2, w + 2 * pad - 2
+        out, cache = module.conv2d_relu_forward(xp, xs, Ws, bs, 1, pad, oh, ow)
+        want, cache_r = reference_table.conv2d_relu_forward(xs, Ws, bs, 1, pad, oh, ow)
+        differ(f"multi-channel {label} relu", out, want)
+        grad = rng.standard_normal(want.shape)
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, Ws, 1, pad, True),
+                                       reference_table.conv2d_relu_backward(grad, cache_r, Ws, 1, pad, True))):
+            differ(f"multi-channel {label} relu gradient {k}", g, r)
+        if oh % 2 == 0 and ow % 2 == 0:
+            pool = (2, 2, 2, 0, oh // 2, ow // 2)
+            out, cache = module.conv2d_relu_maxpool2d_forward(xp, xs, Ws, bs, 1, pad, oh, ow, pool)
+            want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(xs, Ws, bs, 1, pad, oh, ow, pool)
+            differ(f"multi-channel {label} pool", out, want)
+            grad = rng.standard_normal(want.shape)
+            for k, (g, r) in enumerate(zip(
+                    module.conv2d_relu_maxpool2d_backward(xp, grad, cache, Ws, 1, pad, True),
+                    reference_table.conv2d_relu_maxpool2d_backward(grad, cache_r, Ws, 1, pad, True))):
+                differ(f"multi-channel {label} pool gradient {k}", g, r)
     scores, labels = rng.standard_normal((9, 10)), rng.integers(0, 10, 9)
     scores[0, 3] = scores[0, 7] = 9.0          # a tied maximum: the first counts
     loss, cache = module.softmax_cross_entropy_forward(xp, scores, labels)
@@ -299,6 +348,27 @@ def test_a_seeded_bug_in_a_multi_channel_loop_is_caught(mutation, tmp_path, monk
     monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
     monkeypatch.setattr(fast_numba, "conv_kernels",
                         _mutated_module(mutation, tmp_path, CONV_KERNEL_MUTATIONS, CONV_KERNELS))
+    monkeypatch.setattr(fast_numba, "WINOGRAD", False)        # the chunked path, whose loops these are
+    found = _mismatches(fast_numba)
+    assert found, f"mutation {mutation} went unnoticed"
+    print(f"{mutation}: caught by {found}")
+
+
+def test_the_multi_channel_loops_without_winograd_match_the_reference(monkeypatch):
+    """The control for the chunked path's mutations: with Winograd off, no mismatch."""
+    from xpcnn.ops import fast_numba
+
+    monkeypatch.setattr(fast_numba, "WINOGRAD", False)
+    assert _mismatches(fast_numba) == []
+
+
+@pytest.mark.parametrize("mutation", sorted(WINOGRAD_MUTATIONS))
+def test_a_seeded_bug_in_a_winograd_transform_is_caught(mutation, tmp_path, monkeypatch):
+    from xpcnn.ops import fast_numba
+
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
+    monkeypatch.setattr(fast_numba, "winograd", _mutated_module(mutation, tmp_path, WINOGRAD_MUTATIONS, WINOGRAD))
+    monkeypatch.setattr(fast_numba, "WINOGRAD", True)
     found = _mismatches(fast_numba)
     assert found, f"mutation {mutation} went unnoticed"
     print(f"{mutation}: caught by {found}")

@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import conv_kernels, fast_numpy, kernel_cache, reference
+from . import conv_kernels, fast_numpy, kernel_cache, reference, winograd
 from .cpu_threads import run_in_slices
 from .functions import one_hot
 from .reference import store_gradient
@@ -70,6 +70,14 @@ _TAG = "numba"
 #: About how many bytes of im2col rows one chunk of images holds (as `fast_numpy`'s): a few
 #: images, so that the rows, their product and the epilogue meet in cache.
 CHUNK_BYTES = 2 << 20
+
+#: Whether 3 x 3, stride-1 convolutions of several channels take Winograd's F(2x2, 3x3)
+#: (`_WinogradConvolution`); False: the window copies and products of `_ChunkedConvolution`
+#: (for comparisons: tests, scripts/deep_step_ab.py).
+WINOGRAD = True
+
+#: About how many bytes of transformed tiles (input V and product M) one Winograd chunk holds.
+WINOGRAD_CHUNK_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------- one-channel convolution
@@ -703,6 +711,8 @@ def conv2d_relu_maxpool2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride
     if stride != 1 or not size:
         return NotImplemented
     if W.shape[1] > 1:
+        if size == 2 and _WinogradConvolution.takes(W, pad):
+            return _WinogradConvolution(x, W, pad, out_h, out_w, pooled=True).forward_pooled(b)
         if not _ChunkedConvolution.takes(W, pad):
             return NotImplemented
         return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_pooled(b, size)
@@ -720,7 +730,7 @@ def conv2d_relu_maxpool2d_backward(xp: ModuleType, dout: Any, cache: Any, W: Any
     """dW and db from the pooled maxima that passed the ReLU; dx where asked for."""
     if cache[0] != _TAG:
         return NotImplemented
-    if cache[1] == "chunked":
+    if cache[1] in ("chunked", "winograd"):
         return cache[2].backward_pooled(dout, cache[3], cache[4], need_input_grad, dW_out, db_out)
     _, _, x, arg, size = cache
     dout = np.ascontiguousarray(dout)
@@ -746,6 +756,8 @@ def conv2d_relu_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad
     if stride != 1:
         return NotImplemented
     if W.shape[1] > 1:
+        if _WinogradConvolution.takes(W, pad):
+            return _WinogradConvolution(x, W, pad, out_h, out_w, pooled=False).forward_relu(b)
         if not _ChunkedConvolution.takes(W, pad):
             return NotImplemented
         return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_relu(b)
@@ -761,7 +773,7 @@ def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: 
     """dW and db where the output passed the ReLU; dx where asked for."""
     if cache[0] != _TAG:
         return NotImplemented
-    if cache[1] == "chunked":
+    if cache[1] in ("chunked", "winograd"):
         return cache[2].backward_relu(dout, cache[3], need_input_grad, dW_out, db_out)
     _, _, x, out = cache
     dout = np.ascontiguousarray(dout)
@@ -912,6 +924,135 @@ class _ChunkedConvolution:
         dW_view = dW_cols.reshape(fh, fw, channels, filter_num).transpose(3, 2, 0, 1)
         dW = np.ascontiguousarray(dW_view) if dW_out is None else store_gradient(dW_out, dW_view)
         return (None if dx is None else dx.transpose(0, 3, 1, 2)), dW, store_gradient(db_out, db)
+
+
+class _WinogradConvolution:
+    """A 3 x 3, stride-1 convolution of several channels by Winograd's F(2x2, 3x3)
+    (`winograd`: the transforms compiled, the 16 products ``(tiles x C) @ (C x K)`` of each
+    chunk in BLAS), on channels-last memory, a few images (a chunk) at a time and each slice of
+    the batch on its own thread (BLAS at one thread), with the bias, ReLU (and the 2 x 2
+    pooling) in the output transform. Backward: the gradient through the pooling (or ReLU) is
+    transformed per tile (dM), then ``dU[p] += V[p]^T @ dM[p]`` (V made again from the input)
+    and ``dV[p] = dM[p] @ U[p]^T``, scattered back onto the input's patches; dW is
+    ``G^T dU G`` of the sums over the batch, kept per slice and added in slice order. Its cache
+    has `_ChunkedConvolution`'s shape (the backward entries call the same methods)."""
+
+    @staticmethod
+    def takes(W: Any, pad: int) -> bool:
+        """3 x 3 filters over several channels, pad at most 2 (`WINOGRAD` on)."""
+        return WINOGRAD and W.shape[1] > 1 and W.shape[2] == 3 and W.shape[3] == 3 and pad <= 2
+
+    def __init__(self, x: Any, W: Any, pad: int, out_h: int, out_w: int, pooled: bool):
+        self.x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))          # (N, H, W, C)
+        self.W, self.pad, self.out_h, self.out_w = W, pad, out_h, out_w
+        filter_num, channels = W.shape[:2]
+        self.tiles_h, self.tiles_w = winograd.tiles(out_h, out_w, pooled)
+        self.per_image = self.tiles_h * self.tiles_w
+        self.U = np.empty((16, channels, filter_num), dtype=x.dtype)
+        winograd.filter_transform(np.ascontiguousarray(W, dtype=x.dtype), self.U)
+        tile_bytes = 16 * (channels + filter_num) * x.itemsize
+        self.chunk = max(1, WINOGRAD_CHUNK_BYTES // (max(1, self.per_image) * tile_bytes))
+
+    def _buffers(self, first: int, last: int) -> tuple:
+        """A slice's flat buffers for a chunk's V (or dV) and M (or dM), and the patch scratch."""
+        tiles = min(self.chunk, last - first) * self.per_image
+        channels, filter_num, dtype = self.x.shape[3], self.W.shape[0], self.x.dtype
+        return (np.empty(16 * tiles * channels, dtype=dtype), np.empty(16 * tiles * filter_num, dtype=dtype),
+                np.empty((4, 4, channels), dtype=dtype))
+
+    def _chunks(self, first: int, last: int, buffers: tuple):
+        """``(start, end, V, M)`` for the chunks of images ``first:last``: V and M contiguous
+        ``(tiles, 16, C)`` and ``(tiles, 16, K)`` views of the slice's buffers (each tile's 16
+        positions together for the transforms; the products read them as ``(16, tiles, .)``
+        views with rows 16 C apart: the position-major layout put its 16 planes a power of two
+        apart for DeepConvNet's chunks, and the transforms' 16 streams then collided in cache:
+        4.7 against 1.1 ms for a gradient transform)."""
+        v_flat, m_flat, _ = buffers
+        channels, filter_num = self.x.shape[3], self.W.shape[0]
+        for start in range(first, last, self.chunk):
+            end = min(start + self.chunk, last)
+            tiles = (end - start) * self.per_image
+            yield (start, end, v_flat[:16 * tiles * channels].reshape(tiles, 16, channels),
+                   m_flat[:16 * tiles * filter_num].reshape(tiles, 16, filter_num))
+
+    def _transform_input(self, start: int, end: int, V: np.ndarray, patch: np.ndarray) -> None:
+        winograd.input_transform(self.x, start, end, self.pad, self.tiles_h, self.tiles_w, patch, V)
+
+    def forward_relu(self, b: Any) -> tuple:
+        n, filter_num = self.x.shape[0], self.W.shape[0]
+        out = np.empty((n, self.out_h, self.out_w, filter_num), dtype=self.x.dtype)
+        b = np.ascontiguousarray(b, dtype=self.x.dtype)
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            buffers = self._buffers(first, last)
+            scratch = np.empty((4, filter_num), dtype=self.x.dtype)
+            for start, end, V, M in self._chunks(first, last, buffers):
+                self._transform_input(start, end, V, buffers[2])
+                np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
+                winograd.output_relu(M, b, start, self.tiles_h, self.tiles_w, scratch, out)
+
+        run_in_slices(n, one_slice, self.x.nbytes + out.nbytes)
+        return out.transpose(0, 3, 1, 2), (_TAG, "winograd", self, out)
+
+    def forward_pooled(self, b: Any) -> tuple:
+        n, filter_num = self.x.shape[0], self.W.shape[0]
+        pooled = np.empty((n, self.tiles_h, self.tiles_w, filter_num), dtype=self.x.dtype)
+        arg = np.empty(pooled.shape, dtype=np.int8)
+        b = np.ascontiguousarray(b, dtype=self.x.dtype)
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            buffers = self._buffers(first, last)
+            for start, end, V, M in self._chunks(first, last, buffers):
+                self._transform_input(start, end, V, buffers[2])
+                np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
+                winograd.output_relu_pool(M, b, start, pooled, arg)
+
+        run_in_slices(n, one_slice, self.x.nbytes + pooled.nbytes * 4)
+        return pooled.transpose(0, 3, 1, 2), (_TAG, "winograd", self, arg, 2)
+
+    def backward_relu(self, dout: Any, out: np.ndarray, need_input_grad: bool, dW_out: Any, db_out: Any) -> tuple:
+        dout_last = dout.transpose(0, 2, 3, 1)
+
+        def gradient(start: int, dM: np.ndarray, db: np.ndarray) -> None:
+            winograd.relu_tiles_gradient(dout_last, out, start, self.tiles_h, self.tiles_w, dM, db)
+
+        return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes)
+
+    def backward_pooled(self, dout: Any, arg: np.ndarray, pool: int, need_input_grad: bool, dW_out: Any,
+                        db_out: Any) -> tuple:
+        dout_last = dout.transpose(0, 2, 3, 1)
+
+        def gradient(start: int, dM: np.ndarray, db: np.ndarray) -> None:
+            winograd.pool_tiles_gradient(dout_last, arg, start, dM, db)
+
+        return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes * 4)
+
+    def _backward(self, gradient: Callable, need_input_grad: bool, dW_out: Any, db_out: Any, nbytes: int) -> tuple:
+        n, channels, filter_num, dtype = self.x.shape[0], self.x.shape[3], self.W.shape[0], self.x.dtype
+        dx = np.zeros(self.x.shape, dtype=dtype) if need_input_grad else None
+        u_t = self.U.transpose(0, 2, 1)                                  # (16, K, C)
+        sums: dict[int, tuple] = {}
+
+        def one_slice(part: int, first: int, last: int) -> None:
+            buffers = self._buffers(first, last)
+            dU, dU_chunk = np.zeros((16, channels, filter_num), dtype=dtype), np.empty((16, channels, filter_num),
+                                                                                        dtype=dtype)
+            db = np.zeros(filter_num, dtype=dtype)
+            for start, end, V, dM in self._chunks(first, last, buffers):
+                gradient(start, dM, db)
+                self._transform_input(start, end, V, buffers[2])
+                np.matmul(V.transpose(1, 2, 0), dM.transpose(1, 0, 2), out=dU_chunk)
+                dU += dU_chunk
+                if need_input_grad:
+                    np.matmul(dM.transpose(1, 0, 2), u_t, out=V.transpose(1, 0, 2))     # dV, in V's place
+                    winograd.input_gradient(V, start, end, self.pad, self.tiles_h, self.tiles_w, buffers[2], dx)
+            sums[part] = (dU, db)
+
+        dU, db = _sum_slices(sums, run_in_slices(n, one_slice, self.x.nbytes + nbytes))
+        dW = np.empty(self.W.shape, dtype=dtype)
+        winograd.filter_gradient(dU, dW)
+        return (None if dx is None else dx.transpose(0, 3, 1, 2)), store_gradient(dW_out, dW), \
+            store_gradient(db_out, db)
 
 
 def softmax_cross_entropy_forward(xp: ModuleType, scores: Any, t: Any) -> Any:

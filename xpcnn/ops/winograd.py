@@ -1,0 +1,318 @@
+"""Winograd's F(2x2, 3x3) convolution for `fast_numba`: 3 x 3 filters, stride 1, several
+channels, on channels-last memory ``(N, H, W, C)``. Each 2 x 2 block of output pixels (a
+tile) comes from a 4 x 4 patch of the input ``d`` (rows and columns ``2 t - pad`` to
+``2 t - pad + 3``; what lies outside the image reads as zero, so no padded copy is made):
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, per channel pair, summed over C)
+
+    B^T = [[1, 0, -1,  0],     G = [[1,    0,   0],     A^T = [[1, 1,  1,  0],
+           [0, 1,  1,  0],          [1/2,  1/2, 1/2],          [0, 1, -1, -1]]
+           [0, -1, 1,  0],          [1/2, -1/2, 1/2],
+           [0, 1,  0, -1]]          [0,    0,   1]]
+
+The 16 positions ``p = 4 i + j`` of the 4 x 4 transforms are 16 independent matrix products
+``M[p] = V[p] @ U[p]``, ``V (tiles, 16, C)`` the transformed input, ``U (16, C, K)`` the
+transformed filters: those stay in BLAS; the transforms are the compiled loops below (the
+channel loop innermost, contiguous, so that it vectorises):
+
+    filter_transform        U = G g G^T for every (c, k)
+    filter_gradient         dW = G^T dU G (the transposed filter transform)
+    input_transform         V = B^T d B for every tile and channel, padding read as zeros
+    input_gradient          dx += B dV B^T, scattered onto the overlapping patches (the
+                            transposed input transform), what falls on the padding dropped
+    output_relu             Y = A^T M A + bias, ReLU, the tiles' pixels inside the output
+    output_relu_pool        the same with the 2 x 2 max pooling of each tile (the pooling
+                            windows are the tiles) and the offset of its first maximum, as
+                            `conv_kernels.bias_relu_pool`
+    relu_tiles_gradient     dM = A dY A^T of the output's gradient where it passed the ReLU
+                            (zeros beyond the output's last row and column), and db
+    pool_tiles_gradient     the same for the pooled gradient placed at each window's maximum
+
+An odd output size makes the last row (column) of tiles half outside: their second output
+row is computed and dropped (with pooling, which does not cover it, the half tiles are not
+computed at all).
+
+**Rounding.** The transforms add and subtract up to 4 x 4 values before the product and
+after it, so the rounding error is a few times a direct convolution's (float32: about 1e-6
+of the largest output against 2e-7, see tests/ops/test_fast_ops.py's tolerance).
+
+**NaN and infinity.** A NaN in the input makes NaN every output of the tiles whose patch
+holds it (up to 4 x 4 pixels around it, not only the 3 x 3 the reference's window reaches):
+NaN stays visible, as the NaN rules of `fast_numba` ask, but may reach a few neighbours more.
+An infinite input gives NaN where the transforms subtract it from itself (inf - inf), where
+the direct convolution gives +-inf; both are visible non-finite values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernel_cache import kernel, njit
+
+#: Numba's options for these loops: no GIL (the slices of a batch run on their own threads),
+#: NumPy's error model.
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
+
+#: The F(2x2, 3x3) matrices (documentation, and the float64 check of the compiled loops in
+#: tests/ops/test_fast_ops.py; the loops below have their coefficients written out).
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def tiles(out_h: int, out_w: int, pooled: bool) -> tuple[int, int]:
+    """Tiles down and across an ``out_h x out_w`` output: all of it, or (pooled) only the
+    whole 2 x 2 windows the pooling reads."""
+    if pooled:
+        return out_h // 2, out_w // 2
+    return (out_h + 1) // 2, (out_w + 1) // 2
+
+
+@kernel(**_OPTIONS)
+def filter_transform(W, U):
+    """``U[4 p + q, c, k] = (G W[k, c] G^T)[p, q]`` for ``W (K, C, 3, 3)``, ``U (16, C, K)``."""
+    t = np.empty((3, 4), dtype=U.dtype)
+    for k in range(W.shape[0]):
+        for c in range(W.shape[1]):
+            g = W[k, c]
+            for i in range(3):        # g G^T: rows (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)
+                t[i, 0] = g[i, 0]
+                t[i, 1] = (g[i, 0] + g[i, 1] + g[i, 2]) * 0.5
+                t[i, 2] = (g[i, 0] - g[i, 1] + g[i, 2]) * 0.5
+                t[i, 3] = g[i, 2]
+            for q in range(4):
+                U[q, c, k] = t[0, q]
+                U[4 + q, c, k] = (t[0, q] + t[1, q] + t[2, q]) * 0.5
+                U[8 + q, c, k] = (t[0, q] - t[1, q] + t[2, q]) * 0.5
+                U[12 + q, c, k] = t[2, q]
+
+
+@kernel(**_OPTIONS)
+def filter_gradient(dU, dW):
+    """``dW[k, c] = G^T dU[:, c, k] G`` (dU's 16 positions as 4 x 4), the transpose of
+    `filter_transform`."""
+    t = np.empty((3, 4), dtype=dW.dtype)
+    for k in range(dW.shape[0]):
+        for c in range(dW.shape[1]):        # G^T dU: rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3
+            for q in range(4):
+                u0, u1, u2, u3 = dU[q, c, k], dU[4 + q, c, k], dU[8 + q, c, k], dU[12 + q, c, k]
+                t[0, q] = u0 + (u1 + u2) * 0.5
+                t[1, q] = (u1 - u2) * 0.5
+                t[2, q] = (u1 + u2) * 0.5 + u3
+            for i in range(3):
+                dW[k, c, i, 0] = t[i, 0] + (t[i, 1] + t[i, 2]) * 0.5
+                dW[k, c, i, 1] = (t[i, 1] - t[i, 2]) * 0.5
+                dW[k, c, i, 2] = (t[i, 1] + t[i, 2]) * 0.5 + t[i, 3]
+
+
+@kernel(**_OPTIONS)
+def input_transform(x, first, last, pad, tiles_h, tiles_w, patch, V):
+    """``V[t] = B^T d B`` for the tiles ``t`` of images ``first:last`` of ``x (N, H, W, C)``
+    (row-major, image by image), ``V (tiles, 16, C)``; ``patch (4, 4, C)`` a scratch buffer
+    for the 4 x 4 patch, zeros where it lies on the padding."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    zero = V.dtype.type(0)
+    t = 0
+    for n in range(first, last):
+        for ty in range(tiles_h):
+            for tx in range(tiles_w):
+                y0, x0 = 2 * ty - pad, 2 * tx - pad
+                for i in range(4):
+                    for j in range(4):
+                        if 0 <= y0 + i < height and 0 <= x0 + j < width:
+                            for c in range(channels):
+                                patch[i, j, c] = x[n, y0 + i, x0 + j, c]
+                        else:
+                            for c in range(channels):
+                                patch[i, j, c] = zero
+                for j in range(4):        # B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3 (in place)
+                    for c in range(channels):
+                        d0, d1, d2, d3 = patch[0, j, c], patch[1, j, c], patch[2, j, c], patch[3, j, c]
+                        patch[0, j, c] = d0 - d2
+                        patch[1, j, c] = d1 + d2
+                        patch[2, j, c] = d2 - d1
+                        patch[3, j, c] = d1 - d3
+                for i in range(4):        # (.) B: columns the same
+                    for c in range(channels):
+                        r0, r1, r2, r3 = patch[i, 0, c], patch[i, 1, c], patch[i, 2, c], patch[i, 3, c]
+                        V[t, 4 * i, c] = r0 - r2
+                        V[t, 4 * i + 1, c] = r1 + r2
+                        V[t, 4 * i + 2, c] = r2 - r1
+                        V[t, 4 * i + 3, c] = r1 - r3
+                t += 1
+
+
+@kernel(**_OPTIONS)
+def input_gradient(dV, first, last, pad, tiles_h, tiles_w, patch, dx):
+    """``dx[n, patch rows, patch columns] += B dV[t] B^T`` for the tiles of images
+    ``first:last`` (the transpose of `input_transform`); what falls on the padding is
+    dropped. ``dx (N, H, W, C)`` must hold zeros (or a sum under way) there."""
+    height, width, channels = dx.shape[1], dx.shape[2], dx.shape[3]
+    t = 0
+    for n in range(first, last):
+        for ty in range(tiles_h):
+            for tx in range(tiles_w):
+                y0, x0 = 2 * ty - pad, 2 * tx - pad
+                for i in range(4):        # (.) B^T on the rows of dV: columns v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+                    for c in range(channels):
+                        v0, v1, v2, v3 = dV[t, 4 * i, c], dV[t, 4 * i + 1, c], dV[t, 4 * i + 2, c], dV[t, 4 * i + 3, c]
+                        patch[i, 0, c] = v0
+                        patch[i, 1, c] = v1 - v2 + v3
+                        patch[i, 2, c] = v1 + v2 - v0
+                        patch[i, 3, c] = -v3
+                for j in range(4):        # B (.): rows the same
+                    for c in range(channels):
+                        r0, r1, r2, r3 = patch[0, j, c], patch[1, j, c], patch[2, j, c], patch[3, j, c]
+                        patch[0, j, c] = r0
+                        patch[1, j, c] = r1 - r2 + r3
+                        patch[2, j, c] = r1 + r2 - r0
+                        patch[3, j, c] = -r3
+                for i in range(4):
+                    for j in range(4):
+                        if 0 <= y0 + i < height and 0 <= x0 + j < width:
+                            for c in range(channels):
+                                dx[n, y0 + i, x0 + j, c] += patch[i, j, c]
+                t += 1
+
+
+@njit(**_OPTIONS)
+def _output_tile(M, t, k):
+    """``A^T M[t, :, k] A`` (M's 16 positions as 4 x 4): the tile's pixels (y00, y01, y10, y11).
+    Rows first: ``s0 = m0 + m1 + m2``, ``s1 = m1 - m2 - m3`` (rows of 4), then the same on
+    their columns."""
+    s00 = M[t, 0, k] + M[t, 4, k] + M[t, 8, k]
+    s01 = M[t, 1, k] + M[t, 5, k] + M[t, 9, k]
+    s02 = M[t, 2, k] + M[t, 6, k] + M[t, 10, k]
+    s03 = M[t, 3, k] + M[t, 7, k] + M[t, 11, k]
+    s10 = M[t, 4, k] - M[t, 8, k] - M[t, 12, k]
+    s11 = M[t, 5, k] - M[t, 9, k] - M[t, 13, k]
+    s12 = M[t, 6, k] - M[t, 10, k] - M[t, 14, k]
+    s13 = M[t, 7, k] - M[t, 11, k] - M[t, 15, k]
+    return s00 + s01 + s02, s01 - s02 - s03, s10 + s11 + s12, s11 - s12 - s13
+
+
+@njit(**_OPTIONS)
+def _relu(value, zero):
+    """ReLU that keeps a NaN."""
+    return value if not (value <= 0) else zero
+
+
+@kernel(**_OPTIONS)
+def output_relu(M, b, first, tiles_h, tiles_w, scratch, out):
+    """``out[image, 2 x 2 pixels of the tile] = relu(A^T M[t] A + b)`` for the tiles of
+    ``M (tiles, 16, K)`` (whole images from `first`, row-major), ``out (N, OH, OW, K)``; a
+    tile's pixels beyond the output's last row or column are dropped (``scratch (4, K)``
+    holds such a tile). A NaN stays NaN."""
+    out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
+    zero = out.dtype.type(0)
+    per_image = tiles_h * tiles_w
+    for t in range(M.shape[0]):
+        n = first + t // per_image
+        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        y0, x0 = 2 * ty, 2 * tx
+        if y0 + 1 < out_h and x0 + 1 < out_w:
+            top, bottom = out[n, y0], out[n, y0 + 1]
+            for k in range(filters):
+                y00, y01, y10, y11 = _output_tile(M, t, k)
+                top[x0, k] = _relu(y00 + b[k], zero)
+                top[x0 + 1, k] = _relu(y01 + b[k], zero)
+                bottom[x0, k] = _relu(y10 + b[k], zero)
+                bottom[x0 + 1, k] = _relu(y11 + b[k], zero)
+        else:
+            for k in range(filters):
+                y00, y01, y10, y11 = _output_tile(M, t, k)
+                scratch[0, k] = _relu(y00 + b[k], zero)
+                scratch[1, k] = _relu(y01 + b[k], zero)
+                scratch[2, k] = _relu(y10 + b[k], zero)
+                scratch[3, k] = _relu(y11 + b[k], zero)
+            for a in range(2):
+                for col in range(2):
+                    if y0 + a < out_h and x0 + col < out_w:
+                        out[n, y0 + a, x0 + col] = scratch[2 * a + col]
+
+
+@kernel(**_OPTIONS)
+def output_relu_pool(M, b, first, pooled, arg):
+    """``pooled = relu(maxpool2x2(A^T M A + b))``: each tile is one pooling window, ``pooled``
+    and ``arg (N, OH/2, OW/2, K)`` from image `first`; ``arg`` the offset ``2 r + c`` of the
+    window's first maximum (row-major), or -1 where the ReLU passed nothing back (maximum <= 0,
+    or NaN); a NaN wins its window (the first NaN) and stays NaN, as
+    `conv_kernels.bias_relu_pool`."""
+    tiles_h, tiles_w, filters = pooled.shape[1], pooled.shape[2], pooled.shape[3]
+    zero = pooled.dtype.type(0)
+    per_image = tiles_h * tiles_w
+    for t in range(M.shape[0]):
+        n = first + t // per_image
+        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        best_row, where_row = pooled[n, ty, tx], arg[n, ty, tx]
+        for k in range(filters):
+            y00, y01, y10, y11 = _output_tile(M, t, k)
+            bias = b[k]
+            best, where = y00 + bias, 0
+            value = y01 + bias
+            if not (value <= best) and best == best:     # larger, or the first NaN
+                best, where = value, 1
+            value = y10 + bias
+            if not (value <= best) and best == best:
+                best, where = value, 2
+            value = y11 + bias
+            if not (value <= best) and best == best:
+                best, where = value, 3
+            where_row[k] = where if best > 0 else -1
+            best_row[k] = _relu(best, zero)
+
+
+@njit(**_OPTIONS)
+def _store_gradient_tile(g00, g01, g10, g11, t, k, dM):
+    """``dM[t, :, k] = A dY A^T`` for the tile's gradient ``dY = [[g00, g01], [g10, g11]]``:
+    rows ``(g0, g0 + g1, g0 - g1, -g1)`` of dY's rows, then the same on the columns."""
+    r00, r01 = g00, g01
+    r10, r11 = g00 + g10, g01 + g11
+    r20, r21 = g00 - g10, g01 - g11
+    r30, r31 = -g10, -g11
+    dM[t, 0, k], dM[t, 1, k], dM[t, 2, k], dM[t, 3, k] = r00, r00 + r01, r00 - r01, -r01
+    dM[t, 4, k], dM[t, 5, k], dM[t, 6, k], dM[t, 7, k] = r10, r10 + r11, r10 - r11, -r11
+    dM[t, 8, k], dM[t, 9, k], dM[t, 10, k], dM[t, 11, k] = r20, r20 + r21, r20 - r21, -r21
+    dM[t, 12, k], dM[t, 13, k], dM[t, 14, k], dM[t, 15, k] = r30, r30 + r31, r30 - r31, -r31
+
+
+@kernel(**_OPTIONS)
+def relu_tiles_gradient(dout, out, first, tiles_h, tiles_w, dM, db):
+    """``dM[t] = A dY A^T`` with ``dY = dout * (out > 0)`` on the tile's pixels (zero beyond
+    the output's last row or column), ``dout`` and ``out (N, OH, OW, K)`` (any strides), the
+    tiles of whole images from `first`; ``db +=`` the sums of dY."""
+    out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
+    zero = dM.dtype.type(0)
+    per_image = tiles_h * tiles_w
+    for t in range(dM.shape[0]):
+        n = first + t // per_image
+        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        y0, x0 = 2 * ty, 2 * tx
+        y1, x1 = min(y0 + 1, out_h - 1), min(x0 + 1, out_w - 1)     # a half tile reads its last pixel twice...
+        keep_y, keep_x = y0 + 1 < out_h, x0 + 1 < out_w               # ...and drops it
+        for k in range(filters):
+            g00 = dout[n, y0, x0, k] if out[n, y0, x0, k] > 0 else zero
+            g01 = dout[n, y0, x1, k] if out[n, y0, x1, k] > 0 and keep_x else zero
+            g10 = dout[n, y1, x0, k] if out[n, y1, x0, k] > 0 and keep_y else zero
+            g11 = dout[n, y1, x1, k] if out[n, y1, x1, k] > 0 and keep_y and keep_x else zero
+            db[k] += (g00 + g01) + (g10 + g11)
+            _store_gradient_tile(g00, g01, g10, g11, t, k, dM)
+
+
+@kernel(**_OPTIONS)
+def pool_tiles_gradient(dout, arg, first, dM, db):
+    """``dM[t] = A dY A^T`` with ``dY`` the pooled gradient ``dout (N, PH, PW, K)`` placed at
+    the window's offset ``arg`` (where >= 0), zeros elsewhere, the tiles (windows) of whole
+    images from `first`; ``db +=`` what was placed."""
+    tiles_h, tiles_w, filters = arg.shape[1], arg.shape[2], arg.shape[3]
+    zero = dM.dtype.type(0)
+    per_image = tiles_h * tiles_w
+    for t in range(dM.shape[0]):
+        n = first + t // per_image
+        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        for k in range(filters):
+            where = arg[n, ty, tx, k]
+            g = dout[n, ty, tx, k] if where >= 0 else zero
+            db[k] += g
+            _store_gradient_tile(g if where == 0 else zero, g if where == 1 else zero,
+                                 g if where == 2 else zero, g if where == 3 else zero, t, k, dM)
