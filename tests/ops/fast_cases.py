@@ -19,6 +19,7 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
     (1, 16, 13, 11, 8, 3, 3, 1, 2),    # N = 1, odd sizes, pad 2
     (2, 3, 8, 7, 4, 3, 2, 1, 1),       # stride 1, a filter wider than tall: the input gradient's
     (2, 3, 7, 8, 4, 2, 3, 1, 1),       # padding differs along the two axes (1 and 0, 0 and 1)
+    (2, 8, 9, 10, 6, 3, 3, 1, 0),      # Winograd (compiled kernels) without padding, a 7x8 output: half tiles
 ]
 #: Convolution, ReLU and a square max pooling (fused): (N, C, H, W, FN, FH, FW, stride, pad, pool size);
 #: the pooling's stride is its size.
@@ -30,6 +31,8 @@ CONV_RELU_POOL_GEOMETRIES = [
     (1, 1, 11, 9, 3, 3, 2, 2, 1, 2),     # output 6x5: the pooling does not tile it
     (2, 16, 14, 14, 16, 3, 3, 1, 1, 2),  # DeepConvNet's second convolution
     (2, 3, 9, 7, 4, 3, 2, 2, 1, 1),      # 1x1 pooling
+    (3, 8, 10, 10, 6, 3, 3, 1, 2, 2),    # Winograd's pooled tiles: pad 2 (as DeepConvNet's fourth), 3 images
+    (2, 4, 10, 8, 5, 3, 3, 1, 0, 2),     # ... and pad 0, not square
 ]
 POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)
     (2, 3, 24, 24, 2, 2, 2, 0),

@@ -380,3 +380,32 @@ def test_a_seeded_bug_in_a_compiled_kernel_is_caught(mutation, tmp_path, monkeyp
     found = _mismatches(_mutated_module(mutation, tmp_path))
     assert found, f"mutation {mutation} went unnoticed"
     print(f"{mutation}: caught by {found}")
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_winograd_keeps_a_nan_where_the_reference_does(pooled):
+    """A NaN in the input reaches exactly the outputs (and pooled windows) the reference's
+    3 x 3 windows carry it to, no more: the transforms add without multiplying by the
+    matrices' zeros, so a patch's NaN stays in the tile's outputs that read it. Infinity is
+    not compared (inf - inf in the transforms gives NaN where the reference has +-inf: see
+    `xpcnn.ops.winograd`)."""
+    import array_api_compat.numpy as xp
+
+    from xpcnn.ops import fast_numba
+
+    rng = np.random.default_rng(5)
+    reference_table = ops_for(xp, reference=True)
+    x, W, b = rng.standard_normal((2, 3, 10, 10)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    x[0, 0, 0, 0] = x[0, 1, 4, 5] = x[1, 2, 9, 3] = x[1, 0, 6, 6] = np.nan     # corner, inside, last row, middle
+    for dtype in ("float32", "float64"):
+        xs, Ws, bs = x.astype(dtype), W.astype(dtype), b.astype(dtype)
+        if pooled:
+            got, cache = fast_numba.conv2d_relu_maxpool2d_forward(xp, xs, Ws, bs, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
+            want, _ = reference_table.conv2d_relu_maxpool2d_forward(xs, Ws, bs, 1, 1, 10, 10, (2, 2, 2, 0, 5, 5))
+        else:
+            got, cache = fast_numba.conv2d_relu_forward(xp, xs, Ws, bs, 1, 1, 10, 10)
+            want, _ = reference_table.conv2d_relu_forward(xs, Ws, bs, 1, 1, 10, 10)
+        assert cache[1] == "winograd"
+        assert np.isnan(want).sum() >= 4 * (4 if pooled else 9)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-5, atol=1e-5)
