@@ -17,6 +17,11 @@ over memory where NumPy makes several:
                                             against shifted copies of the image (no full-size
                                             gradient plane)
     conv2d_relu_*, one channel, stride 1    the same convolution with its bias and ReLU
+    conv2d_relu[_maxpool2d]_*, several      Winograd's F(2x2, 3x3): compiled input, output and
+    channels, 3 x 3 filters, stride 1,      gradient transforms around BLAS's 16 products per
+    pad <= 2 (2 x 2 pooling)                chunk, bias, ReLU (and pooling) in the output
+                                            transform (`_WinogradConvolution`, `winograd`;
+                                            ``WINOGRAD = False`` switches it off)
     conv2d_relu[_maxpool2d]_*, several      fast_numpy's window copies and BLAS products chunk
     channels, stride 1, pad < filter        by chunk, with bias, ReLU (and pooling) in one
                                             compiled pass on each chunk's product
