@@ -331,12 +331,20 @@ def _mismatches(module) -> list[str]:
     return found
 
 
+def _without_winograd(module):
+    """`module` with its multi-channel 3 x 3 cases on the chunked path, whose kernels this
+    process has compiled already: these mutations seed none of Winograd's code, and each
+    mutant's fresh kernel folder would compile its transforms again (about 6 s a mutant)."""
+    module.WINOGRAD = False
+    return module
+
+
 def test_the_kernels_as_they_are_match_the_reference(tmp_path):
     """The control for the mutations: fast_numba.py unchanged (loaded the same way) shows no
     mismatch."""
     MUTATIONS["unchanged"] = ("def _conv1_plane(", "", "")
     try:
-        assert _mismatches(_mutated_module("unchanged", tmp_path)) == []
+        assert _mismatches(_without_winograd(_mutated_module("unchanged", tmp_path))) == []
     finally:
         del MUTATIONS["unchanged"]
 
@@ -362,6 +370,9 @@ def test_the_multi_channel_loops_without_winograd_match_the_reference(monkeypatc
     assert _mismatches(fast_numba) == []
 
 
+# Each control compiles a mutated copy of the transforms (about 5 s): marked slow to keep the
+# default run under 10 minutes; CI runs them (`pytest -m slow`).
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", sorted(WINOGRAD_MUTATIONS))
 def test_a_seeded_bug_in_a_winograd_transform_is_caught(mutation, tmp_path, monkeypatch):
     from xpcnn.ops import fast_numba
@@ -374,10 +385,13 @@ def test_a_seeded_bug_in_a_winograd_transform_is_caught(mutation, tmp_path, monk
     print(f"{mutation}: caught by {found}")
 
 
+# Each control compiles a mutated copy of fast_numba.py (about 14 s on 2 cores): marked slow
+# to keep the default run under 10 minutes; CI runs them (`pytest -m slow`).
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_a_seeded_bug_in_a_compiled_kernel_is_caught(mutation, tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))   # no mutant in the real cache
-    found = _mismatches(_mutated_module(mutation, tmp_path))
+    found = _mismatches(_without_winograd(_mutated_module(mutation, tmp_path)))
     assert found, f"mutation {mutation} went unnoticed"
     print(f"{mutation}: caught by {found}")
 
