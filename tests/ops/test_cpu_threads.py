@@ -4,6 +4,7 @@ errors, a forked child, and the call counter. The fast entries that use it are c
 the reference in test_fast_ops.py (backend "numpy-sliced")."""
 
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
@@ -107,6 +108,30 @@ def test_an_error_in_a_slice_is_raised_after_every_slice_finished():
     with pytest.raises(MemoryError, match="slice 1 ran out"):
         run_over([(0, 1), (1, 2), (2, 3)], work)
     assert sorted(finished) == [0, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a system that sets threads' CPUs (Linux) and two CPUs to choose from")
+def test_workers_are_kept_off_the_callers_cpu_and_nowhere_else(monkeypatch):
+    """After an idle spell the scheduler may wake a worker onto the caller's CPU, where the
+    two slices share a core (docs/performance.md); the workers may run anywhere else."""
+    allowed = os.sched_getaffinity(0)
+    first, second = sorted(allowed)[:2]
+    monkeypatch.setattr(cpu_threads, "_CURRENT_CPU", lambda: first)
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)    # the pool's threads exist
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)
+    workers = list(cpu_threads._STATE["workers"])
+    assert len(workers) >= 2
+    assert all(os.sched_getaffinity(worker) == allowed - {first} for worker in workers)
+    monkeypatch.setattr(cpu_threads, "_CURRENT_CPU", lambda: second)     # the caller moved
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)
+    assert all(os.sched_getaffinity(worker) == allowed - {second} for worker in workers)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {second})   # one CPU allowed: share it
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)
+    monkeypatch.undo()
+    assert all(os.sched_getaffinity(worker) == {second} for worker in workers)
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)             # the real CPU again
+    assert all(len(allowed - os.sched_getaffinity(worker)) == 1 for worker in workers)
 
 
 def _sum_in_slices(queue):

@@ -15,11 +15,20 @@ limits NumPy to one thread gets one slice; ``XPCNN_CPU_THREADS`` overrides it. W
 `threadpoolctl` (it reads and sets that number) everything runs in one slice, as before.
 Results do not depend on timing: each slice writes its own rows, and sums over slices are
 added in slice order.
+
+Where the system lets a thread be kept off a CPU (Linux), the pool's workers may run on any
+CPU the program may use except the one the calling thread is on when it hands them work. The
+scheduler otherwise wakes a worker that slept through an idle spell (a pause between
+batches, a server between requests) onto the waker's own CPU when the other CPUs look far
+asleep, and the two slices then share one core until the load balancer moves them apart
+(about 50 ms, docs/performance.md). This is not pinning: nothing is tied to a CPU, and the
+workers leave only one CPU out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +49,23 @@ MIN_PARALLEL_BYTES = 256 << 10
 
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "pool_size": 0,
-                          "holders": 0, "saved": []}
+                          "holders": 0, "saved": [], "workers": [], "kept_off": None}
+
+
+def _current_cpu_reader() -> Callable[[], int] | None:
+    """The C library's ``sched_getcpu`` (the CPU the calling thread runs on), where there is
+    one and threads' CPUs can be set (Linux); None elsewhere."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = ctypes.c_int, []
+    return function
+
+
+_CURRENT_CPU = _current_cpu_reader()
 
 
 def _blas() -> Any:
@@ -108,15 +133,43 @@ def thread_count() -> int:
     return max(1, min(controller.num_threads for controller in blas.lib_controllers))
 
 
+def _register_worker() -> None:
+    """Run by each new pool thread: its kernel thread id, for `_keep_workers_off_this_cpu`."""
+    with _LOCK:
+        _STATE["workers"].append(threading.get_native_id())
+        _STATE["kept_off"] = None
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     """The worker threads, made again in a forked child (a fork copies the pool, not its threads)."""
     with _LOCK:
         if _STATE["pool_pid"] != os.getpid() or _STATE["pool_size"] < workers:
             if _STATE["pool_pid"] == os.getpid():
                 _STATE["pool"].shutdown(wait=False)      # a smaller one: its threads end when idle
-            _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="xpcnn-cpu")
+            _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="xpcnn-cpu",
+                                                initializer=_register_worker)
             _STATE["pool_pid"], _STATE["pool_size"] = os.getpid(), workers
+            _STATE["workers"], _STATE["kept_off"] = [], None
         return _STATE["pool"]
+
+
+def _keep_workers_off_this_cpu() -> None:
+    """Let the pool's workers run on every CPU the calling thread may use but the one it is
+    on now (see the module's docstring); a no-op where that cannot be set, where only one CPU
+    is allowed, and when nothing changed since the last call (two system calls then)."""
+    if _CURRENT_CPU is None:
+        return
+    cpu, allowed = _CURRENT_CPU(), os.sched_getaffinity(0)
+    others = allowed - {cpu} or allowed
+    with _LOCK:
+        if _STATE["kept_off"] == (cpu, allowed, len(_STATE["workers"])):
+            return
+        for worker in _STATE["workers"]:
+            try:
+                os.sched_setaffinity(worker, others)
+            except OSError:              # a worker that ended (a pool made again), or not allowed
+                pass
+        _STATE["kept_off"] = (cpu, allowed, len(_STATE["workers"]))
 
 
 def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -169,8 +222,10 @@ def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None
     if len(bounds) == 1:
         work(0, *bounds[0])
         return 1
+    pool = _pool(len(bounds) - 1)
+    _keep_workers_off_this_cpu()
     with blas_at_one_thread() if uses_blas else contextlib.nullcontext():
-        futures = [_pool(len(bounds) - 1).submit(work, part, start, end)
+        futures = [pool.submit(work, part, start, end)
                    for part, (start, end) in enumerate(bounds) if part > 0]
         try:
             work(0, *bounds[0])
