@@ -143,9 +143,9 @@ MUTATIONS = {
     "pair-second-filter-tap": ("def _conv1_plane_pair(", "W[f + 1, 0, i, 4])", "W[f, 0, i, 4])"),
     "pair-3-wide-window": ("def _conv1_plane_pair(", "plane2[p] += u0 * v0 + u1 * v1 + u2 * v2",
                            "plane2[p] += u0 * v0 + u1 * v1 + u1 * v2"),
-    "pair-backward-second-filter": ("def _conv1_plane_backward_pair(", "u4 += h * v4", "u4 += g * v4"),
-    "offset-planes-shifted-tap": ("def _pooled_dW_pair(", "planes[c + 3], planes[c + 4]",
-                                  "planes[c + 4], planes[c + 4]"),
+    "pair-backward-second-filter": ("def _dots_with_five(", "u4 += hp * v4", "u4 += gp * v4"),
+    "filter-row-overwrites": ("def _add_to_filter_row(", "dW[f, 0, i, j] += sums[j]", "dW[f, 0, i, j] = sums[j]"),
+    "offset-planes-shifted-tap": ("def _pooled_dW_pair(", "planes[c + 4])", "planes[c + 3])"),
     "offset-planes-3-wide-tap": ("def _pooled_dW_pair(", "source = planes[c + j]", "source = planes[j]"),
     "offset-planes-mask": ("def _mask_by_offset(", "if arg[p] == k else zero", "if arg[p] == 3 - k else zero"),
     "shifted-planes-padding": ("def _load_shifted(", "2 * ph + u - pad", "2 * ph + u"),
@@ -201,6 +201,7 @@ WINOGRAD_MUTATIONS = {
     "missing-bias": ("def output_relu(", "top[x0, k] = _relu(y00 + b[k], zero)", "top[x0, k] = _relu(y00, zero)"),
     "pool-tie-takes-the-last": ("def output_relu_pool(", "value = y10 + bias\n            if not (value <= best)",
                                 "value = y10 + bias\n            if not (value < best)"),
+    "tile-ignores-the-first-image": ("def _tile_at(", "return first + t // per_image", "return t // per_image"),
     "pool-gradient-wrong-offset": ("def pool_tiles_gradient(", "g if where == 1 else zero",
                                    "g if where == 2 else zero"),
 }
@@ -370,6 +371,15 @@ def test_the_multi_channel_loops_without_winograd_match_the_reference(monkeypatc
     assert _mismatches(fast_numba) == []
 
 
+def test_winograd_in_chunks_of_one_image_matches_the_reference(monkeypatch):
+    """The control for Winograd's mutations: as they run it (one image a chunk), no mismatch."""
+    from xpcnn.ops import fast_numba
+
+    monkeypatch.setattr(fast_numba, "WINOGRAD", True)
+    monkeypatch.setattr(fast_numba, "WINOGRAD_CHUNK_BYTES", 1)
+    assert _mismatches(fast_numba) == []
+
+
 # Each control compiles a mutated copy of the transforms (about 5 s): marked slow to keep the
 # default run under 10 minutes; CI runs them (`pytest -m slow`).
 @pytest.mark.slow
@@ -380,6 +390,7 @@ def test_a_seeded_bug_in_a_winograd_transform_is_caught(mutation, tmp_path, monk
     monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
     monkeypatch.setattr(fast_numba, "winograd", _mutated_module(mutation, tmp_path, WINOGRAD_MUTATIONS, WINOGRAD))
     monkeypatch.setattr(fast_numba, "WINOGRAD", True)
+    monkeypatch.setattr(fast_numba, "WINOGRAD_CHUNK_BYTES", 1)       # a chunk an image: chunks start past 0
     found = _mismatches(fast_numba)
     assert found, f"mutation {mutation} went unnoticed"
     print(f"{mutation}: caught by {found}")

@@ -189,6 +189,36 @@ def _conv1_planes(image, width, W, f, b, planes):
 
 
 @njit(nogil=True, error_model="numpy", fastmath=_SUMS)
+def _dots_with_five(g, h, s0, s1, s2, s3, s4):
+    """The dot products of `g` and of `h` with each of five equal-length slices ``s0..s4``
+    (a 5-wide filter row's taps, for two filters' gradients) in one pass:
+    ``(g.s0, ..., g.s4), (h.s0, ..., h.s4)``."""
+    zero = g.dtype.type(0)
+    t0 = t1 = t2 = t3 = t4 = u0 = u1 = u2 = u3 = u4 = zero
+    for p in range(g.shape[0]):
+        gp, hp = g[p], h[p]
+        v0, v1, v2, v3, v4 = s0[p], s1[p], s2[p], s3[p], s4[p]
+        t0 += gp * v0
+        t1 += gp * v1
+        t2 += gp * v2
+        t3 += gp * v3
+        t4 += gp * v4
+        u0 += hp * v0
+        u1 += hp * v1
+        u2 += hp * v2
+        u3 += hp * v3
+        u4 += hp * v4
+    return (t0, t1, t2, t3, t4), (u0, u1, u2, u3, u4)
+
+
+@njit(nogil=True, error_model="numpy")
+def _add_to_filter_row(dW, f, i, sums):
+    """Row `i` of filter `f` plus the tap sums: ``dW[f, 0, i, :] += sums``."""
+    for j in range(len(sums)):
+        dW[f, 0, i, j] += sums[j]
+
+
+@njit(nogil=True, error_model="numpy", fastmath=_SUMS)
 def _conv1_plane_backward(image, width, W, f, grad, dW, dimage):
     """The gradient `grad` of filter `f`'s plane: ``dW[f, 0, i, j] += sum_p grad[p] * image[p + i *
     width + j]`` (a filter row of 5 or 3 taps in one pass over `grad`), and, when `dimage` is not
@@ -251,32 +281,11 @@ def _conv1_plane_backward_pair(image, width, W, f, grad, grad2, dW, dimage):
     for i in range(filter_h):
         at = i * width
         if filter_w == 5:
-            s0, s1, s2, s3, s4 = (image[at:at + size], image[at + 1:at + 1 + size], image[at + 2:at + 2 + size],
-                                  image[at + 3:at + 3 + size], image[at + 4:at + 4 + size])
-            t0 = t1 = t2 = t3 = t4 = u0 = u1 = u2 = u3 = u4 = zero
-            for p in range(size):
-                g, h = grad[p], grad2[p]
-                v0, v1, v2, v3, v4 = s0[p], s1[p], s2[p], s3[p], s4[p]
-                t0 += g * v0
-                t1 += g * v1
-                t2 += g * v2
-                t3 += g * v3
-                t4 += g * v4
-                u0 += h * v0
-                u1 += h * v1
-                u2 += h * v2
-                u3 += h * v3
-                u4 += h * v4
-            dW[f, 0, i, 0] += t0
-            dW[f, 0, i, 1] += t1
-            dW[f, 0, i, 2] += t2
-            dW[f, 0, i, 3] += t3
-            dW[f, 0, i, 4] += t4
-            dW[f + 1, 0, i, 0] += u0
-            dW[f + 1, 0, i, 1] += u1
-            dW[f + 1, 0, i, 2] += u2
-            dW[f + 1, 0, i, 3] += u3
-            dW[f + 1, 0, i, 4] += u4
+            first, second = _dots_with_five(grad, grad2, image[at:at + size], image[at + 1:at + 1 + size],
+                                            image[at + 2:at + 2 + size], image[at + 3:at + 3 + size],
+                                            image[at + 4:at + 4 + size])
+            _add_to_filter_row(dW, f, i, first)
+            _add_to_filter_row(dW, f + 1, i, second)
         else:
             s0, s1, s2 = image[at:at + size], image[at + 1:at + 1 + size], image[at + 2:at + 2 + size]
             t0 = t1 = t2 = u0 = u1 = u2 = zero
@@ -362,32 +371,11 @@ def _pooled_dW_pair(shifted, masked, masked2, W, f, dW):
         for i in range(filter_h):
             planes = shifted[r + i]
             if filter_w == 5:        # a filter row's five taps in one pass (the book's 5 x 5)
-                s0, s1, s2, s3, s4 = planes[c], planes[c + 1], planes[c + 2], planes[c + 3], planes[c + 4]
-                t0 = t1 = t2 = t3 = t4 = u0 = u1 = u2 = u3 = u4 = zero
-                for p in range(size):
-                    gp, hp = g[p], h[p]
-                    v0, v1, v2, v3, v4 = s0[p], s1[p], s2[p], s3[p], s4[p]
-                    t0 += gp * v0
-                    t1 += gp * v1
-                    t2 += gp * v2
-                    t3 += gp * v3
-                    t4 += gp * v4
-                    u0 += hp * v0
-                    u1 += hp * v1
-                    u2 += hp * v2
-                    u3 += hp * v3
-                    u4 += hp * v4
-                dW[f, 0, i, 0] += t0
-                dW[f, 0, i, 1] += t1
-                dW[f, 0, i, 2] += t2
-                dW[f, 0, i, 3] += t3
-                dW[f, 0, i, 4] += t4
+                first, second = _dots_with_five(g, h, planes[c], planes[c + 1], planes[c + 2], planes[c + 3],
+                                                planes[c + 4])
+                _add_to_filter_row(dW, f, i, first)
                 if pair:
-                    dW[f + 1, 0, i, 0] += u0
-                    dW[f + 1, 0, i, 1] += u1
-                    dW[f + 1, 0, i, 2] += u2
-                    dW[f + 1, 0, i, 3] += u3
-                    dW[f + 1, 0, i, 4] += u4
+                    _add_to_filter_row(dW, f + 1, i, second)
                 continue
             for j in range(filter_w):
                 source = planes[c + j]

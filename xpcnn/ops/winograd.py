@@ -197,6 +197,14 @@ def _output_tile(M, t, k):
 
 
 @njit(**_OPTIONS)
+def _tile_at(t, first, tiles_h, tiles_w):
+    """Tile `t` of a row-major run of whole images' tiles from image `first`: ``(image, tile
+    row, tile column)``."""
+    per_image = tiles_h * tiles_w
+    return first + t // per_image, (t % per_image) // tiles_w, t % tiles_w
+
+
+@njit(**_OPTIONS)
 def _relu(value, zero):
     """ReLU that keeps a NaN."""
     return value if not (value <= 0) else zero
@@ -210,10 +218,8 @@ def output_relu(M, b, first, tiles_h, tiles_w, scratch, out):
     holds such a tile). A NaN stays NaN."""
     out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
-    per_image = tiles_h * tiles_w
     for t in range(M.shape[0]):
-        n = first + t // per_image
-        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
         y0, x0 = 2 * ty, 2 * tx
         if y0 + 1 < out_h and x0 + 1 < out_w:
             top, bottom = out[n, y0], out[n, y0 + 1]
@@ -245,10 +251,8 @@ def output_relu_pool(M, b, first, pooled, arg):
     `conv_kernels.bias_relu_pool`."""
     tiles_h, tiles_w, filters = pooled.shape[1], pooled.shape[2], pooled.shape[3]
     zero = pooled.dtype.type(0)
-    per_image = tiles_h * tiles_w
     for t in range(M.shape[0]):
-        n = first + t // per_image
-        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
         best_row, where_row = pooled[n, ty, tx], arg[n, ty, tx]
         for k in range(filters):
             y00, y01, y10, y11 = _output_tile(M, t, k)
@@ -288,10 +292,8 @@ def relu_tiles_gradient(dout, out, first, tiles_h, tiles_w, dM, db):
     tiles of whole images from `first`; ``db +=`` the sums of dY."""
     out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
     zero = dM.dtype.type(0)
-    per_image = tiles_h * tiles_w
     for t in range(dM.shape[0]):
-        n = first + t // per_image
-        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
         y0, x0 = 2 * ty, 2 * tx
         y1, x1 = min(y0 + 1, out_h - 1), min(x0 + 1, out_w - 1)     # a half tile reads its last pixel twice...
         keep_y, keep_x = y0 + 1 < out_h, x0 + 1 < out_w               # ...and drops it
@@ -311,10 +313,8 @@ def pool_tiles_gradient(dout, arg, first, dM, db):
     images from `first`; ``db +=`` what was placed."""
     tiles_h, tiles_w, filters = arg.shape[1], arg.shape[2], arg.shape[3]
     zero = dM.dtype.type(0)
-    per_image = tiles_h * tiles_w
     for t in range(dM.shape[0]):
-        n = first + t // per_image
-        ty, tx = (t % per_image) // tiles_w, t % tiles_w
+        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
         for k in range(filters):
             where = arg[n, ty, tx, k]
             g = dout[n, ty, tx, k] if where >= 0 else zero
