@@ -144,6 +144,7 @@ MUTATIONS = {
     "pair-3-wide-window": ("def _conv1_plane_pair(", "plane2[p] += u0 * v0 + u1 * v1 + u2 * v2",
                            "plane2[p] += u0 * v0 + u1 * v1 + u1 * v2"),
     "pair-backward-second-filter": ("def _dots_with_five(", "u4 += hp * v4", "u4 += gp * v4"),
+    "pair-backward-3-wide-second-filter": ("def _conv1_plane_backward_pair(", "u2 += h * v2", "u2 += g * v2"),
     "filter-row-overwrites": ("def _add_to_filter_row(", "dW[f, 0, i, j] += sums[j]", "dW[f, 0, i, j] = sums[j]"),
     "offset-planes-shifted-tap": ("def _pooled_dW_pair(", "planes[c + 4])", "planes[c + 3])"),
     "offset-planes-3-wide-tap": ("def _pooled_dW_pair(", "source = planes[c + j]", "source = planes[j]"),

@@ -298,12 +298,8 @@ def _conv1_plane_backward_pair(image, width, W, f, grad, grad2, dW, dimage):
                 u0 += h * v0
                 u1 += h * v1
                 u2 += h * v2
-            dW[f, 0, i, 0] += t0
-            dW[f, 0, i, 1] += t1
-            dW[f, 0, i, 2] += t2
-            dW[f + 1, 0, i, 0] += u0
-            dW[f + 1, 0, i, 1] += u1
-            dW[f + 1, 0, i, 2] += u2
+            _add_to_filter_row(dW, f, i, (t0, t1, t2))
+            _add_to_filter_row(dW, f + 1, i, (u0, u1, u2))
         if dimage.shape[0] > 0:
             for j in range(filter_w):
                 target, weight, weight2 = dimage[at + j:at + j + size], W[f, 0, i, j], W[f + 1, 0, i, j]
