@@ -60,7 +60,7 @@ def main() -> None:
             times.append((time.perf_counter() - start) * 1e3)
         series.append(times)
     medians = [statistics.median(column) for column in zip(*series)]
-    print(f"{args.model}, {thread_count()} thread(s), {args.pauses} pauses of {args.pause} s: median ms of "
+    print(f"{args.model}, {thread_count()} thread(s), {args.pauses} pause(s) of {args.pause} s: median ms of "
           f"steps 1..{args.steps} after the pause")
     print(" ".join(f"{m:.1f}" for m in medians))
 
