@@ -118,8 +118,9 @@ def test_workers_are_kept_off_the_callers_cpu_and_nowhere_else(monkeypatch):
     allowed = os.sched_getaffinity(0)
     first, second = sorted(allowed)[:2]
     monkeypatch.setattr(cpu_threads, "_CURRENT_CPU", lambda: first)
-    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)    # the pool's threads exist
-    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)
+    together = threading.Barrier(3, timeout=30)                 # two workers must exist to pass it
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: together.wait())
+    run_over([(0, 1), (1, 2), (2, 3)], lambda *bounds: None)    # now registered, their CPUs set
     workers = list(cpu_threads._STATE["workers"])
     assert len(workers) >= 2
     assert all(os.sched_getaffinity(worker) == allowed - {first} for worker in workers)
