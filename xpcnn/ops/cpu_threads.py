@@ -155,8 +155,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def _keep_workers_off_this_cpu() -> None:
     """Let the pool's workers run on every CPU the calling thread may use but the one it is
-    on now (see the module's docstring); a no-op where that cannot be set, where only one CPU
-    is allowed, and when nothing changed since the last call (two system calls then)."""
+    on now (see the module's docstring), or on that one where it is the only one allowed; a
+    no-op where threads' CPUs cannot be set, and when nothing changed since the last call (a
+    query of the CPU and of the allowed set then)."""
     if _CURRENT_CPU is None:
         return
     cpu, allowed = _CURRENT_CPU(), os.sched_getaffinity(0)
