@@ -200,11 +200,17 @@ WINOGRAD_MUTATIONS = {
     "half-tile-written-short": ("def output_relu(", "if y0 + a < out_h and x0 + col < out_w:",
                                 "if y0 + a < out_h - 1 and x0 + col < out_w:"),
     "missing-bias": ("def output_relu(", "top[x0, k] = _relu(y00 + b[k], zero)", "top[x0, k] = _relu(y00, zero)"),
-    "pool-tie-takes-the-last": ("def output_relu_pool(", "value = y10 + bias\n            if not (value <= best)",
-                                "value = y10 + bias\n            if not (value < best)"),
+    "pool-tie-takes-the-last": ("def output_relu_pool(", "value = y10 + bias\n                if not (value <= best)",
+                                "value = y10 + bias\n                if not (value < best)"),
     "tile-ignores-the-first-image": ("def _tile_at(", "return first + t // per_image", "return t // per_image"),
     "pool-gradient-wrong-offset": ("def pool_tiles_gradient(", "g if where == 1 else zero",
                                    "g if where == 2 else zero"),
+    "pool-gradient-ignores-the-first-image": ("def pool_tiles_gradient(", "at = (first * per_image + t) * K",
+                                              "at = t * K"),
+    "gradient-tile-rows-too-close": ("def _store_gradient_tile(", "dm[at + 4 * K], dm[at + 5 * K]",
+                                     "dm[at + 3 * K], dm[at + 5 * K]"),
+    "relu-gradient-wrong-row": ("def relu_tiles_gradient(", "p10, p11 = ((n * out_h + y1) * out_w + x0) * K",
+                                "p10, p11 = ((n * out_h + y0) * out_w + x0) * K"),
 }
 WINOGRAD = REPO / "xpcnn" / "ops" / "winograd.py"
 

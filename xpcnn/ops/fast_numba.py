@@ -937,6 +937,7 @@ class _WinogradConvolution:
         filter_num, channels = W.shape[:2]
         self.tiles_h, self.tiles_w = winograd.tiles(out_h, out_w, pooled)
         self.per_image = self.tiles_h * self.tiles_w
+        self.output_kernels = winograd.output_kernels(filter_num)
         self.U = np.empty((16, channels, filter_num), dtype=x.dtype)
         winograd.filter_transform(np.ascontiguousarray(W, dtype=x.dtype), self.U)
         tile_bytes = 16 * (channels + filter_num) * x.itemsize
@@ -978,7 +979,7 @@ class _WinogradConvolution:
             for start, end, V, M in self._chunks(first, last, buffers):
                 self._transform_input(start, end, V, buffers[2])
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
-                winograd.output_relu(M, b, start, self.tiles_h, self.tiles_w, scratch, out)
+                self.output_kernels.relu(M, b, start, self.tiles_h, self.tiles_w, scratch, out)
 
         run_in_slices(n, one_slice, self.x.nbytes + out.nbytes)
         return out.transpose(0, 3, 1, 2), (_TAG, "winograd", self, out)
@@ -994,25 +995,25 @@ class _WinogradConvolution:
             for start, end, V, M in self._chunks(first, last, buffers):
                 self._transform_input(start, end, V, buffers[2])
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
-                winograd.output_relu_pool(M, b, start, pooled, arg)
+                self.output_kernels.relu_pool(M, b, start, pooled, arg)
 
         run_in_slices(n, one_slice, self.x.nbytes + pooled.nbytes * 4)
         return pooled.transpose(0, 3, 1, 2), (_TAG, "winograd", self, arg, 2)
 
     def backward_relu(self, dout: Any, out: np.ndarray, need_input_grad: bool, dW_out: Any, db_out: Any) -> tuple:
-        dout_last = dout.transpose(0, 2, 3, 1)
+        dout_last = np.ascontiguousarray(dout.transpose(0, 2, 3, 1))     # no copy when handed channels-last
 
         def gradient(start: int, dM: np.ndarray, db: np.ndarray) -> None:
-            winograd.relu_tiles_gradient(dout_last, out, start, self.tiles_h, self.tiles_w, dM, db)
+            self.output_kernels.relu_gradient(dout_last, out, start, self.tiles_h, self.tiles_w, dM, db)
 
         return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes)
 
     def backward_pooled(self, dout: Any, arg: np.ndarray, pool: int, need_input_grad: bool, dW_out: Any,
                         db_out: Any) -> tuple:
-        dout_last = dout.transpose(0, 2, 3, 1)
+        dout_last = np.ascontiguousarray(dout.transpose(0, 2, 3, 1))
 
         def gradient(start: int, dM: np.ndarray, db: np.ndarray) -> None:
-            winograd.pool_tiles_gradient(dout_last, arg, start, dM, db)
+            self.output_kernels.pool_gradient(dout_last, arg, start, dM, db)
 
         return self._backward(gradient, need_input_grad, dW_out, db_out, dout.nbytes * 4)
 

@@ -28,6 +28,17 @@ channel loop innermost, contiguous, so that it vectorises):
                             (zeros beyond the output's last row and column), and db
     pool_tiles_gradient     the same for the pooled gradient placed at each window's maximum
 
+The four output-side kernels are compiled once for each filter count K (`output_kernels`,
+kept per K in the kernel folder), with K a constant of the machine code. Then LLVM knows the
+filter loop's trip count and the 16 positions' rows K apart, and it vectorises the filter
+loop with no runtime alias checks. For one filter count with 20 images on one core, float32
+(the results equal bit for bit): `pool_tiles_gradient` 0.76 -> 0.22 ms at 16 filters and
+`relu_tiles_gradient` 0.35 -> 0.10 ms at 64, `output_relu_pool` 0.56 -> 0.28 ms at 16, and
+`output_relu` 5-20% faster. The gradient kernels index flat views (`_store_gradient_tile`),
+because a constant trip count alone left them as slow as before. The input side stays
+compiled once for any channel count: with C constant, LLVM unrolls its 16-channel loops
+into scalar code, and `input_transform` took 0.58 -> 0.86 ms at 16 channels.
+
 An odd output size makes the last row (column) of tiles half outside: their second output
 row is computed and dropped (with pooling, which does not cover it, the half tiles are not
 computed at all).
@@ -49,6 +60,9 @@ Trainer's NaN check sees either).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -108,6 +122,51 @@ def filter_gradient(dU, dW):
                 dW[k, c, i, 0] = t[i, 0] + (t[i, 1] + t[i, 2]) * 0.5
                 dW[k, c, i, 1] = (t[i, 1] - t[i, 2]) * 0.5
                 dW[k, c, i, 2] = (t[i, 1] + t[i, 2]) * 0.5 + t[i, 3]
+
+
+@njit(**_OPTIONS)
+def _tile_at(t, first, tiles_h, tiles_w):
+    """Tile `t` of a row-major run of whole images' tiles from image `first`: ``(image, tile
+    row, tile column)``."""
+    per_image = tiles_h * tiles_w
+    return first + t // per_image, (t % per_image) // tiles_w, t % tiles_w
+
+
+@njit(**_OPTIONS)
+def _relu(value, zero):
+    """ReLU that keeps a NaN."""
+    return value if not (value <= 0) else zero
+
+
+@njit(**_OPTIONS)
+def _output_tile(M, t, k):
+    """``A^T M[t, :, k] A`` (M's 16 positions as 4 x 4): the tile's pixels (y00, y01, y10, y11).
+    Rows first: ``s0 = m0 + m1 + m2``, ``s1 = m1 - m2 - m3`` (rows of 4), then the same on
+    their columns."""
+    s00 = M[t, 0, k] + M[t, 4, k] + M[t, 8, k]
+    s01 = M[t, 1, k] + M[t, 5, k] + M[t, 9, k]
+    s02 = M[t, 2, k] + M[t, 6, k] + M[t, 10, k]
+    s03 = M[t, 3, k] + M[t, 7, k] + M[t, 11, k]
+    s10 = M[t, 4, k] - M[t, 8, k] - M[t, 12, k]
+    s11 = M[t, 5, k] - M[t, 9, k] - M[t, 13, k]
+    s12 = M[t, 6, k] - M[t, 10, k] - M[t, 14, k]
+    s13 = M[t, 7, k] - M[t, 11, k] - M[t, 15, k]
+    return s00 + s01 + s02, s01 - s02 - s03, s10 + s11 + s12, s11 - s12 - s13
+
+
+@njit(**_OPTIONS)
+def _store_gradient_tile(g00, g01, g10, g11, dm, at, K):
+    """``dM = A dY A^T`` for the tile's gradient ``dY = [[g00, g01], [g10, g11]]``, stored at
+    ``dm[at + p K]`` for its 16 positions p: rows ``(g0, g0 + g1, g0 - g1, -g1)`` of dY's rows,
+    then the same on the columns."""
+    r00, r01 = g00, g01
+    r10, r11 = g00 + g10, g01 + g11
+    r20, r21 = g00 - g10, g01 - g11
+    r30, r31 = -g10, -g11
+    dm[at], dm[at + K], dm[at + 2 * K], dm[at + 3 * K] = r00, r00 + r01, r00 - r01, -r01
+    dm[at + 4 * K], dm[at + 5 * K], dm[at + 6 * K], dm[at + 7 * K] = r10, r10 + r11, r10 - r11, -r11
+    dm[at + 8 * K], dm[at + 9 * K], dm[at + 10 * K], dm[at + 11 * K] = r20, r20 + r21, r20 - r21, -r21
+    dm[at + 12 * K], dm[at + 13 * K], dm[at + 14 * K], dm[at + 15 * K] = r30, r30 + r31, r30 - r31, -r31
 
 
 @kernel(**_OPTIONS)
@@ -180,144 +239,117 @@ def input_gradient(dV, first, last, pad, tiles_h, tiles_w, patch, dx):
                 t += 1
 
 
-@njit(**_OPTIONS)
-def _output_tile(M, t, k):
-    """``A^T M[t, :, k] A`` (M's 16 positions as 4 x 4): the tile's pixels (y00, y01, y10, y11).
-    Rows first: ``s0 = m0 + m1 + m2``, ``s1 = m1 - m2 - m3`` (rows of 4), then the same on
-    their columns."""
-    s00 = M[t, 0, k] + M[t, 4, k] + M[t, 8, k]
-    s01 = M[t, 1, k] + M[t, 5, k] + M[t, 9, k]
-    s02 = M[t, 2, k] + M[t, 6, k] + M[t, 10, k]
-    s03 = M[t, 3, k] + M[t, 7, k] + M[t, 11, k]
-    s10 = M[t, 4, k] - M[t, 8, k] - M[t, 12, k]
-    s11 = M[t, 5, k] - M[t, 9, k] - M[t, 13, k]
-    s12 = M[t, 6, k] - M[t, 10, k] - M[t, 14, k]
-    s13 = M[t, 7, k] - M[t, 11, k] - M[t, 15, k]
-    return s00 + s01 + s02, s01 - s02 - s03, s10 + s11 + s12, s11 - s12 - s13
+class OutputKernels(NamedTuple):
+    """The output side's kernels for one filter count (`output_kernels`)."""
+    relu: Any
+    relu_pool: Any
+    relu_gradient: Any
+    pool_gradient: Any
 
 
-@njit(**_OPTIONS)
-def _tile_at(t, first, tiles_h, tiles_w):
-    """Tile `t` of a row-major run of whole images' tiles from image `first`: ``(image, tile
-    row, tile column)``."""
-    per_image = tiles_h * tiles_w
-    return first + t // per_image, (t % per_image) // tiles_w, t % tiles_w
+@functools.cache
+def output_kernels(filters: int) -> OutputKernels:
+    """`output_relu`, `output_relu_pool`, `relu_tiles_gradient` and `pool_tiles_gradient`
+    compiled for outputs of `filters` channels."""
+    K = filters         # a constant of the compiled code
 
+    @kernel(**_OPTIONS)
+    def output_relu(M, b, first, tiles_h, tiles_w, scratch, out):
+        """``out[image, 2 x 2 pixels of the tile] = relu(A^T M[t] A + b)`` for the tiles of
+        ``M (tiles, 16, K)`` (whole images from `first`, row-major), ``out (N, OH, OW, K)``; a
+        tile's pixels beyond the output's last row or column are dropped (``scratch (4, K)``
+        holds such a tile). A NaN stays NaN."""
+        out_h, out_w = out.shape[1], out.shape[2]
+        zero = out.dtype.type(0)
+        for t in range(M.shape[0]):
+            n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
+            y0, x0 = 2 * ty, 2 * tx
+            if y0 + 1 < out_h and x0 + 1 < out_w:
+                top, bottom = out[n, y0], out[n, y0 + 1]
+                for k in range(K):
+                    y00, y01, y10, y11 = _output_tile(M, t, k)
+                    top[x0, k] = _relu(y00 + b[k], zero)
+                    top[x0 + 1, k] = _relu(y01 + b[k], zero)
+                    bottom[x0, k] = _relu(y10 + b[k], zero)
+                    bottom[x0 + 1, k] = _relu(y11 + b[k], zero)
+            else:
+                for k in range(K):
+                    y00, y01, y10, y11 = _output_tile(M, t, k)
+                    scratch[0, k] = _relu(y00 + b[k], zero)
+                    scratch[1, k] = _relu(y01 + b[k], zero)
+                    scratch[2, k] = _relu(y10 + b[k], zero)
+                    scratch[3, k] = _relu(y11 + b[k], zero)
+                for a in range(2):
+                    for col in range(2):
+                        if y0 + a < out_h and x0 + col < out_w:
+                            out[n, y0 + a, x0 + col] = scratch[2 * a + col]
 
-@njit(**_OPTIONS)
-def _relu(value, zero):
-    """ReLU that keeps a NaN."""
-    return value if not (value <= 0) else zero
-
-
-@kernel(**_OPTIONS)
-def output_relu(M, b, first, tiles_h, tiles_w, scratch, out):
-    """``out[image, 2 x 2 pixels of the tile] = relu(A^T M[t] A + b)`` for the tiles of
-    ``M (tiles, 16, K)`` (whole images from `first`, row-major), ``out (N, OH, OW, K)``; a
-    tile's pixels beyond the output's last row or column are dropped (``scratch (4, K)``
-    holds such a tile). A NaN stays NaN."""
-    out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
-    zero = out.dtype.type(0)
-    for t in range(M.shape[0]):
-        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
-        y0, x0 = 2 * ty, 2 * tx
-        if y0 + 1 < out_h and x0 + 1 < out_w:
-            top, bottom = out[n, y0], out[n, y0 + 1]
-            for k in range(filters):
+    @kernel(**_OPTIONS)
+    def output_relu_pool(M, b, first, pooled, arg):
+        """``pooled = relu(maxpool2x2(A^T M A + b))``: each tile is one pooling window, ``pooled``
+        and ``arg (N, OH/2, OW/2, K)`` from image `first`; ``arg`` the offset ``2 r + c`` of the
+        window's first maximum (row-major), or -1 where the ReLU passed nothing back (maximum <= 0,
+        or NaN); a NaN wins its window (the first NaN) and stays NaN, as
+        `conv_kernels.bias_relu_pool`."""
+        tiles_h, tiles_w = pooled.shape[1], pooled.shape[2]
+        zero = pooled.dtype.type(0)
+        for t in range(M.shape[0]):
+            n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
+            best_row, where_row = pooled[n, ty, tx], arg[n, ty, tx]
+            for k in range(K):
                 y00, y01, y10, y11 = _output_tile(M, t, k)
-                top[x0, k] = _relu(y00 + b[k], zero)
-                top[x0 + 1, k] = _relu(y01 + b[k], zero)
-                bottom[x0, k] = _relu(y10 + b[k], zero)
-                bottom[x0 + 1, k] = _relu(y11 + b[k], zero)
-        else:
-            for k in range(filters):
-                y00, y01, y10, y11 = _output_tile(M, t, k)
-                scratch[0, k] = _relu(y00 + b[k], zero)
-                scratch[1, k] = _relu(y01 + b[k], zero)
-                scratch[2, k] = _relu(y10 + b[k], zero)
-                scratch[3, k] = _relu(y11 + b[k], zero)
-            for a in range(2):
-                for col in range(2):
-                    if y0 + a < out_h and x0 + col < out_w:
-                        out[n, y0 + a, x0 + col] = scratch[2 * a + col]
+                bias = b[k]
+                best, where = y00 + bias, 0
+                value = y01 + bias
+                if not (value <= best) and best == best:     # larger, or the first NaN
+                    best, where = value, 1
+                value = y10 + bias
+                if not (value <= best) and best == best:
+                    best, where = value, 2
+                value = y11 + bias
+                if not (value <= best) and best == best:
+                    best, where = value, 3
+                where_row[k] = where if best > 0 else -1
+                best_row[k] = _relu(best, zero)
 
+    @kernel(**_OPTIONS)
+    def relu_tiles_gradient(dout, out, first, tiles_h, tiles_w, dM, db):
+        """``dM[t] = A dY A^T`` with ``dY = dout * (out > 0)`` on the tile's pixels (zero
+        beyond the output's last row or column), ``dout`` and ``out (N, OH, OW, K)``, the
+        tiles of whole images from `first`; ``db +=`` the sums of dY. All C-contiguous."""
+        out_h, out_w = out.shape[1], out.shape[2]
+        ds, os, dms = dout.reshape(-1), out.reshape(-1), dM.reshape(-1)
+        zero = dM.dtype.type(0)
+        for t in range(dM.shape[0]):
+            n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
+            y0, x0 = 2 * ty, 2 * tx
+            y1, x1 = min(y0 + 1, out_h - 1), min(x0 + 1, out_w - 1)     # a half tile reads its last pixel twice...
+            keep_y, keep_x = y0 + 1 < out_h, x0 + 1 < out_w               # ...and drops it
+            p00, p01 = ((n * out_h + y0) * out_w + x0) * K, ((n * out_h + y0) * out_w + x1) * K
+            p10, p11 = ((n * out_h + y1) * out_w + x0) * K, ((n * out_h + y1) * out_w + x1) * K
+            for k in range(K):
+                g00 = ds[p00 + k] if os[p00 + k] > 0 else zero
+                g01 = ds[p01 + k] if os[p01 + k] > 0 and keep_x else zero
+                g10 = ds[p10 + k] if os[p10 + k] > 0 and keep_y else zero
+                g11 = ds[p11 + k] if os[p11 + k] > 0 and keep_y and keep_x else zero
+                db[k] += (g00 + g01) + (g10 + g11)
+                _store_gradient_tile(g00, g01, g10, g11, dms, 16 * t * K + k, K)
 
-@kernel(**_OPTIONS)
-def output_relu_pool(M, b, first, pooled, arg):
-    """``pooled = relu(maxpool2x2(A^T M A + b))``: each tile is one pooling window, ``pooled``
-    and ``arg (N, OH/2, OW/2, K)`` from image `first`; ``arg`` the offset ``2 r + c`` of the
-    window's first maximum (row-major), or -1 where the ReLU passed nothing back (maximum <= 0,
-    or NaN); a NaN wins its window (the first NaN) and stays NaN, as
-    `conv_kernels.bias_relu_pool`."""
-    tiles_h, tiles_w, filters = pooled.shape[1], pooled.shape[2], pooled.shape[3]
-    zero = pooled.dtype.type(0)
-    for t in range(M.shape[0]):
-        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
-        best_row, where_row = pooled[n, ty, tx], arg[n, ty, tx]
-        for k in range(filters):
-            y00, y01, y10, y11 = _output_tile(M, t, k)
-            bias = b[k]
-            best, where = y00 + bias, 0
-            value = y01 + bias
-            if not (value <= best) and best == best:     # larger, or the first NaN
-                best, where = value, 1
-            value = y10 + bias
-            if not (value <= best) and best == best:
-                best, where = value, 2
-            value = y11 + bias
-            if not (value <= best) and best == best:
-                best, where = value, 3
-            where_row[k] = where if best > 0 else -1
-            best_row[k] = _relu(best, zero)
+    @kernel(**_OPTIONS)
+    def pool_tiles_gradient(dout, arg, first, dM, db):
+        """``dM[t] = A dY A^T`` with ``dY`` the pooled gradient ``dout (N, PH, PW, K)`` placed
+        at the window's offset ``arg`` (where >= 0), zeros elsewhere, the tiles (windows) of
+        whole images from `first`; ``db +=`` what was placed. All C-contiguous."""
+        per_image = arg.shape[1] * arg.shape[2]
+        ds, args, dms = dout.reshape(-1), arg.reshape(-1), dM.reshape(-1)
+        zero = dM.dtype.type(0)
+        for t in range(dM.shape[0]):
+            at = (first * per_image + t) * K
+            for k in range(K):
+                where = args[at + k]
+                g = ds[at + k] if where >= 0 else zero
+                db[k] += g
+                _store_gradient_tile(g if where == 0 else zero, g if where == 1 else zero,
+                                     g if where == 2 else zero, g if where == 3 else zero, dms, 16 * t * K + k, K)
 
-
-@njit(**_OPTIONS)
-def _store_gradient_tile(g00, g01, g10, g11, t, k, dM):
-    """``dM[t, :, k] = A dY A^T`` for the tile's gradient ``dY = [[g00, g01], [g10, g11]]``:
-    rows ``(g0, g0 + g1, g0 - g1, -g1)`` of dY's rows, then the same on the columns."""
-    r00, r01 = g00, g01
-    r10, r11 = g00 + g10, g01 + g11
-    r20, r21 = g00 - g10, g01 - g11
-    r30, r31 = -g10, -g11
-    dM[t, 0, k], dM[t, 1, k], dM[t, 2, k], dM[t, 3, k] = r00, r00 + r01, r00 - r01, -r01
-    dM[t, 4, k], dM[t, 5, k], dM[t, 6, k], dM[t, 7, k] = r10, r10 + r11, r10 - r11, -r11
-    dM[t, 8, k], dM[t, 9, k], dM[t, 10, k], dM[t, 11, k] = r20, r20 + r21, r20 - r21, -r21
-    dM[t, 12, k], dM[t, 13, k], dM[t, 14, k], dM[t, 15, k] = r30, r30 + r31, r30 - r31, -r31
-
-
-@kernel(**_OPTIONS)
-def relu_tiles_gradient(dout, out, first, tiles_h, tiles_w, dM, db):
-    """``dM[t] = A dY A^T`` with ``dY = dout * (out > 0)`` on the tile's pixels (zero beyond
-    the output's last row or column), ``dout`` and ``out (N, OH, OW, K)`` (any strides), the
-    tiles of whole images from `first`; ``db +=`` the sums of dY."""
-    out_h, out_w, filters = out.shape[1], out.shape[2], out.shape[3]
-    zero = dM.dtype.type(0)
-    for t in range(dM.shape[0]):
-        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
-        y0, x0 = 2 * ty, 2 * tx
-        y1, x1 = min(y0 + 1, out_h - 1), min(x0 + 1, out_w - 1)     # a half tile reads its last pixel twice...
-        keep_y, keep_x = y0 + 1 < out_h, x0 + 1 < out_w               # ...and drops it
-        for k in range(filters):
-            g00 = dout[n, y0, x0, k] if out[n, y0, x0, k] > 0 else zero
-            g01 = dout[n, y0, x1, k] if out[n, y0, x1, k] > 0 and keep_x else zero
-            g10 = dout[n, y1, x0, k] if out[n, y1, x0, k] > 0 and keep_y else zero
-            g11 = dout[n, y1, x1, k] if out[n, y1, x1, k] > 0 and keep_y and keep_x else zero
-            db[k] += (g00 + g01) + (g10 + g11)
-            _store_gradient_tile(g00, g01, g10, g11, t, k, dM)
-
-
-@kernel(**_OPTIONS)
-def pool_tiles_gradient(dout, arg, first, dM, db):
-    """``dM[t] = A dY A^T`` with ``dY`` the pooled gradient ``dout (N, PH, PW, K)`` placed at
-    the window's offset ``arg`` (where >= 0), zeros elsewhere, the tiles (windows) of whole
-    images from `first`; ``db +=`` what was placed."""
-    tiles_h, tiles_w, filters = arg.shape[1], arg.shape[2], arg.shape[3]
-    zero = dM.dtype.type(0)
-    for t in range(dM.shape[0]):
-        n, ty, tx = _tile_at(t, first, tiles_h, tiles_w)
-        for k in range(filters):
-            where = arg[n, ty, tx, k]
-            g = dout[n, ty, tx, k] if where >= 0 else zero
-            db[k] += g
-            _store_gradient_tile(g if where == 0 else zero, g if where == 1 else zero,
-                                 g if where == 2 else zero, g if where == 3 else zero, t, k, dM)
+    return OutputKernels(output_relu, output_relu_pool, relu_tiles_gradient, pool_tiles_gradient)
