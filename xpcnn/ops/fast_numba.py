@@ -937,6 +937,7 @@ class _WinogradConvolution:
         filter_num, channels = W.shape[:2]
         self.tiles_h, self.tiles_w = winograd.tiles(out_h, out_w, pooled)
         self.per_image = self.tiles_h * self.tiles_w
+        self.input_kernels = winograd.input_kernels(channels)
         self.output_kernels = winograd.output_kernels(filter_num)
         self.U = np.empty((16, channels, filter_num), dtype=x.dtype)
         winograd.filter_transform(np.ascontiguousarray(W, dtype=x.dtype), self.U)
@@ -944,11 +945,13 @@ class _WinogradConvolution:
         self.chunk = max(1, WINOGRAD_CHUNK_BYTES // (max(1, self.per_image) * tile_bytes))
 
     def _buffers(self, first: int, last: int) -> tuple:
-        """A slice's flat buffers for a chunk's V (or dV) and M (or dM), and the patch scratch."""
+        """A slice's flat buffers for a chunk's V (or dV) and M (or dM), and the scratch of a
+        tile's patch and of one image with its border of zeros."""
         tiles = min(self.chunk, last - first) * self.per_image
         channels, filter_num, dtype = self.x.shape[3], self.W.shape[0], self.x.dtype
         return (np.empty(16 * tiles * channels, dtype=dtype), np.empty(16 * tiles * filter_num, dtype=dtype),
-                np.empty((4, 4, channels), dtype=dtype))
+                np.empty((4, 4, channels), dtype=dtype),
+                np.empty((2 * self.tiles_h + 2, 2 * self.tiles_w + 2, channels), dtype=dtype))
 
     def _chunks(self, first: int, last: int, buffers: tuple):
         """``(start, end, V, M)`` for the chunks of images ``first:last``: V and M contiguous
@@ -957,7 +960,7 @@ class _WinogradConvolution:
         views with rows 16 C apart: the position-major layout put its 16 planes a power of two
         apart for DeepConvNet's chunks, and the transforms' 16 streams then collided in cache:
         4.7 against 1.1 ms for a gradient transform)."""
-        v_flat, m_flat, _ = buffers
+        v_flat, m_flat = buffers[:2]
         channels, filter_num = self.x.shape[3], self.W.shape[0]
         for start in range(first, last, self.chunk):
             end = min(start + self.chunk, last)
@@ -965,8 +968,8 @@ class _WinogradConvolution:
             yield (start, end, v_flat[:16 * tiles * channels].reshape(tiles, 16, channels),
                    m_flat[:16 * tiles * filter_num].reshape(tiles, 16, filter_num))
 
-    def _transform_input(self, start: int, end: int, V: np.ndarray, patch: np.ndarray) -> None:
-        winograd.input_transform(self.x, start, end, self.pad, self.tiles_h, self.tiles_w, patch, V)
+    def _transform_input(self, start: int, end: int, V: np.ndarray, padded: np.ndarray) -> None:
+        self.input_kernels.transform(self.x, start, end, self.pad, self.tiles_h, self.tiles_w, padded, V)
 
     def forward_relu(self, b: Any) -> tuple:
         n, filter_num = self.x.shape[0], self.W.shape[0]
@@ -977,7 +980,7 @@ class _WinogradConvolution:
             buffers = self._buffers(first, last)
             scratch = np.empty((4, filter_num), dtype=self.x.dtype)
             for start, end, V, M in self._chunks(first, last, buffers):
-                self._transform_input(start, end, V, buffers[2])
+                self._transform_input(start, end, V, buffers[3])
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
                 self.output_kernels.relu(M, b, start, self.tiles_h, self.tiles_w, scratch, out)
 
@@ -993,7 +996,7 @@ class _WinogradConvolution:
         def one_slice(part: int, first: int, last: int) -> None:
             buffers = self._buffers(first, last)
             for start, end, V, M in self._chunks(first, last, buffers):
-                self._transform_input(start, end, V, buffers[2])
+                self._transform_input(start, end, V, buffers[3])
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
                 self.output_kernels.relu_pool(M, b, start, pooled, arg)
 
@@ -1032,12 +1035,13 @@ class _WinogradConvolution:
             db = np.zeros(filter_num, dtype=dtype)
             for start, end, V, dM in self._chunks(first, last, buffers):
                 gradient(start, dM, db)
-                self._transform_input(start, end, V, buffers[2])
+                self._transform_input(start, end, V, buffers[3])
                 np.matmul(V.transpose(1, 2, 0), dM.transpose(1, 0, 2), out=dU_chunk)
                 dU += dU_chunk
                 if need_input_grad:
                     np.matmul(dM.transpose(1, 0, 2), u_t, out=V.transpose(1, 0, 2))     # dV, in V's place
-                    winograd.input_gradient(V, start, end, self.pad, self.tiles_h, self.tiles_w, buffers[2], dx)
+                    self.input_kernels.gradient(V, start, end, self.pad, self.tiles_h, self.tiles_w, buffers[2],
+                                                buffers[3], dx)
             sums[part] = (dU, db)
 
         dU, db = _sum_slices(sums, run_in_slices(n, one_slice, self.x.nbytes + nbytes))

@@ -1,7 +1,8 @@
 """Winograd's F(2x2, 3x3) convolution for `fast_numba`: 3 x 3 filters, stride 1, several
 channels, on channels-last memory ``(N, H, W, C)``. Each 2 x 2 block of output pixels (a
 tile) comes from a 4 x 4 patch of the input ``d`` (rows and columns ``2 t - pad`` to
-``2 t - pad + 3``; what lies outside the image reads as zero, so no padded copy is made):
+``2 t - pad + 3``; what lies outside the image reads as zero: each image is copied, one at a
+time, into a scratch buffer with a border of zeros):
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A        (* elementwise, per channel pair, summed over C)
 
@@ -17,9 +18,11 @@ channel loop innermost, contiguous, so that it vectorises):
 
     filter_transform        U = G g G^T for every (c, k)
     filter_gradient         dW = G^T dU G (the transposed filter transform)
-    input_transform         V = B^T d B for every tile and channel, padding read as zeros
-    input_gradient          dx += B dV B^T, scattered onto the overlapping patches (the
-                            transposed input transform), what falls on the padding dropped
+    input_transform         V = B^T d B for every tile and channel, from the image with its
+                            border of zeros (`_pad_image`)
+    input_gradient          dx += B dV B^T, summed onto the overlapping patches in the bordered
+                            scratch (the transposed input transform), then what lies inside
+                            the image added to dx (`_add_image`)
     output_relu             Y = A^T M A + bias, ReLU, the tiles' pixels inside the output
     output_relu_pool        the same with the 2 x 2 max pooling of each tile (the pooling
                             windows are the tiles) and the offset of its first maximum, as
@@ -28,16 +31,23 @@ channel loop innermost, contiguous, so that it vectorises):
                             (zeros beyond the output's last row and column), and db
     pool_tiles_gradient     the same for the pooled gradient placed at each window's maximum
 
-The four output-side kernels are compiled once for each filter count K (`output_kernels`,
-kept per K in the kernel folder), with K a constant of the machine code. Then LLVM knows the
-filter loop's trip count and the 16 positions' rows K apart, and it vectorises the filter
-loop with no runtime alias checks. For one filter count with 20 images on one core, float32
-(the results equal bit for bit): `pool_tiles_gradient` 0.76 -> 0.22 ms at 16 filters and
-`relu_tiles_gradient` 0.35 -> 0.10 ms at 64, `output_relu_pool` 0.56 -> 0.28 ms at 16, and
-`output_relu` 5-20% faster. The gradient kernels index flat views (`_store_gradient_tile`),
-because a constant trip count alone left them as slow as before. The input side stays
-compiled once for any channel count: with C constant, LLVM unrolls its 16-channel loops
-into scalar code, and `input_transform` took 0.58 -> 0.86 ms at 16 channels.
+**Compiled per channel count.** The kernels are compiled once for each input channel count
+C (`input_kernels`) and each filter count K (`output_kernels`), kept per count in the kernel
+folder, with the count a constant of the machine code. LLVM then knows the channel loop's
+trip count and the 16 positions' rows C (K) apart, and it vectorises that loop with few or
+no runtime alias checks. The input side's loops index views (a patch row, a tile's 16 x C
+block) with the loop's own index: the same loop on the flat buffer at computed offsets
+compiled with no packed subtraction at all (likely because Numba wraps a negative index,
+and LLVM cannot tell that such an offset is >= 0). Measured on one core, float32, results equal
+bit for bit to the kernels compiled once for any count (the cases of
+tests/ops/test_compiled_kernels.py and DeepConvNet's shapes):
+- `pool_tiles_gradient` took 0.76 -> 0.22 ms for 20 images at 16 filters.
+- `relu_tiles_gradient` took 0.35 -> 0.10 ms at 64 filters.
+- `output_relu_pool` took 0.56 -> 0.28 ms at 16 filters; `output_relu` is 5-20% faster.
+- Over DeepConvNet's five layers, 100 images in its chunks, `input_transform` took
+  5.11 -> 3.06 ms and `input_gradient` 5.28 -> 3.13 ms. In float64 two of the five layers got
+  slower, 32 channels at 14 x 14 (1.69 -> 1.88 ms) and 64 at 7 x 7 (0.85 -> 0.96).
+The price is a compile per new count (each kept on disk).
 
 An odd output size makes the last row (column) of tiles half outside: their second output
 row is computed and dropped (with pooling, which does not cover it, the half tiles are not
@@ -169,74 +179,135 @@ def _store_gradient_tile(g00, g01, g10, g11, dm, at, K):
     dm[at + 12 * K], dm[at + 13 * K], dm[at + 14 * K], dm[at + 15 * K] = r30, r30 + r31, r30 - r31, -r31
 
 
-@kernel(**_OPTIONS)
-def input_transform(x, first, last, pad, tiles_h, tiles_w, patch, V):
-    """``V[t] = B^T d B`` for the tiles ``t`` of images ``first:last`` of ``x (N, H, W, C)``
-    (row-major, image by image), ``V (tiles, 16, C)``; ``patch (4, 4, C)`` a scratch buffer
-    for the 4 x 4 patch, zeros where it lies on the padding."""
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-    zero = V.dtype.type(0)
-    t = 0
-    for n in range(first, last):
-        for ty in range(tiles_h):
-            for tx in range(tiles_w):
-                y0, x0 = 2 * ty - pad, 2 * tx - pad
-                for i in range(4):
-                    for j in range(4):
-                        if 0 <= y0 + i < height and 0 <= x0 + j < width:
-                            for c in range(channels):
-                                patch[i, j, c] = x[n, y0 + i, x0 + j, c]
-                        else:
-                            for c in range(channels):
-                                patch[i, j, c] = zero
-                for j in range(4):        # B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3 (in place)
-                    for c in range(channels):
-                        d0, d1, d2, d3 = patch[0, j, c], patch[1, j, c], patch[2, j, c], patch[3, j, c]
-                        patch[0, j, c] = d0 - d2
-                        patch[1, j, c] = d1 + d2
-                        patch[2, j, c] = d2 - d1
-                        patch[3, j, c] = d1 - d3
-                for i in range(4):        # (.) B: columns the same
-                    for c in range(channels):
-                        r0, r1, r2, r3 = patch[i, 0, c], patch[i, 1, c], patch[i, 2, c], patch[i, 3, c]
-                        V[t, 4 * i, c] = r0 - r2
-                        V[t, 4 * i + 1, c] = r1 + r2
-                        V[t, 4 * i + 2, c] = r2 - r1
-                        V[t, 4 * i + 3, c] = r1 - r3
-                t += 1
+class InputKernels(NamedTuple):
+    """The input side's kernels for one channel count (`input_kernels`)."""
+    transform: Any
+    gradient: Any
 
 
-@kernel(**_OPTIONS)
-def input_gradient(dV, first, last, pad, tiles_h, tiles_w, patch, dx):
-    """``dx[n, patch rows, patch columns] += B dV[t] B^T`` for the tiles of images
-    ``first:last`` (the transpose of `input_transform`); what falls on the padding is
-    dropped. ``dx (N, H, W, C)`` must hold zeros (or a sum under way) there."""
-    height, width, channels = dx.shape[1], dx.shape[2], dx.shape[3]
-    t = 0
-    for n in range(first, last):
-        for ty in range(tiles_h):
-            for tx in range(tiles_w):
-                y0, x0 = 2 * ty - pad, 2 * tx - pad
-                for i in range(4):        # (.) B^T on the rows of dV: columns v0, v1 - v2 + v3, v1 + v2 - v0, -v3
-                    for c in range(channels):
-                        v0, v1, v2, v3 = dV[t, 4 * i, c], dV[t, 4 * i + 1, c], dV[t, 4 * i + 2, c], dV[t, 4 * i + 3, c]
-                        patch[i, 0, c] = v0
-                        patch[i, 1, c] = v1 - v2 + v3
-                        patch[i, 2, c] = v1 + v2 - v0
-                        patch[i, 3, c] = -v3
-                for j in range(4):        # B (.): rows the same
-                    for c in range(channels):
-                        r0, r1, r2, r3 = patch[0, j, c], patch[1, j, c], patch[2, j, c], patch[3, j, c]
-                        patch[0, j, c] = r0
-                        patch[1, j, c] = r1 - r2 + r3
-                        patch[2, j, c] = r1 + r2 - r0
-                        patch[3, j, c] = -r3
-                for i in range(4):
-                    for j in range(4):
-                        if 0 <= y0 + i < height and 0 <= x0 + j < width:
-                            for c in range(channels):
-                                dx[n, y0 + i, x0 + j, c] += patch[i, j, c]
-                t += 1
+@functools.cache
+def input_kernels(channels: int) -> InputKernels:
+    """`input_transform` and `input_gradient` compiled for inputs of `channels` channels."""
+    C = channels        # a constant of the compiled code (see the module's docstring)
+
+    @kernel(**_OPTIONS)
+    def input_transform(x, first, last, pad, tiles_h, tiles_w, padded, V):
+        """``V[t] = B^T d B`` for the tiles ``t`` of images ``first:last`` of ``x (N, H, W, C)``
+        (row-major, image by image), ``V (tiles, 16, C)``; ``padded (2 tiles_h + 2,
+        2 tiles_w + 2, C)`` a scratch buffer for one image with its border of zeros (every
+        patch then lies inside it). All C-contiguous."""
+        xs, ps, vs = x.reshape(-1), padded.reshape(-1), V.reshape(-1)
+        row = padded.shape[1] * C
+        t = 0
+        for n in range(first, last):
+            _pad_image(xs, n, x.shape[1], x.shape[2], pad, C, ps, 2 * tiles_h + 2, padded.shape[1])
+            for ty in range(tiles_h):
+                for tx in range(tiles_w):
+                    at = 2 * ty * row + 2 * tx * C          # the patch's rows: views, so that
+                    d0 = ps[at:at + 4 * C]                  # their indices are known >= 0
+                    d1, d2, d3 = ps[at + row:at + row + 4 * C], ps[at + 2 * row:at + 2 * row + 4 * C], \
+                        ps[at + 3 * row:at + 3 * row + 4 * C]
+                    v = vs[16 * t * C:16 * (t + 1) * C]
+                    for c in range(C):
+                        # B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3; then (.) B: columns the same
+                        a0, a1, a2, a3 = d0[c] - d2[c], d0[C + c] - d2[C + c], d0[2 * C + c] - d2[2 * C + c], \
+                            d0[3 * C + c] - d2[3 * C + c]
+                        b0, b1, b2, b3 = d1[c] + d2[c], d1[C + c] + d2[C + c], d1[2 * C + c] + d2[2 * C + c], \
+                            d1[3 * C + c] + d2[3 * C + c]
+                        e0, e1, e2, e3 = d2[c] - d1[c], d2[C + c] - d1[C + c], d2[2 * C + c] - d1[2 * C + c], \
+                            d2[3 * C + c] - d1[3 * C + c]
+                        f0, f1, f2, f3 = d1[c] - d3[c], d1[C + c] - d3[C + c], d1[2 * C + c] - d3[2 * C + c], \
+                            d1[3 * C + c] - d3[3 * C + c]
+                        v[c], v[C + c], v[2 * C + c], v[3 * C + c] = a0 - a2, a1 + a2, a2 - a1, a1 - a3
+                        v[4 * C + c], v[5 * C + c], v[6 * C + c], v[7 * C + c] = b0 - b2, b1 + b2, b2 - b1, b1 - b3
+                        v[8 * C + c], v[9 * C + c], v[10 * C + c], v[11 * C + c] = e0 - e2, e1 + e2, e2 - e1, e1 - e3
+                        v[12 * C + c], v[13 * C + c], v[14 * C + c], v[15 * C + c] = f0 - f2, f1 + f2, f2 - f1, f1 - f3
+                    t += 1
+
+    @kernel(**_OPTIONS)
+    def input_gradient(dV, first, last, pad, tiles_h, tiles_w, patch, padded, dx):
+        """``dx[n, patch rows, patch columns] += B dV[t] B^T`` for the tiles of images
+        ``first:last`` (the transpose of `input_transform`): each image's sums are made in
+        ``padded`` (as `input_transform`'s) and what lies inside the image is added to dx,
+        what falls on the border dropped; ``patch (4, 4, C)`` holds one tile's. All
+        C-contiguous."""
+        vs, qs, ps, xs = dV.reshape(-1), patch.reshape(-1), padded.reshape(-1), dx.reshape(-1)
+        zero = dx.dtype.type(0)
+        row, rows = padded.shape[1] * C, 2 * tiles_h + 2
+        t = 0
+        for n in range(first, last):
+            for f in range(rows * row):
+                ps[f] = zero
+            for ty in range(tiles_h):
+                for tx in range(tiles_w):
+                    v = vs[16 * t * C:16 * (t + 1) * C]
+                    for c in range(C):
+                        # (.) B^T on the rows of dV: columns v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+                        a0, a1, a2, a3 = v[c], v[C + c] - v[2 * C + c] + v[3 * C + c], v[C + c] + v[2 * C + c] - v[c], \
+                            -v[3 * C + c]
+                        b0, b1, b2, b3 = v[4 * C + c], v[5 * C + c] - v[6 * C + c] + v[7 * C + c], \
+                            v[5 * C + c] + v[6 * C + c] - v[4 * C + c], -v[7 * C + c]
+                        e0, e1, e2, e3 = v[8 * C + c], v[9 * C + c] - v[10 * C + c] + v[11 * C + c], \
+                            v[9 * C + c] + v[10 * C + c] - v[8 * C + c], -v[11 * C + c]
+                        f0, f1, f2, f3 = v[12 * C + c], v[13 * C + c] - v[14 * C + c] + v[15 * C + c], \
+                            v[13 * C + c] + v[14 * C + c] - v[12 * C + c], -v[15 * C + c]
+                        # B (.): rows the same
+                        qs[c], qs[C + c], qs[2 * C + c], qs[3 * C + c] = a0, a1, a2, a3
+                        qs[4 * C + c], qs[5 * C + c], qs[6 * C + c], qs[7 * C + c] = \
+                            b0 - e0 + f0, b1 - e1 + f1, b2 - e2 + f2, b3 - e3 + f3
+                        qs[8 * C + c], qs[9 * C + c], qs[10 * C + c], qs[11 * C + c] = \
+                            b0 + e0 - a0, b1 + e1 - a1, b2 + e2 - a2, b3 + e3 - a3
+                        qs[12 * C + c], qs[13 * C + c], qs[14 * C + c], qs[15 * C + c] = -f0, -f1, -f2, -f3
+                    at = 2 * ty * row + 2 * tx * C
+                    for i in range(4):
+                        _add_row(qs[4 * i * C:4 * (i + 1) * C], ps[at + i * row:at + i * row + 4 * C])
+                    t += 1
+            _add_image(ps, rows, padded.shape[1], pad, C, xs, n, dx.shape[1], dx.shape[2])
+
+    return InputKernels(input_transform, input_gradient)
+
+
+@njit(**_OPTIONS)
+def _add_row(source, target):
+    """``target += source`` (two views of the same length)."""
+    for f in range(source.shape[0]):
+        target[f] += source[f]
+
+
+@njit(**_OPTIONS)
+def _pad_image(xs, n, height, width, pad, channels, ps, rows, cols):
+    """Image `n` of the flat ``xs`` (images of `height` x `width` pixels of `channels` values)
+    into the flat ``ps`` of `rows` x `cols` pixels, `pad` rows and columns down and across,
+    zeros around it; what of the image lies beyond ``ps`` is left out."""
+    zero = ps.dtype.type(0)
+    line, left = cols * channels, min(pad, cols) * channels
+    take = max(0, min(width, cols - pad)) * channels
+    for r in range(rows):
+        y, target = r - pad, ps[r * line:(r + 1) * line]
+        if 0 <= y < height:
+            source = xs[((n * height + y) * width) * channels:]
+            for f in range(left):
+                target[f] = zero
+            for f in range(take):
+                target[left + f] = source[f]
+            for f in range(left + take, line):
+                target[f] = zero
+        else:
+            for f in range(line):
+                target[f] = zero
+
+
+@njit(**_OPTIONS)
+def _add_image(ps, rows, cols, pad, channels, xs, n, height, width):
+    """The transpose of `_pad_image`: what of the flat ``ps`` (`rows` x `cols` pixels) lies
+    inside image `n` added to it (``xs``, images of `height` x `width` pixels), the border
+    dropped."""
+    line = cols * channels
+    take = max(0, min(width, cols - pad)) * channels
+    for y in range(min(height, rows - pad)):
+        source = ps[(y + pad) * line + pad * channels:]
+        target = xs[((n * height + y) * width) * channels:]
+        _add_row(source[:take], target[:take])
 
 
 class OutputKernels(NamedTuple):
