@@ -692,16 +692,28 @@ def _sum_slices(sums: dict, slices: int) -> tuple:
     return dW, db
 
 
+def _pool_2x2_floor(pool: tuple, out_h: int, out_w: int) -> bool:
+    """Whether `pool` is 2 x 2 windows at stride 2 without padding over an `out_h` x `out_w`
+    output: they tile it, or leave its last row (column) out where that is odd."""
+    pool_h, pool_w, pool_stride, pool_pad, pooled_h, pooled_w = pool
+    return (pool_h == pool_w == pool_stride == 2 and pool_pad == 0 and pooled_h == out_h // 2
+            and pooled_w == out_w // 2)
+
+
 def conv2d_relu_maxpool2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad: int, out_h: int,
                                   out_w: int, pool: tuple) -> Any:
     """Stride 1 and a tiling pooling: one channel, one kernel; several, the chunks' products
-    with their bias, pooling and ReLU in one pass (see the module docstring)."""
+    with their bias, pooling and ReLU in one pass (see the module docstring). Winograd's path
+    also takes 2 x 2 pooling of an odd output (DeepConvNet's 7 x 7 to 3 x 3): its tiles are the
+    windows, so the last row (column), which no window reads, is not computed."""
+    if stride != 1:
+        return NotImplemented
+    if W.shape[1] > 1 and _pool_2x2_floor(pool, out_h, out_w) and _WinogradConvolution.takes(W, pad):
+        return _WinogradConvolution(x, W, pad, out_h, out_w, pooled=True).forward_pooled(b)
     size = _tiling_pool(pool, out_h, out_w)
-    if stride != 1 or not size:
+    if not size:
         return NotImplemented
     if W.shape[1] > 1:
-        if size == 2 and _WinogradConvolution.takes(W, pad):
-            return _WinogradConvolution(x, W, pad, out_h, out_w, pooled=True).forward_pooled(b)
         if not _ChunkedConvolution.takes(W, pad):
             return NotImplemented
         return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_pooled(b, size)
