@@ -33,7 +33,7 @@ CONV_RELU_POOL_GEOMETRIES = [
     (2, 3, 9, 7, 4, 3, 2, 2, 1, 1),      # 1x1 pooling
     (3, 8, 10, 10, 6, 3, 3, 1, 2, 2),    # Winograd's pooled tiles: pad 2 (as DeepConvNet's fourth), 3 images
     (2, 4, 10, 8, 5, 3, 3, 1, 0, 2),     # ... and pad 0, not square
-    (2, 8, 7, 7, 6, 3, 3, 1, 1, 2),      # output 7x7 to 3x3 (DeepConvNet's sixth): Winograd's tiles skip the last row
+    (2, 8, 7, 7, 6, 3, 3, 1, 1, 2),      # output 7x7 to 3x3: Winograd's tiles skip the last row and column
     (3, 4, 9, 6, 5, 3, 3, 1, 1, 2),      # ... odd down, even across
 ]
 POOL_GEOMETRIES = [  # (N, C, H, W, PH, PW, stride, pad)

@@ -704,8 +704,8 @@ def conv2d_relu_maxpool2d_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride
                                   out_w: int, pool: tuple) -> Any:
     """Stride 1 and a tiling pooling: one channel, one kernel; several, the chunks' products
     with their bias, pooling and ReLU in one pass (see the module docstring). Winograd's path
-    also takes 2 x 2 pooling of an odd output (DeepConvNet's 7 x 7 to 3 x 3): its tiles are the
-    windows, so the last row (column), which no window reads, is not computed."""
+    also takes 2 x 2 pooling of an odd output (7 x 7 to 3 x 3, say): its tiles are the windows,
+    so the last row (column), which no window reads, is not computed."""
     if stride != 1:
         return NotImplemented
     if W.shape[1] > 1 and _pool_2x2_floor(pool, out_h, out_w) and _WinogradConvolution.takes(W, pad):

@@ -41,12 +41,13 @@ compiled with no packed subtraction at all (likely because Numba wraps a negativ
 and LLVM cannot tell that such an offset is >= 0). Measured on one core, float32, results equal
 bit for bit to the kernels compiled once for any count (the cases of
 tests/ops/test_compiled_kernels.py and DeepConvNet's shapes):
-- `pool_tiles_gradient` took 0.76 -> 0.22 ms for 20 images at 16 filters.
-- `relu_tiles_gradient` took 0.35 -> 0.10 ms at 64 filters.
-- `output_relu_pool` took 0.56 -> 0.28 ms at 16 filters; `output_relu` is 5-20% faster.
+- `pool_tiles_gradient` took 0.74 -> 0.21 ms for 20 images at 16 filters.
+- `relu_tiles_gradient` took 0.42 -> 0.11 ms at 64 filters (8 x 8).
+- `output_relu_pool` took 0.53 -> 0.32 ms at 16 filters, but 0.037 -> 0.046 at 64 (8 x 8
+  to 4 x 4). `output_relu` is as fast or faster (1-21% over two runs).
 - Over DeepConvNet's five layers, 100 images in its chunks, `input_transform` took
-  5.11 -> 3.06 ms and `input_gradient` 5.28 -> 3.13 ms. In float64 two of the five layers got
-  slower, 32 channels at 14 x 14 (1.69 -> 1.88 ms) and 64 at 7 x 7 (0.85 -> 0.96).
+  5.46 -> 2.95 ms and `input_gradient` 4.89 -> 2.95 ms. In float64 the 64-channel layer was
+  3-4% slower, the others faster.
 The price is a compile per new count (each kept on disk).
 
 An odd output size makes the last row (column) of tiles half outside: their second output
