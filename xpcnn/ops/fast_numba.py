@@ -1036,7 +1036,7 @@ class _WinogradConvolution:
         n, channels, filter_num, dtype = self.x.shape[0], self.x.shape[3], self.W.shape[0], self.x.dtype
         dx = np.zeros(self.x.shape, dtype=dtype) if need_input_grad else None
         # (16, K, C), contiguous: NumPy's matmul onto dV's strided view took 1.6-2.8x as long
-        # with the transposed view of U (scripts/conv3x3_study.py)
+        # with the transposed view of U (docs/performance.md, "Fourth session")
         u_t = np.ascontiguousarray(self.U.transpose(0, 2, 1))
         sums: dict[int, tuple] = {}
 
