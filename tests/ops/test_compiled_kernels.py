@@ -123,6 +123,32 @@ def test_a_cache_folder_that_cannot_be_made_compiles_in_memory(tmp_path):
     assert "loss:" in done.stdout and "fused: True" in done.stdout
 
 
+def test_a_kernels_own_error_is_raised_without_discarding_the_kept_kernels(tmp_path, monkeypatch):
+    """A kernel that raises for its input, with argument types it ran with before, raises that
+    error as it is: the kept kernels are not discarded (a first call that fails is what
+    discards them, then compiles afresh)."""
+    from xpcnn.ops import kernel_cache
+
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernel_cache, "_DISPATCHERS", [])         # this test's kernel only
+    forgotten: list = []
+    monkeypatch.setattr(kernel_cache, "_forget_kept_kernels", lambda: forgotten.append("discarded"))
+
+    @kernel_cache.kernel(nogil=True)
+    def checked(x):
+        if x < 0:
+            raise ValueError("negative input")
+        return x + 1
+
+    assert checked(1) == 2
+    with pytest.raises(ValueError, match="negative input"):
+        checked(-1)
+    assert forgotten == []
+    with pytest.raises(Exception, match="(?i)typing"):              # a first call (new types) that fails
+        checked("text")
+    assert forgotten == ["discarded"]
+
+
 def test_the_installed_package_folder_is_not_written(tmp_path):
     """Kernels are kept in the user's folder, not next to the source (a read-only install)."""
     env = isolated_env(tmp_path, XPCNN_KERNEL_CACHE=str(tmp_path / "kernels"))
