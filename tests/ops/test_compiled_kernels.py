@@ -149,6 +149,39 @@ def test_a_kernels_own_error_is_raised_without_discarding_the_kept_kernels(tmp_p
     assert forgotten == ["discarded"]
 
 
+def test_a_kernel_lets_go_of_its_linking_copy_and_a_helper_keeps_it(tmp_path, monkeypatch):
+    """A kernel (called only from Python) drops Numba's copy of its IR for linking, once
+    compiled and kept and once loaded from the folder, and still runs; a helper, which kernels
+    link in, keeps it (a second kernel calling it still compiles)."""
+    from xpcnn.ops import kernel_cache
+
+    monkeypatch.setenv(cpu_kernels.CACHE_VARIABLE, str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernel_cache, "_DISPATCHERS", [])
+
+    @kernel_cache.njit(nogil=True)
+    def twice(x):
+        return 2 * x
+
+    def plus_one(x):
+        return twice(x) + 1
+
+    def plus_two(x):
+        return twice(x) + 2
+
+    def linking_copy(dispatcher):
+        (result,) = dispatcher.overloads.values()
+        return result.library._shared_module
+
+    compiled = kernel_cache.kernel(nogil=True)(plus_one)
+    assert compiled(3) == 7 and compiled.dispatcher.stats.cache_misses
+    assert linking_copy(compiled.dispatcher) is None
+    assert linking_copy(twice) is not None
+    loaded = kernel_cache.kernel(nogil=True)(plus_one)
+    assert loaded(4) == 9 and loaded.dispatcher.stats.cache_hits
+    assert linking_copy(loaded.dispatcher) is None
+    assert kernel_cache.kernel(nogil=True)(plus_two)(5) == 12
+
+
 def test_the_installed_package_folder_is_not_written(tmp_path):
     """Kernels are kept in the user's folder, not next to the source (a read-only install)."""
     env = isolated_env(tmp_path, XPCNN_KERNEL_CACHE=str(tmp_path / "kernels"))

@@ -57,6 +57,29 @@ class _UserFolderCache(FunctionCache):
     _impl_class = _UserFolderCacheImpl
 
 
+class _KernelCache(_UserFolderCache):
+    """`_UserFolderCache` for a kernel called only from Python (a `Kernel`, which compiled code
+    cannot call): once its code is loaded or kept, the library lets go of the copy of its LLVM
+    IR that Numba holds for linking it into other compiled functions. (DeepConvNet's 21 kernels
+    held 7 MiB of such copies: docs/performance.md.)"""
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        result = super().load_overload(sig, target_context)
+        if result is not None:
+            _release_linking_copy(result.library)
+        return result
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        super().save_overload(sig, data)
+        _release_linking_copy(data.library)
+
+
+def _release_linking_copy(library: Any) -> None:
+    """Drops Numba's linking copy of a library's IR (freed with its last reference; a module
+    an execution engine owns is not freed by it)."""
+    library._shared_module = None
+
+
 #: Every dispatcher made here (kernels and the helpers compiled into them).
 _DISPATCHERS: list = []
 
@@ -64,10 +87,14 @@ _DISPATCHERS: list = []
 def njit(**options: Any) -> Callable[[Callable], Any]:
     """``numba.njit(cache=True, **options)``, kept in `cache_dir()`: for helpers that other
     kernels call."""
+    return _compiler(_UserFolderCache, options)
+
+
+def _compiler(cache: type, options: dict) -> Callable[[Callable], Any]:
     def decorate(function: Callable) -> Any:
         dispatcher = numba.njit(**options)(function)
         try:
-            dispatcher._cache = _UserFolderCache(function)     # what cache=True does, with our locator
+            dispatcher._cache = cache(function)     # what cache=True does, with our locator
         except RuntimeError:        # no folder can be made there: compiled in memory, each process anew
             pass
         _DISPATCHERS.append(dispatcher)
@@ -93,7 +120,7 @@ def kernel(**options: Any) -> Callable[[Callable], "Kernel"]:
     """`njit` for a kernel called from Python: a `Kernel`, whose first call survives a
     kept entry that cannot be read."""
     def decorate(function: Callable) -> Kernel:
-        return Kernel(njit(**options)(function))
+        return Kernel(_compiler(_KernelCache, options)(function))
     return decorate
 
 
