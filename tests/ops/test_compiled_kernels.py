@@ -210,7 +210,8 @@ MUTATIONS = {
     "offset-planes-mask": ("def _mask_by_offset(", "if arg[p] == k else zero", "if arg[p] == 3 - k else zero"),
     "shifted-planes-padding": ("def _load_shifted(", "2 * ph + u - pad", "2 * ph + u"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
-    "argmax-tie-takes-the-last": ("def _pool_plane_2(", "take = not (value <= best)", "take = not (value < best)"),
+    "argmax-tie-takes-the-last": ("def _pool_plane_2(", "take = not (lower <= upper)", "take = not (lower < upper)"),
+    "argmax-tie-across-ignores-the-order": ("def _pool_plane_2(", "and k_right < k_left)", "and False)"),
     "argmax-tie-takes-the-last-wider-window": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
                                                "if not (candidate[pw] < best[pw])"),
     "unpool-2-wrong-offset": ("def _conv1_relu_pool_backward(", "bottom[2 * pw] = g if o == 2",
@@ -315,13 +316,18 @@ def _mismatches(module) -> list[str]:
     wide, wide_b = rng.standard_normal((5, 1, 5, 5)), rng.standard_normal(5)
     tied_W = np.zeros_like(W)                  # every window ties: the first maximum must win
     tie_b = np.abs(b) + 0.1                    # (and passes the ReLU, so that the tie rule shows)
+    # Small whole numbers seen through the centre tap: windows with ties in every arrangement
+    # (a maximum below tied with one beside, say: the first in the window's order wins).
+    whole, centre = rng.integers(0, 3, (3, 1, 10, 10)).astype(np.float64), np.zeros_like(W)
+    centre[:, 0, 1, 1] = 1
     pool = (2, 2, 2, 0, 4, 4)
-    for label, filters, bias in (("conv-relu-pool", W, b), ("conv-relu-pool ties", tied_W, tie_b),
-                                 ("conv-relu-pool 5x5", wide, wide_b)):
+    for label, inputs, filters, bias in (("conv-relu-pool", x, W, b), ("conv-relu-pool ties", x, tied_W, tie_b),
+                                         ("conv-relu-pool ties in every arrangement", whole, centre, tie_b),
+                                         ("conv-relu-pool 5x5", x, wide, wide_b)):
         pad = (filters.shape[2] - 3) // 2
         dout = rng.standard_normal((3, filters.shape[0], 4, 4))
-        out, cache = module.conv2d_relu_maxpool2d_forward(xp, x, filters, bias, 1, pad, 8, 8, pool)
-        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(x, filters, bias, 1, pad, 8, 8, pool)
+        out, cache = module.conv2d_relu_maxpool2d_forward(xp, inputs, filters, bias, 1, pad, 8, 8, pool)
+        want, cache_r = reference_table.conv2d_relu_maxpool2d_forward(inputs, filters, bias, 1, pad, 8, 8, pool)
         differ(label, out, want)
         for need_dx in (True, False):          # without dx (a first layer): the offset planes
             for k, (g, r) in enumerate(zip(
