@@ -429,8 +429,8 @@ def _pool_plane_2(plane, width, out, arg, best, offset):
     offset of its window (``offset``, int32); then across ``best``, the larger of each pair.
     (1,500 of SimpleConvNet's planes: 0.95 against 1.47 ms for the one-pass loop over a
     window's four values, whose rows of 12 did not vectorise.) Ties take the first offset in
-    the window's order (top left, top right, bottom left, bottom right), and a NaN wins as the
-    first NaN in that order."""
+    the window's order (top left, top right, bottom left, bottom right); a NaN wins (and its
+    offset is -1, as for every maximum the ReLU stops)."""
     pooled_h, pooled_w = out.shape[0], out.shape[1]
     pairs = 2 * pooled_w
     for ph in range(pooled_h):
@@ -446,9 +446,9 @@ def _pool_plane_2(plane, width, out, arg, best, offset):
     for w in range(pooled_h * pooled_w):
         left, right = best[2 * w], best[2 * w + 1]
         k_left, k_right = offset[2 * w], offset[2 * w + 1]
-        # The right one if larger, or a NaN beside a number, or equal (or both NaN) and first.
-        take = ((not (right <= left) and left == left)
-                or ((right == left or (right != right and left != left)) and k_right < k_left))
+        # The right one if larger, or a NaN beside a number, or equal and first in the window.
+        # (Of two NaNs either will do: a NaN's offset is never kept, -1 below.)
+        take = (not (right <= left) and left == left) or (right == left and k_right < k_left)
         value = right if take else left
         flat_out[w] = value if not (value <= 0) else 0           # a NaN stays NaN
         flat_arg[w] = (k_right if take else k_left) if value > 0 else -1
