@@ -218,8 +218,12 @@ MUTATIONS = {
                               "bottom[2 * pw] = g if o == 3"),
     "unpool-2-db-counts-blocked-maxima": ("def _conv1_relu_pool_backward(", "if plane_arg[q] >= 0 else zero",
                                           "if plane_arg[q] >= -1 else zero"),
-    "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (row[ow] <= 0) else 0",
+    "relu-lets-negatives-through": ("def _conv1_relu_forward(", "if not (value <= 0) else 0",
                                     "if True else 0"),
+    "relu-gradient-ignores-the-mask": ("def _conv1_relu_backward(", "pixel[f] if kept[f] > 0 else zero",
+                                       "pixel[f]"),
+    "relu-gradient-wrong-filter": ("def _conv1_relu_backward(", "grads[f], grads[f + 1], dW",
+                                   "grads[f], grads[f], dW"),
     "adagrad-formula": ("def _adagrad(", "(np.sqrt(h[i]) + eps) * lr", "(h[i] + eps) * lr"),
     "adam-formula": ("def _adam(", "m[i] += one_minus_beta1 * (grad[i] - m[i])",
                      "m[i] += one_minus_beta2 * (grad[i] - m[i])"),
@@ -346,8 +350,15 @@ def _mismatches(module) -> list[str]:
                                        reference_table.conv2d_relu_maxpool2d_backward(coarse, cache_r, filters, 1, 0,
                                                                                       True))):
             differ(f"{label} gradient {k}", g, r)
-    out, _ = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)
-    differ("conv-relu", out, reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)[0])
+    out, cache = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)
+    want, cache_r = reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)
+    differ("conv-relu", out, want)
+    grad = rng.standard_normal(want.shape)
+    for need_dx in (True, False):
+        for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, W, 1, 1, need_dx),
+                                       reference_table.conv2d_relu_backward(grad, cache_r, W, 1, 1, need_dx))):
+            if r is not None:
+                differ(f"conv-relu gradient {k}{'' if need_dx else ' (no dx)'}", g, r)
     # Several channels (the chunked path with its compiled epilogues), ties included.
     x3, W3, b3 = rng.standard_normal((3, 3, 10, 10)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
     # (ties: a positive bias, so that the ReLU passes the tied maxima and the tie rule shows)

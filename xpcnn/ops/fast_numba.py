@@ -555,46 +555,50 @@ def _conv1_relu_pool_backward(x, W, dout, arg, pad, pool, start, end, dW, db, dx
 
 @kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
 def _conv1_relu_forward(x, W, b, pad, start, end, out):
-    """Images ``start..end-1``: ``out[n, f] = relu(conv(x[n], W[f]) + b[f])`` (NaN stays NaN)."""
-    width = x.shape[3] + 2 * pad
-    out_h, out_w = out.shape[2], out.shape[3]
+    """Images ``start..end-1``: ``out[n, :, :, f] = relu(conv(x[n], W[f]) + b[f])`` (NaN
+    stays NaN), `out` channels-last ``(N, OH, OW, F)``: each plane stored across the filters,
+    while in cache, as the next layer's Winograd or chunked path reads it."""
+    width, filters = x.shape[3] + 2 * pad, W.shape[0]
+    out_h, out_w = out.shape[1], out.shape[2]
     image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
-    planes = np.empty((2, out_h * width), dtype=x.dtype)
+    planes = np.empty((filters + 1, out_h * width), dtype=x.dtype)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
-        for f in range(0, W.shape[0], 2):
-            for k in range(_conv1_planes(image, width, W, f, b, planes)):
-                plane = planes[k]
-                for oh in range(out_h):
-                    row, target = plane[oh * width:oh * width + out_w], out[n, f + k, oh]
-                    for ow in range(out_w):
-                        target[ow] = row[ow] if not (row[ow] <= 0) else 0      # a NaN stays NaN
+        for f in range(0, filters, 2):
+            _conv1_planes(image, width, W, f, b, planes[f:f + 2])
+        for oh in range(out_h):
+            target = out[n, oh]
+            for ow in range(out_w):
+                pixel, at = target[ow], oh * width + ow
+                for f in range(filters):
+                    value = planes[f, at]
+                    pixel[f] = value if not (value <= 0) else 0      # a NaN stays NaN
 
 
 @kernel(nogil=True, error_model="numpy", fastmath=_SUMS)
 def _conv1_relu_backward(x, W, dout, out, pad, start, end, dW, db, dx):
     """Images ``start..end-1``: dW and db summed where the output passed the ReLU; `dx` as in
-    `_conv1_relu_pool_backward`."""
-    out_h, out_w = dout.shape[2], dout.shape[3]
-    width, image, grads, dimage = _gradient_buffers(x, W, pad, out_h, dx.shape[0] > 0)
+    `_conv1_relu_pool_backward`. `dout` and `out` channels-last ``(N, OH, OW, F)``."""
+    out_h, out_w, filters = dout.shape[1], dout.shape[2], W.shape[0]
+    width, image, _, dimage = _gradient_buffers(x, W, pad, out_h, dx.shape[0] > 0)
+    grads = np.zeros((filters, out_h * width), dtype=dout.dtype)      # columns past out_w stay 0
     zero = dout.dtype.type(0)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         dimage[:] = 0
-        for f in range(0, W.shape[0], 2):
-            count = min(2, W.shape[0] - f)
-            for k in range(count):
-                total = zero
-                for oh in range(out_h):
-                    row, passed, target = dout[n, f + k, oh], out[n, f + k, oh], grads[k, oh * width:oh * width + out_w]
-                    for ow in range(out_w):
-                        target[ow] = row[ow] if passed[ow] > 0 else zero
-                        total += target[ow]
-                db[f + k] += total
-            if count == 2:
-                _conv1_plane_backward_pair(image, width, W, f, grads[0], grads[1], dW, dimage)
+        for oh in range(out_h):                  # every filter's gradient plane, pixel by pixel
+            rows, passed = dout[n, oh], out[n, oh]
+            for ow in range(out_w):
+                pixel, kept, at = rows[ow], passed[ow], oh * width + ow
+                for f in range(filters):
+                    value = pixel[f] if kept[f] > 0 else zero
+                    grads[f, at] = value
+                    db[f] += value
+        for f in range(0, filters, 2):
+            if f + 1 < filters:
+                _conv1_plane_backward_pair(image, width, W, f, grads[f], grads[f + 1], dW, dimage)
             else:
-                _conv1_plane_backward(image, width, W, f, grads[0], dW, dimage)
+                _conv1_plane_backward(image, width, W, f, grads[f], dW, dimage)
         if dx.shape[0] > 0:
             _store_input_gradient(dimage, n, pad, width, dx)
 
@@ -771,10 +775,10 @@ def conv2d_relu_forward(xp: ModuleType, x: Any, W: Any, b: Any, stride: int, pad
             return NotImplemented
         return _ChunkedConvolution(x, W, pad, out_h, out_w).forward_relu(b)
     x = np.ascontiguousarray(x)
-    out = np.empty((x.shape[0], W.shape[0], out_h, out_w), dtype=x.dtype)
+    out = np.empty((x.shape[0], out_h, out_w, W.shape[0]), dtype=x.dtype)      # channels-last
     run_in_slices(x.shape[0], lambda part, start, end: _conv1_relu_forward(x, W, b, pad, start, end, out),
                   8 * out.nbytes, uses_blas=False)
-    return out, (_TAG, "one channel", x, out)
+    return out.transpose(0, 3, 1, 2), (_TAG, "one channel", x, out)
 
 
 def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: int, pad: int,
@@ -786,14 +790,15 @@ def conv2d_relu_backward(xp: ModuleType, dout: Any, cache: Any, W: Any, stride: 
         return cache[2].backward_relu(dout, cache[3], need_input_grad, dW_out, db_out)
     _, _, x, out = cache
     dx = np.zeros_like(x) if need_input_grad else np.empty((0,) + x.shape[1:], dtype=x.dtype)
+    dout_last = dout.transpose(0, 2, 3, 1)          # channels-last, as `out`
     sums: dict[int, tuple] = {}
 
     def one_slice(part: int, start: int, end: int) -> None:
         sums[part] = (np.zeros(W.shape, dtype=dout.dtype), np.zeros(W.shape[0], dtype=dout.dtype))
-        # The slice's gradient made contiguous on its own thread: it usually arrives as an
-        # NCHW view of the next layer's channels-last memory (DeepConvNet's conv1: a 0.68 ms
-        # copy on one core, docs/performance.md).
-        part_dout = np.ascontiguousarray(dout[start:end])
+        # The gradient usually arrives as an NCHW view of the next layer's channels-last
+        # memory, and is then read as it is; otherwise the slice is made channels-last on its
+        # own thread.
+        part_dout = np.ascontiguousarray(dout_last[start:end])
         part_dx = dx[start:end] if need_input_grad else dx
         _conv1_relu_backward(x[start:end], W, part_dout, out[start:end], pad, 0, end - start, *sums[part], part_dx)
 
