@@ -54,7 +54,7 @@ discarded and the kernel compiled again. Imported only where Numba imports
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -944,6 +944,14 @@ class _ChunkedConvolution:
         return (None if dx is None else dx.transpose(0, 3, 1, 2)), dW, store_gradient(db_out, db)
 
 
+class _WinogradScratch(NamedTuple):
+    """One slice's scratch for `_WinogradConvolution`."""
+    v: np.ndarray           #: flat, for a chunk's transformed input V (or its gradient dV)
+    m: np.ndarray           #: flat, for a chunk's products M (or their gradient dM)
+    padded: np.ndarray      #: one image with its border of zeros (the input transform and dx)
+    patch: np.ndarray       #: one tile's 4 x 4 x C patch (dx only; empty otherwise)
+
+
 class _WinogradConvolution:
     """A 3 x 3, stride-1 convolution of several channels by Winograd's F(2x2, 3x3)
     (`winograd`: the transforms compiled, the 16 products ``(tiles x C) @ (C x K)`` of each
@@ -973,23 +981,23 @@ class _WinogradConvolution:
         tile_bytes = 16 * (channels + filter_num) * x.itemsize
         self.chunk = max(1, WINOGRAD_CHUNK_BYTES // (max(1, self.per_image) * tile_bytes))
 
-    def _buffers(self, first: int, last: int) -> tuple:
-        """A slice's flat buffers for a chunk's V (or dV) and M (or dM), and the scratch of a
-        tile's patch and of one image with its border of zeros."""
+    def _scratch(self, first: int, last: int, for_dx: bool = False) -> "_WinogradScratch":
+        """A slice's scratch (`_WinogradScratch`) for images ``first:last``."""
         tiles = min(self.chunk, last - first) * self.per_image
         channels, filter_num, dtype = self.x.shape[3], self.W.shape[0], self.x.dtype
-        return (np.empty(16 * tiles * channels, dtype=dtype), np.empty(16 * tiles * filter_num, dtype=dtype),
-                np.empty((4, 4, channels), dtype=dtype),
-                np.empty((2 * self.tiles_h + 2, 2 * self.tiles_w + 2, channels), dtype=dtype))
+        return _WinogradScratch(np.empty(16 * tiles * channels, dtype=dtype),
+                                np.empty(16 * tiles * filter_num, dtype=dtype),
+                                np.empty((2 * self.tiles_h + 2, 2 * self.tiles_w + 2, channels), dtype=dtype),
+                                np.empty((4, 4, channels) if for_dx else (0, 0, channels), dtype=dtype))
 
-    def _chunks(self, first: int, last: int, buffers: tuple):
+    def _chunks(self, first: int, last: int, scratch: "_WinogradScratch"):
         """``(start, end, V, M)`` for the chunks of images ``first:last``: V and M contiguous
         ``(tiles, 16, C)`` and ``(tiles, 16, K)`` views of the slice's buffers (each tile's 16
         positions together for the transforms; the products read them as ``(16, tiles, .)``
         views with rows 16 C apart: the position-major layout put its 16 planes a power of two
         apart for DeepConvNet's chunks, and the transforms' 16 streams then collided in cache:
         4.7 against 1.1 ms for a gradient transform)."""
-        v_flat, m_flat = buffers[:2]
+        v_flat, m_flat = scratch.v, scratch.m
         channels, filter_num = self.x.shape[3], self.W.shape[0]
         for start in range(first, last, self.chunk):
             end = min(start + self.chunk, last)
@@ -1006,12 +1014,12 @@ class _WinogradConvolution:
         b = np.ascontiguousarray(b, dtype=self.x.dtype)
 
         def one_slice(part: int, first: int, last: int) -> None:
-            buffers = self._buffers(first, last)
-            scratch = np.empty((4, filter_num), dtype=self.x.dtype)
-            for start, end, V, M in self._chunks(first, last, buffers):
-                self._transform_input(start, end, V, buffers[3])
+            scratch = self._scratch(first, last)
+            half_tile = np.empty((4, filter_num), dtype=self.x.dtype)
+            for start, end, V, M in self._chunks(first, last, scratch):
+                self._transform_input(start, end, V, scratch.padded)
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
-                self.output_kernels.relu(M, b, start, self.tiles_h, self.tiles_w, scratch, out)
+                self.output_kernels.relu(M, b, start, self.tiles_h, self.tiles_w, half_tile, out)
 
         run_in_slices(n, one_slice, self.x.nbytes + out.nbytes)
         return out.transpose(0, 3, 1, 2), (_TAG, "winograd", self, out)
@@ -1023,9 +1031,9 @@ class _WinogradConvolution:
         b = np.ascontiguousarray(b, dtype=self.x.dtype)
 
         def one_slice(part: int, first: int, last: int) -> None:
-            buffers = self._buffers(first, last)
-            for start, end, V, M in self._chunks(first, last, buffers):
-                self._transform_input(start, end, V, buffers[3])
+            scratch = self._scratch(first, last)
+            for start, end, V, M in self._chunks(first, last, scratch):
+                self._transform_input(start, end, V, scratch.padded)
                 np.matmul(V.transpose(1, 0, 2), self.U, out=M.transpose(1, 0, 2))
                 self.output_kernels.relu_pool(M, b, start, pooled, arg)
 
@@ -1058,19 +1066,19 @@ class _WinogradConvolution:
         sums: dict[int, tuple] = {}
 
         def one_slice(part: int, first: int, last: int) -> None:
-            buffers = self._buffers(first, last)
+            scratch = self._scratch(first, last, for_dx=need_input_grad)
             dU, dU_chunk = np.zeros((16, channels, filter_num), dtype=dtype), np.empty((16, channels, filter_num),
                                                                                         dtype=dtype)
             db = np.zeros(filter_num, dtype=dtype)
-            for start, end, V, dM in self._chunks(first, last, buffers):
+            for start, end, V, dM in self._chunks(first, last, scratch):
                 gradient(start, dM, db)
-                self._transform_input(start, end, V, buffers[3])
+                self._transform_input(start, end, V, scratch.padded)
                 np.matmul(V.transpose(1, 2, 0), dM.transpose(1, 0, 2), out=dU_chunk)
                 dU += dU_chunk
                 if need_input_grad:
                     np.matmul(dM.transpose(1, 0, 2), u_t, out=V.transpose(1, 0, 2))     # dV, in V's place
-                    self.input_kernels.gradient(V, start, end, self.pad, self.tiles_h, self.tiles_w, buffers[2],
-                                                buffers[3], dx)
+                    self.input_kernels.gradient(V, start, end, self.pad, self.tiles_h, self.tiles_w, scratch.patch,
+                                                scratch.padded, dx)
             sums[part] = (dU, db)
 
         dU, db = _sum_slices(sums, run_in_slices(n, one_slice, self.x.nbytes + nbytes))
