@@ -927,28 +927,29 @@ def memory_probe(args) -> None:
     print("MEMORY " + json.dumps(out))
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process: /proc VmHWM, else getrusage's ru_maxrss."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (``VmHWM``, ``RssFile``, ...),
+    in bytes; None where there is no such file or field."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process: /proc VmHWM, else getrusage's ru_maxrss."""
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def file_rss_bytes() -> int:
     """The part of this process's RSS that is pages of mapped files (the code of shared
     libraries, such as LLVM's that Numba loads): clean pages shared with other processes
     that map the same files. 0 where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_status_bytes("RssFile") or 0
 
 
 def current_rss_bytes() -> int:
