@@ -403,14 +403,14 @@ def _conv1_pool2_dW(x, W, dout, arg, pad, start, end, dW, db):
 
 
 @njit(nogil=True, error_model="numpy")
-def _gradient_buffers(x, W, pad, out_h, want_dx):
+def _gradient_buffers(x, W, pad, out_h, want_dx, planes):
     """``(width, image, grads, dimage)`` for a backward kernel: the padded width, a flat padded
-    image (`_load_image`), two gradient planes (a pair of filters), and the input gradient's plane (empty unless
-    `want_dx`)."""
+    image (`_load_image`), `planes` gradient planes of zeros (the columns past the output's
+    width stay zero), and the input gradient's plane (empty unless `want_dx`)."""
     width = x.shape[3] + 2 * pad
     image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
     dimage = np.zeros(image.shape[0] if want_dx else 0, dtype=x.dtype)
-    return width, image, np.zeros((2, out_h * width), dtype=x.dtype), dimage
+    return width, image, np.zeros((planes, out_h * width), dtype=x.dtype), dimage
 
 
 @njit(nogil=True, error_model="numpy")
@@ -508,7 +508,8 @@ def _conv1_relu_pool_backward(x, W, dout, arg, pad, pool, start, end, dW, db, dx
     """Images ``start..end-1``: dW and db summed (into `dW`, `db`) over the pooled maxima that
     passed the ReLU; `dx` (or an empty array when not wanted) gets the input gradient. Filters
     two at a time (`_conv1_plane_backward_pair`)."""
-    width, image, grads, dimage = _gradient_buffers(x, W, pad, x.shape[2] + 2 * pad - W.shape[2] + 1, dx.shape[0] > 0)
+    width, image, grads, dimage = _gradient_buffers(x, W, pad, x.shape[2] + 2 * pad - W.shape[2] + 1,
+                                                    dx.shape[0] > 0, 2)     # a pair of filters
     zero = dout.dtype.type(0)       # (outside the windows, a 2 x 2 pooling's planes are never written: zero)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
@@ -561,7 +562,7 @@ def _conv1_relu_forward(x, W, b, pad, start, end, out):
     width, filters = x.shape[3] + 2 * pad, W.shape[0]
     out_h, out_w = out.shape[1], out.shape[2]
     image = np.zeros((x.shape[2] + 2 * pad) * width + W.shape[3], dtype=x.dtype)
-    planes = np.empty((filters + 1, out_h * width), dtype=x.dtype)
+    planes = np.empty((filters, out_h * width), dtype=x.dtype)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
         for f in range(0, filters, 2):
@@ -580,8 +581,7 @@ def _conv1_relu_backward(x, W, dout, out, pad, start, end, dW, db, dx):
     """Images ``start..end-1``: dW and db summed where the output passed the ReLU; `dx` as in
     `_conv1_relu_pool_backward`. `dout` and `out` channels-last ``(N, OH, OW, F)``."""
     out_h, out_w, filters = dout.shape[1], dout.shape[2], W.shape[0]
-    width, image, _, dimage = _gradient_buffers(x, W, pad, out_h, dx.shape[0] > 0)
-    grads = np.zeros((filters, out_h * width), dtype=dout.dtype)      # columns past out_w stay 0
+    width, image, grads, dimage = _gradient_buffers(x, W, pad, out_h, dx.shape[0] > 0, filters)
     zero = dout.dtype.type(0)
     for n in range(start, end):
         _load_image(x, n, pad, width, image)
