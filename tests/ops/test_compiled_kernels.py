@@ -109,7 +109,7 @@ def test_kernels_are_kept_in_the_users_cache_and_a_damaged_cache_is_rebuilt(tmp_
         [line for line in first.stdout.splitlines() if line.startswith("loss")]
     third = _run(STEP + "\nfrom xpcnn.ops import fast_numba\n"
                  "print('loaded from cache:', all(k.dispatcher.stats.cache_hits for k in "
-                 "(fast_numba._conv1_relu_pool_forward, fast_numba._adagrad)))", env)
+                 "(fast_numba._conv1_relu_pool2_forward, fast_numba._adagrad)))", env)
     assert "loaded from cache: True" in third.stdout, third.stdout + third.stderr
 
 
@@ -210,8 +210,14 @@ MUTATIONS = {
     "offset-planes-mask": ("def _mask_by_offset(", "if arg[p] == k else zero", "if arg[p] == 3 - k else zero"),
     "shifted-planes-padding": ("def _load_shifted(", "2 * ph + u - pad", "2 * ph + u"),
     "missing-bias": ("def _conv1_plane(", "plane[p] = bias\n", "plane[p] = 0\n"),
-    "argmax-tie-takes-the-last": ("def _pool_plane_2(", "take = not (lower <= upper)", "take = not (lower < upper)"),
-    "argmax-tie-across-ignores-the-order": ("def _pool_plane_2(", "and k_right < k_left)", "and False)"),
+    "argmax-tie-takes-the-last": ("def _pool_offset_planes(", "value = third[p]\n        take = not (value <= best)",
+                                  "value = third[p]\n        take = not (value < best)"),
+    "argmax-wrong-offset": ("def _pool_offset_planes(", "(value, 2) if take", "(value, 1) if take"),
+    "offset-planes-forward-tap": ("def _offset_planes(", "w3 * v4 + w4 * v5", "w3 * v4 + w4 * v4"),
+    "offset-planes-forward-second-filter": ("def _offset_planes(", "left2[p] += u0 * v0 + u1 * v1",
+                                            "left2[p] += w0 * v0 + u1 * v1"),
+    "offset-planes-forward-3-wide": ("def _offset_planes(", "source, w, u = row[c + j]", "source, w, u = row[j]"),
+    "offset-planes-forward-bias": ("def _offset_planes(", "plane2[p] = b[g]", "plane2[p] = b[f]"),
     "argmax-tie-takes-the-last-wider-window": ("def _pool_plane(", "if not (candidate[pw] <= best[pw])",
                                                "if not (candidate[pw] < best[pw])"),
     "unpool-2-wrong-offset": ("def _conv1_relu_pool_backward(", "bottom[2 * pw] = g if o == 2",
@@ -350,15 +356,18 @@ def _mismatches(module) -> list[str]:
                                        reference_table.conv2d_relu_maxpool2d_backward(coarse, cache_r, filters, 1, 0,
                                                                                       True))):
             differ(f"{label} gradient {k}", g, r)
-    out, cache = module.conv2d_relu_forward(xp, x, W, b, 1, 1, 10, 10)
-    want, cache_r = reference_table.conv2d_relu_forward(x, W, b, 1, 1, 10, 10)
-    differ("conv-relu", out, want)
-    grad = rng.standard_normal(want.shape)
-    for need_dx in (True, False):
-        for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, W, 1, 1, need_dx),
-                                       reference_table.conv2d_relu_backward(grad, cache_r, W, 1, 1, need_dx))):
-            if r is not None:
-                differ(f"conv-relu gradient {k}{'' if need_dx else ' (no dx)'}", g, r)
+    # Without pooling, full planes: 3 x 3 and 5 x 5 filters, a pair and a single one each.
+    for label, filters, bias, pad in (("conv-relu", W, b, 1), ("conv-relu 5x5", wide, wide_b, 2)):
+        out, cache = module.conv2d_relu_forward(xp, x, filters, bias, 1, pad, 10, 10)
+        want, cache_r = reference_table.conv2d_relu_forward(x, filters, bias, 1, pad, 10, 10)
+        differ(label, out, want)
+        grad = rng.standard_normal(want.shape)
+        for need_dx in (True, False):
+            for k, (g, r) in enumerate(zip(module.conv2d_relu_backward(xp, grad, cache, filters, 1, pad, need_dx),
+                                           reference_table.conv2d_relu_backward(grad, cache_r, filters, 1, pad,
+                                                                                need_dx))):
+                if r is not None:
+                    differ(f"{label} gradient {k}{'' if need_dx else ' (no dx)'}", g, r)
     # Several channels (the chunked path with its compiled epilogues), ties included.
     x3, W3, b3 = rng.standard_normal((3, 3, 10, 10)), rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
     # (ties: a positive bias, so that the ReLU passes the tied maxima and the tie rule shows)
