@@ -26,6 +26,7 @@ CONV_GEOMETRIES = [  # (N, C, H, W, FN, FH, FW, stride, pad)
 CONV_RELU_POOL_GEOMETRIES = [
     (3, 1, 28, 28, 30, 5, 5, 1, 0, 2),   # SimpleConvNet
     (2, 1, 12, 12, 4, 3, 3, 1, 1, 2),    # one channel, padded
+    (2, 1, 10, 10, 3, 5, 5, 1, 1, 2),    # one channel, 5x5, padded, an odd filter (a pair and a single one)
     (3, 1, 16, 12, 5, 3, 3, 2, 1, 2),    # stride 2, not square
     (2, 1, 10, 10, 3, 5, 5, 1, 1, 4),    # a 4x4 pooling
     (1, 1, 11, 9, 3, 3, 2, 2, 1, 2),     # output 6x5: the pooling does not tile it
