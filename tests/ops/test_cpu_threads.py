@@ -1,13 +1,16 @@
 """Slices of a batch on the CPU's cores (`xpcnn/ops/cpu_threads.py`), the machinery under
 NumPy's fast path: how the batch is cut, how many threads, BLAS held to one thread inside,
-errors, a forked child, and the call counter. The fast entries that use it are compared with
-the reference in test_fast_ops.py (backend "numpy-sliced")."""
+errors, a forked child, the pool's hand-overs (polling and sleeping), and the call counter.
+The fast entries that use it are compared with the reference in test_fast_ops.py (backend
+"numpy-sliced")."""
 
 import multiprocessing
 import os
 import subprocess
 import sys
 import threading
+import time
+import types
 
 import numpy as np
 import pytest
@@ -96,7 +99,7 @@ def test_small_work_and_one_thread_run_in_one_slice(monkeypatch):
     assert calls == [(0, 0, 10)] * 2
 
 
-def test_an_error_in_a_slice_is_raised_after_every_slice_finished():
+def test_an_error_in_a_slice_is_raised_after_every_slice_finished(fresh_pool):
     finished = []
 
     def work(part, start, end):
@@ -195,3 +198,124 @@ def test_elementwise_work_leaves_blas_alone(monkeypatch):
     run_in_slices(10, lambda *bounds: seen.append(_numpy_blas_threads()), BIG, uses_blas=False)
     run_in_slices(10, lambda *bounds: seen.append(_numpy_blas_threads()), 1, uses_blas=False)
     assert seen == [own] * 3
+
+
+# ------------------------------------------------------------ the pool's hand-overs
+
+def _waits(polls):
+    """The compiled waits (`xpcnn.ops.polling`) with `polls` polls before sleeping; None: sleep at once."""
+    if polls is None:
+        return None
+    polling = pytest.importorskip("xpcnn.ops.polling", reason="the polling waits need Numba")
+    return types.SimpleNamespace(POLLS=polls, finish_and_wait=polling.finish_and_wait,
+                                 workers_done=polling.workers_done)
+
+
+@pytest.fixture(params=["polling", "polling briefly", "sleeping"])
+def fresh_pool(request, monkeypatch):
+    """A new pool whose threads poll (as where the compiled kernels run), poll only 3 times
+    before sleeping (so both sides fall asleep often), or sleep at once (NumPy's path)."""
+    polls = {"polling": 10_000, "polling briefly": 3, "sleeping": None}[request.param]
+    monkeypatch.setattr(cpu_threads, "_polling", lambda: _waits(polls))
+    cpu_threads._STATE["pool_pid"] = None             # the next call makes a pool with these waits
+    yield request.param
+    pool = cpu_threads._STATE["pool"]
+    cpu_threads._STATE["pool_pid"] = None             # later tests get a pool of their own
+    if pool is not None:
+        pool.close()
+
+
+def _finishes(function, seconds=60):
+    """Run `function` on a thread; fail if it has not returned within `seconds` (a lost wake-up)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting after {seconds} s: a hand-over was lost")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def test_many_hand_overs_in_a_row_with_pauses_and_long_slices(fresh_pool):
+    """Each call's slices all run, at once, and the call returns when the last is done: back to
+    back (the workers still polling), after pauses (asleep) and with a slice much longer than
+    the caller's polls (the caller asleep)."""
+    counts = np.zeros(4, dtype=np.int64)
+    together = threading.Barrier(3, timeout=30)
+
+    def calls():
+        for call in range(300):
+            def work(part, start, end, call=call):
+                if call % 50 == 0:
+                    together.wait()              # the three slices run at once
+                if call % 37 == 5 and part == 2:
+                    time.sleep(0.01)             # longer than any polling: the caller sleeps
+                counts[start:end] += 1
+            assert run_over([(0, 1), (1, 2), (2, 4)], work) == 3
+            assert counts.tolist() == [call + 1] * 4    # every slice finished before the call returned
+            if call % 60 == 7:
+                time.sleep(0.02)                 # the workers' polls run out: they sleep
+    _finishes(calls)
+
+
+def test_a_second_caller_runs_its_slices_on_its_own_thread(fresh_pool):
+    """While one caller's slices hold the workers, another caller's run, in order, on its own thread."""
+    release, started, seen = threading.Event(), threading.Event(), []
+
+    def first(part, start, end):
+        if part == 1:
+            started.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=run_over, args=([(0, 1), (1, 2), (2, 3)], first))
+    holder.start()
+    assert started.wait(30)
+    try:
+        assert _finishes(lambda: run_over([(0, 3), (3, 5), (5, 6)],
+                                          lambda *bounds: seen.append((threading.get_ident(), bounds)))) == 3
+    finally:
+        release.set()
+        holder.join(30)
+    assert [bounds for _, bounds in seen] == [(0, 0, 3), (1, 3, 5), (2, 5, 6)]
+    assert len({thread for thread, _ in seen}) == 1 and seen[0][0] != holder.ident
+
+
+def test_a_slice_that_slices_again_runs_those_slices_itself(fresh_pool):
+    seen = []
+
+    def inner(part, start, end):
+        seen.append((part, threading.get_ident()))
+
+    def outer(part, start, end):
+        if part == 0:
+            run_over([(0, 1), (1, 2)], inner)
+
+    _finishes(lambda: run_over([(0, 1), (1, 2)], outer))
+    assert [part for part, _ in seen] == [0, 1] and len({thread for _, thread in seen}) == 1
+
+
+def test_more_threads_make_a_bigger_pool_and_end_the_smaller_ones_threads(fresh_pool):
+    run_over([(0, 1), (1, 2)], lambda *bounds: None)
+    small = cpu_threads._STATE["pool"]
+    run_over([(0, 1), (1, 2), (2, 3), (3, 4)], lambda *bounds: None)
+    assert cpu_threads._STATE["pool"] is not small and cpu_threads._STATE["pool"].size == 3
+    for thread in small.threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in small.threads)
+
+
+def test_the_threads_poll_where_the_compiled_kernels_run(monkeypatch):
+    monkeypatch.setenv("XPCNN_CPU_KERNELS", "numpy")
+    assert cpu_threads._polling() is None                 # NumPy's path: its threads sleep, as before
+    monkeypatch.setenv("XPCNN_CPU_KERNELS", "numba")
+    pytest.importorskip("numba", reason="the compiled kernels need Numba")
+    polling = cpu_threads._polling()
+    assert polling is not None and polling.POLLS > 0

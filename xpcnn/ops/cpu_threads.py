@@ -16,6 +16,13 @@ limits NumPy to one thread gets one slice; ``XPCNN_CPU_THREADS`` overrides it. W
 Results do not depend on timing: each slice writes its own rows, and sums over slices are
 added in slice order.
 
+The pool's workers take one slice each per call, handed over through counters in memory. Where
+the compiled kernels run, both sides wait for the other's counter by polling it without the GIL
+for about 2 ms before sleeping (`polling`): a sleeping thread's wake-up and the GIL's hand-over
+cost about 0.15 ms per call on this machine, 0.6 ms of SimpleConvNet's step (docs/performance.md).
+Elsewhere they sleep at once. One caller at a time uses the workers; a second caller (another
+thread, or a slice that slices its own work) runs its slices on its own thread, in order.
+
 Where the system lets a thread be kept off a CPU (Linux), the pool's workers may run on any
 CPU the program may use except the one the calling thread is on when it hands them work. The
 scheduler otherwise wakes a worker that slept through an idle spell (a pause between
@@ -31,8 +38,9 @@ import contextlib
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
+
+import numpy as np
 
 try:
     from threadpoolctl import ThreadpoolController
@@ -40,11 +48,12 @@ except ImportError:  # pragma: no cover - a dependency; kept optional for minima
     ThreadpoolController = None
 
 from ..errors import ConfigError
+from . import cpu_kernels
 
 #: Environment variable that fixes the number of slices (a positive integer).
 THREADS_VARIABLE = "XPCNN_CPU_THREADS"
 
-#: Work smaller than this runs on the calling thread (a hand-over to a thread costs ~0.05 ms).
+#: Work smaller than this runs on the calling thread (a hand-over to a sleeping thread costs ~0.15 ms).
 MIN_PARALLEL_BYTES = 256 << 10
 
 _LOCK = threading.Lock()
@@ -140,17 +149,140 @@ def _register_worker() -> None:
         _STATE["kept_off"] = None
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+#: A job that tells a worker to end (`_Pool.close`).
+_CLOSE = object()
+
+
+class _Pool:
+    """The worker threads of `run_over`: worker k takes slice k + 1 of each call, one at a
+    time, and the calling thread takes slice 0.
+
+    A job is handed to worker k by storing it in ``jobs[k]`` and counting ``state[k, 0]`` up;
+    the worker counts ``state[k, 1]`` up to the same number when it is done. Each side waits for
+    the other's counter by polling it in compiled code without the GIL (`polling`) for about
+    2 ms, then sleeping on the condition `changed`; without `polling` (Numba missing, or
+    ``XPCNN_CPU_KERNELS=numpy``) it sleeps at once, as threads of a ``ThreadPoolExecutor`` do.
+    One caller at a time (`busy`): `run_over` runs a second one's slices on its own thread.
+    """
+
+    def __init__(self, workers: int, polling: Any):
+        self.size, self.polling = workers, polling
+        self.state = np.zeros((workers, 2), dtype=np.int64)
+        self.jobs: list[Any] = [None] * workers
+        self.errors: list[BaseException | None] = [None] * workers
+        self.asleep = [False] * workers         # worker k sleeps on `changed`
+        self.caller_asleep = False              # the caller sleeps on `changed`
+        self.changed = threading.Condition()
+        self.busy = threading.Lock()
+        self.threads = [threading.Thread(target=self._serve, args=(worker,), name=f"xpcnn-cpu_{worker}", daemon=True)
+                        for worker in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self, bounds: list[tuple[int, int]], work: Callable[[int, int, int], None]) -> None:
+        """``work(part, start, end)`` for each of `bounds`, slice 0 on this thread; the first
+        error (slice 0's, else the workers' in order) is raised after all have finished."""
+        workers = len(bounds) - 1
+        with self.changed:
+            for worker in range(workers):
+                self.errors[worker] = None
+                self.jobs[worker] = (work, worker + 1, *bounds[worker + 1])
+                self.state[worker, 0] += 1
+            if any(self.asleep[:workers]):
+                self.changed.notify_all()
+        try:
+            work(0, *bounds[0])
+        finally:
+            self._wait_for(workers)
+            errors = [error for error in self.errors[:workers] if error is not None]
+            self.jobs[:workers] = [None] * workers          # no arrays kept alive by a finished job
+            self.errors[:workers] = [None] * workers
+        if errors:
+            raise errors[0]
+
+    def _wait_for(self, workers: int) -> None:
+        if self.polling is not None and self.polling.workers_done(self.state, workers, self.polling.POLLS):
+            return
+        with self.changed:
+            self.caller_asleep = True
+            try:
+                while any(self.state[worker, 1] != self.state[worker, 0] for worker in range(workers)):
+                    # Timed: a worker that saw the caller awake just before it fell asleep polls on
+                    # without notifying (at most `polling.POLLS` polls).
+                    self.changed.wait(0.001)
+            finally:
+                self.caller_asleep = False
+
+    def _serve(self, worker: int) -> None:
+        _register_worker()
+        finished = 0
+        while True:
+            job_number = self._next_job(worker, finished)
+            job = self.jobs[worker]
+            if job is _CLOSE:
+                return
+            work, part, start, end = job
+            try:
+                work(part, start, end)
+            except BaseException as error:  # noqa: BLE001 - raised on the caller's thread (`run`)
+                self.errors[worker] = error
+            finished = job_number
+            if self.caller_asleep:
+                with self.changed:
+                    self.state[worker, 1] = finished
+                    self.changed.notify_all()
+
+    def _next_job(self, worker: int, finished: int) -> int:
+        """Mark job `finished` done and wait for the next one: its number."""
+        if self.polling is not None:
+            job_number = self.polling.finish_and_wait(self.state, worker, finished, self.polling.POLLS)
+            if job_number >= 0:
+                return job_number
+        with self.changed:
+            self.state[worker, 1] = finished
+            self.changed.notify_all()
+            while self.state[worker, 0] == finished:
+                self.asleep[worker] = True
+                self.changed.wait()
+            self.asleep[worker] = False
+            return int(self.state[worker, 0])
+
+    def close(self) -> None:
+        """End the threads, unless a caller is using them (they then sleep on, idle)."""
+        if not self.busy.acquire(blocking=False):
+            return
+        with self.changed:
+            for worker in range(self.size):
+                self.jobs[worker] = _CLOSE
+                self.state[worker, 0] += 1
+            self.changed.notify_all()
+
+
+def _polling() -> Any:
+    """`polling` where the compiled kernels run and its waits compile; otherwise None (the pool's
+    threads then sleep between jobs)."""
+    if cpu_kernels.requested() != "numba":
+        return None
+    try:
+        from . import polling  # imports Numba: an optional library, only where the compiled kernels run
+        polling.workers_done(np.zeros((1, 2), dtype=np.int64), 1, 1)     # compiled or loaded now
+    except Exception:  # noqa: BLE001 - no Numba, or no sched_yield to link (Windows): sleep instead
+        return None
+    return polling
+
+
+def _pool(workers: int) -> _Pool:
     """The worker threads, made again in a forked child (a fork copies the pool, not its threads)."""
     with _LOCK:
-        if _STATE["pool_pid"] != os.getpid() or _STATE["pool_size"] < workers:
-            if _STATE["pool_pid"] == os.getpid():
-                _STATE["pool"].shutdown(wait=False)      # a smaller one: its threads end when idle
-            _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="xpcnn-cpu",
-                                                initializer=_register_worker)
-            _STATE["pool_pid"], _STATE["pool_size"] = os.getpid(), workers
-            _STATE["workers"], _STATE["kept_off"] = [], None
-        return _STATE["pool"]
+        pool, ours = _STATE["pool"], _STATE["pool_pid"] == os.getpid()
+        if ours and pool.size >= workers:
+            return pool
+        _STATE["workers"], _STATE["kept_off"] = [], None
+        _STATE["pool"], _STATE["pool_pid"] = _Pool(workers, _polling()), os.getpid()
+        new = _STATE["pool"]
+    if ours:
+        pool.close()                      # a smaller one
+    return new
 
 
 def _keep_workers_off_this_cpu() -> None:
@@ -224,15 +356,16 @@ def run_over(bounds: list[tuple[int, int]], work: Callable[[int, int, int], None
         work(0, *bounds[0])
         return 1
     pool = _pool(len(bounds) - 1)
-    _keep_workers_off_this_cpu()
     with blas_at_one_thread() if uses_blas else contextlib.nullcontext():
-        futures = [pool.submit(work, part, start, end)
-                   for part, (start, end) in enumerate(bounds) if part > 0]
+        if not pool.busy.acquire(blocking=False):
+            # Another caller's slices hold the workers (or this is a slice's own call): this
+            # thread runs every slice, in order (the same sums, in the same order).
+            for part, (start, end) in enumerate(bounds):
+                work(part, start, end)
+            return len(bounds)
         try:
-            work(0, *bounds[0])
+            _keep_workers_off_this_cpu()
+            pool.run(bounds, work)
         finally:
-            for future in futures:
-                future.exception()        # wait for every slice before BLAS gets its threads back
-    for future in futures:
-        future.result()
+            pool.busy.release()
     return len(bounds)
