@@ -36,7 +36,7 @@ TOP = {"__init__", "cli", "__main__"}
 #: (FastAPI, Starlette, uvicorn and its HTTP/1.1 parser h11, python-multipart) is the optional
 #: extra ``serve``; ONNX, ONNX Runtime and ndonnx the optional extra ``export``.
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "fastapi", "starlette", "uvicorn", "h11",
+                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "xpcnn.ops.polling", "fastapi", "starlette", "uvicorn", "h11",
                         "multipart", "optuna", "onnx", "onnxruntime", "ndonnx"}
 
 
