@@ -706,6 +706,16 @@ def blas_threads() -> tuple[int | None, str]:
     return None, "no BLAS found by threadpoolctl"
 
 
+def _host_memory_line() -> str:
+    """What xpcnn's NumPy backend set the C library's allocator to (it applies to torch in this
+    process too), or that this xpcnn has no such setting (a base revision)."""
+    try:
+        from xpcnn.backend import host_memory
+    except ImportError:
+        return "the allocator's own settings (an xpcnn without backend.host_memory)"
+    return host_memory.describe()
+
+
 def load_average() -> str:
     """1/5/15-minute load averages: other work on the machine skews every timing."""
     try:
@@ -746,6 +756,7 @@ def machine_info(args, threads_numpy, threads_how) -> dict:
         "xpcnn_runs": (describe_table(ops_of(get_backend(args.backend, reference=args.reference)))
                        if describe_table else "n/a (an xpcnn without ops.table.describe)"),
         "xpcnn_backend": args.backend,
+        "host_memory": _host_memory_line(),
         "dtype": args.dtype,
         "batch_size": args.batch_size,
     }
@@ -1065,7 +1076,7 @@ def main(args) -> int:
     for key in ("date", "command", "cpu", "cores", "cores_usable", "python", "numpy", "blas",
                 "numpy_blas_threads", "numpy_blas_threads_source", "torch", "torch_threads",
                 "torch_cuda", "cupy", "gpu", "openblas_env", "xpcnn_cpu_threads", "xpcnn_runs", "xpcnn_backend",
-                "dtype", "batch_size",
+                "host_memory", "dtype", "batch_size",
                 "load_average_at_start", "load_average_after_timing", "settle_s"):
         if key in info:
             print(f"{key:26s} {info[key]}")

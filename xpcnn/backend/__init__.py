@@ -6,6 +6,7 @@
                  generators, out-of-memory mapping (the only module that names CuPy or PyTorch)
     random.py    `RandomSource`: seeded random numbers made on the backend's device
     counting.py  counting the array-library calls of a piece of code (for measuring)
+    host_memory.py  the C library's allocator under NumPy (glibc): large freed blocks kept for reuse
 
     >>> be = get_backend("cpu")
     >>> x = be.asarray(numpy_images, dtype="float32")   # host -> backend, once

@@ -29,6 +29,7 @@ import array_api_compat
 import numpy as np
 
 from ..errors import BackendUnavailable, ConfigError, DeviceMemoryError, DTypeError, XpcnnError
+from . import host_memory
 from .arrays import FLOAT_DTYPES, dtype_name, namespace_of, resolve_dtype, same_device, values_are_free_to_read
 from .counting import unwrap
 
@@ -195,6 +196,7 @@ class NumpyBackend(Backend):
     def create(cls, device_part: str, device: Any, reference: bool) -> "NumpyBackend":
         import array_api_compat.numpy as xp_numpy
 
+        host_memory.keep_freed_memory()          # large freed arrays reused, not faulted in again each step
         return cls(xp_numpy, "cpu", reference)
 
     @staticmethod
