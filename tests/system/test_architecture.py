@@ -31,13 +31,13 @@ ALLOWED = {
 TOP = {"__init__", "cli", "__main__"}
 
 #: Libraries a function may import where it needs them: optional, heavy, or only present with
-#: a GPU (and xpcnn's CuPy fast path, which imports CuPy, and its compiled CPU kernels, which
-#: import Numba and may fail to on an unsupported platform); the web server of ``xpcnn serve``
-#: (FastAPI, Starlette, uvicorn and its HTTP/1.1 parser h11, python-multipart) is the optional
-#: extra ``serve``; ONNX, ONNX Runtime and ndonnx the optional extra ``export``.
+#: a GPU (and xpcnn's CuPy fast path, which imports CuPy, and its compiled CPU kernels and the
+#: pool's polling waits, which import Numba and may fail to on an unsupported platform); the web
+#: server of ``xpcnn serve`` (FastAPI, Starlette, uvicorn and its HTTP/1.1 parser h11,
+#: python-multipart) is the optional extra ``serve``; ONNX, ONNX Runtime and ndonnx the optional extra ``export``.
 LATE_IMPORTS_ALLOWED = {"cupy", "torch", "PIL", "matplotlib", "tqdm", "array_api_strict", "array_api_compat",
-                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "xpcnn.ops.polling", "fastapi", "starlette", "uvicorn", "h11",
-                        "multipart", "optuna", "onnx", "onnxruntime", "ndonnx"}
+                        "xpcnn.ops.fast_cupy", "xpcnn.ops.fast_numba", "xpcnn.ops.polling", "fastapi", "starlette",
+                        "uvicorn", "h11", "multipart", "optuna", "onnx", "onnxruntime", "ndonnx"}
 
 
 def _modules() -> dict[str, Path]:
