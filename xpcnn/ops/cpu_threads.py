@@ -19,9 +19,10 @@ added in slice order.
 The pool's workers take one slice each per call, handed over through counters in memory. Where
 the compiled kernels run, both sides wait for the other's counter by polling it without the GIL
 for about 2 ms before sleeping (`polling`): a sleeping thread's wake-up and the GIL's hand-over
-cost about 0.15 ms per call on this machine, 0.6 ms of SimpleConvNet's step (docs/performance.md).
-Elsewhere they sleep at once. One caller at a time uses the workers; a second caller (another
-thread, or a slice that slices its own work) runs its slices on its own thread, in order.
+cost about 0.12 ms per call on this machine, 0.6 ms of SimpleConvNet's 4.3 ms step, and half
+of that with polling (docs/performance.md). Elsewhere they sleep at once. One caller at a
+time uses the workers; a second caller (another thread, or a slice that slices its own work)
+runs its slices on its own thread, in order.
 
 Where the system lets a thread be kept off a CPU (Linux), the pool's workers may run on any
 CPU the program may use except the one the calling thread is on when it hands them work. The
@@ -53,7 +54,7 @@ from . import cpu_kernels
 #: Environment variable that fixes the number of slices (a positive integer).
 THREADS_VARIABLE = "XPCNN_CPU_THREADS"
 
-#: Work smaller than this runs on the calling thread (a hand-over to a sleeping thread costs ~0.15 ms).
+#: Work smaller than this runs on the calling thread (a hand-over costs 0.05-0.12 ms).
 MIN_PARALLEL_BYTES = 256 << 10
 
 _LOCK = threading.Lock()

@@ -2,14 +2,15 @@
 with Numba, where the compiled kernels run).
 
 A thread that sleeps until the next job (on a lock or a condition) is woken by the operating
-system, and then waits for the GIL, which the thread that woke it still holds: on this machine
-each hand-over of a batch's slices cost 0.03 ms before a worker started and 0.04-0.06 ms
-after it finished before the caller went on, about 0.15 ms per sliced operation in all, 0.75 ms
-of SimpleConvNet's 4.3 ms step (docs/performance.md). A thread that polls a counter in memory
-sees it change within a microsecond, and it does so in compiled code with the GIL released, so
-the other thread runs its Python meanwhile. Between polls it gives its CPU away
-(``sched_yield``): a thread of another program waiting for that CPU gets it. After `POLLS`
-polls without a change (about 2 ms here) the waiting thread sleeps as before.
+system and must then take the GIL. Through a ``ThreadPoolExecutor``, each of SimpleConvNet's
+five sliced operations a step lost about 0.12 ms to that on this machine: the caller went on
+0.04-0.06 ms after the worker's slice ended, and 0.03 ms went to the hand-over itself
+(docs/performance.md). A thread that polls a counter in memory sees it change within a
+microsecond, and it polls in compiled code with the GIL released, so the other thread runs
+its Python meanwhile; the worker marks a job done from inside its wait, so the caller finds
+the GIL free. Between polls a thread gives its CPU away (``sched_yield``): a thread of
+another program waiting for that CPU gets it. After `POLLS` polls without a change (about
+2 ms here) the waiting thread sleeps as before.
 
 The counters are the rows of an int64 array ``state``, one row per worker: ``state[k, 0]`` is
 the number of the last job handed to worker k, ``state[k, 1]`` the number of the last one it
