@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from xpcnn.checks import dropout_ratio, flag, non_negative_int, number_in, positive_int, seed_or_none
+from xpcnn.checks import dropout_ratio, env_choice, flag, non_negative_int, number_in, positive_int, seed_or_none
 from xpcnn.errors import ConfigError
 
 ACCEPTED = [
@@ -53,3 +53,20 @@ def test_refused_values_name_the_rule_and_the_value(check, value, message):
     with pytest.raises(ConfigError) as caught:
         check(value)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("given, expected", [(None, "keep"), ("", "keep"), ("  ", "keep"), ("System", "system"),
+                                             (" keep\n", "keep")])
+def test_an_environment_choice_is_its_lower_cased_value_or_the_first_choice(monkeypatch, given, expected):
+    if given is None:
+        monkeypatch.delenv("XPCNN_TEST_CHOICE", raising=False)
+    else:
+        monkeypatch.setenv("XPCNN_TEST_CHOICE", given)
+    assert env_choice("XPCNN_TEST_CHOICE", ("keep", "system")) == expected
+
+
+def test_an_environment_choice_outside_the_list_names_them_and_the_value(monkeypatch):
+    monkeypatch.setenv("XPCNN_TEST_CHOICE", "Off")
+    with pytest.raises(ConfigError) as caught:
+        env_choice("XPCNN_TEST_CHOICE", ("keep", "system"))
+    assert str(caught.value) == "XPCNN_TEST_CHOICE must be one of keep, system, got 'Off'"

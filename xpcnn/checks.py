@@ -15,6 +15,7 @@ live beside the arrays: `xpcnn.backend.arrays`, `xpcnn.ops.functions`, `xpcnn.op
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -77,3 +78,13 @@ def flag(value: Any, name: str, what: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ConfigError(f"{what}: {name} must be True or False, got {value!r} ({type(value).__name__})")
     return bool(value)
+
+
+def env_choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The environment variable `variable`, lower-cased, or ``choices[0]`` where it is unset or
+    blank; `ConfigError` unless it is one of `choices`."""
+    given = os.environ.get(variable, "")
+    value = given.strip().lower() or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {given!r}")
+    return value

@@ -24,11 +24,10 @@ Windows, musl) nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import threading
 
-from ..errors import ConfigError
+from .. import checks
 
 #: Environment variable: ``keep`` (the default) or ``system`` (glibc's own settings).
 HOST_MEMORY_VARIABLE = "XPCNN_HOST_MEMORY"
@@ -48,11 +47,7 @@ _APPLIED: dict[str, str] = {}
 
 def requested() -> str:
     """``XPCNN_HOST_MEMORY``, or ``keep``."""
-    value = os.environ.get(HOST_MEMORY_VARIABLE, "").strip().lower() or "keep"
-    if value not in CHOICES:
-        raise ConfigError(f"{HOST_MEMORY_VARIABLE} must be one of {', '.join(CHOICES)}, "
-                          f"got {os.environ[HOST_MEMORY_VARIABLE]!r}")
-    return value
+    return checks.env_choice(HOST_MEMORY_VARIABLE, CHOICES)
 
 
 def keep_freed_memory() -> str:

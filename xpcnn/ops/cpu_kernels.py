@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from .. import checks
 
 #: Environment variable that selects the CPU kernels.
 KERNELS_VARIABLE = "XPCNN_CPU_KERNELS"
@@ -23,11 +23,7 @@ CACHE_VARIABLE = "XPCNN_KERNEL_CACHE"
 
 def requested() -> str:
     """The kernels asked for: ``XPCNN_CPU_KERNELS``, or ``numba``."""
-    value = os.environ.get(KERNELS_VARIABLE, "").strip().lower() or "numba"
-    if value not in CHOICES:
-        raise ConfigError(f"{KERNELS_VARIABLE} must be one of {', '.join(CHOICES)}, "
-                          f"got {os.environ[KERNELS_VARIABLE]!r}")
-    return value
+    return checks.env_choice(KERNELS_VARIABLE, CHOICES)
 
 
 def cache_dir() -> Path:
