@@ -6,6 +6,7 @@ The fast entries that use it are compared with the reference in test_fast_ops.py
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -319,3 +320,57 @@ def test_the_threads_poll_where_the_compiled_kernels_run(monkeypatch):
     pytest.importorskip("numba", reason="the compiled kernels need Numba")
     polling = cpu_threads._polling()
     assert polling is not None and polling.POLLS > 0
+
+
+class _Interrupted(Exception):
+    """What the test's timer raises in the calling thread (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+def test_an_interrupted_call_returns_only_after_its_slices_and_leaves_no_error_behind(fresh_pool):
+    """Ctrl-C while the caller waits: the interruption is raised once the workers' slices are
+    done, so none runs on into the next call, nor does its error turn up there."""
+    finished = []
+
+    def slow_then_failing(part, start, end):
+        if part == 1:
+            time.sleep(0.3)
+            finished.append(part)
+            raise ValueError("the first call's error")
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)      # while the caller waits for slice 1
+        with pytest.raises(_Interrupted):
+            run_over([(0, 1), (1, 2)], slow_then_failing)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert finished == [1]
+    assert run_over([(0, 1), (1, 2)], lambda *bounds: None) == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_lost_worker_thread_is_an_error_not_a_hang_and_the_next_call_gets_new_threads(fresh_pool):
+    run_over([(0, 1), (1, 2)], lambda *bounds: None)
+    pool = cpu_threads._STATE["pool"]
+
+    def broken(worker, finished):
+        raise RuntimeError("a bug in the worker's own loop")
+    pool._next_job = broken                                 # the worker dies after its next slice
+    outcomes = []
+    for _ in range(2):          # that slice's call may still see it done (a sleeping caller is told at once)
+        try:
+            _finishes(lambda: run_over([(0, 1), (1, 2)], lambda *bounds: None))
+            outcomes.append("done")
+        except cpu_threads.WorkerLost as lost:
+            assert "CPU worker thread 0 ended without finishing its slice" in str(lost)
+            outcomes.append("lost")
+            break
+    assert outcomes in (["lost"], ["done", "lost"])
+    seen = []
+    assert _finishes(lambda: run_over([(0, 1), (1, 2)], lambda part, *bounds: seen.append(part))) == 2
+    assert sorted(seen) == [0, 1] and cpu_threads._STATE["pool"] is not pool

@@ -10,12 +10,15 @@ a quarter of its step here (45 against 34 ms, docs/performance.md).
 
 `keep_freed_memory` sets both thresholds (glibc's ``mallopt``): blocks up to
 `MMAP_THRESHOLD` come from the heap, and up to `TRIM_THRESHOLD` of freed heap is kept for the
-next ones. A process's peak memory is unchanged (189 against 187 MiB for that run); after a
-peak it keeps up to `TRIM_THRESHOLD` more than it uses. The NumPy backend applies it when it
-is made (`xpcnn.backend.get_backend`), once per process.
+next ones (in each of glibc's heaps: the main one, and one per thread that allocates, such as
+the CPU pool's workers). A process's peak memory is unchanged (189 against 187 MiB for that
+run); after a peak it keeps the freed memory up to those amounts. The NumPy backend applies it
+when it is made (`xpcnn.backend.get_backend`), once per process.
 
-``XPCNN_HOST_MEMORY=system`` leaves glibc's own settings; elsewhere than glibc (macOS,
-Windows, musl) nothing is changed.
+``XPCNN_HOST_MEMORY=system`` leaves glibc's own settings, and so do glibc's own variables
+where the user set any (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``);
+elsewhere than glibc (macOS, Windows, musl) nothing is changed.
 
     >>> keep_freed_memory()
     'glibc malloc, freed blocks kept (mmap threshold 32 MiB, trim threshold 128 MiB)'
@@ -24,6 +27,7 @@ Windows, musl) nothing is changed.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import threading
 
@@ -40,6 +44,9 @@ TRIM_THRESHOLD = 128 << 20
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+#: glibc's own environment variables for its thresholds: where the user set any, theirs stand.
+_GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _LOCK = threading.Lock()
 _APPLIED: dict[str, str] = {}
@@ -59,20 +66,33 @@ def keep_freed_memory() -> str:
         return _APPLIED["line"]
 
 
+def _users_own_settings() -> str:
+    """The environment variables through which the user set glibc's thresholds already, if any."""
+    named = [name for name in _GLIBC_VARIABLES if os.environ.get(name)]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        named.append("GLIBC_TUNABLES")
+    return ", ".join(named)
+
+
 def _apply(choice: str) -> str:
     if platform.libc_ver()[0] != "glibc":
         return "the system's allocator, as it is (not glibc)"
     if choice == "system":
         return f"glibc malloc, its own settings ({HOST_MEMORY_VARIABLE}=system)"
+    own = _users_own_settings()
+    if own:
+        return f"glibc malloc, the environment's settings ({own})"
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return "glibc malloc, its own settings (mallopt not found)"
     mallopt.restype, mallopt.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int]
-    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    kept = [f"{name} {value >> 20} MiB" for name, parameter, value in (
+        ("mmap threshold", _M_MMAP_THRESHOLD, MMAP_THRESHOLD), ("trim threshold", _M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        if mallopt(parameter, value) == 1]                       # glibc: 1 done, 0 refused
+    if not kept:
         return "glibc malloc, its own settings (mallopt refused)"
-    return (f"glibc malloc, freed blocks kept (mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
-            f"trim threshold {TRIM_THRESHOLD >> 20} MiB)")
+    return f"glibc malloc, freed blocks kept ({', '.join(kept)})"
 
 
 def describe() -> str:

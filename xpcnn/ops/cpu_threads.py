@@ -154,6 +154,10 @@ def _register_worker() -> None:
 _CLOSE = object()
 
 
+class WorkerLost(RuntimeError):
+    """A worker thread of the pool ended without finishing its slice (a bug; never expected)."""
+
+
 class _Pool:
     """The worker threads of `run_over`: worker k takes slice k + 1 of each call, one at a
     time, and the calling thread takes slice 0.
@@ -175,6 +179,7 @@ class _Pool:
         self.caller_asleep = False              # the caller sleeps on `changed`
         self.changed = threading.Condition()
         self.busy = threading.Lock()
+        self.broken = False                     # a worker thread ended: replace the pool
         self.threads = [threading.Thread(target=self._serve, args=(worker,), name=f"xpcnn-cpu_{worker}", daemon=True)
                         for worker in range(workers)]
         for thread in self.threads:
@@ -194,23 +199,49 @@ class _Pool:
         try:
             work(0, *bounds[0])
         finally:
-            self._wait_for(workers)
-            errors = [error for error in self.errors[:workers] if error is not None]
-            self.jobs[:workers] = [None] * workers          # no arrays kept alive by a finished job
-            self.errors[:workers] = [None] * workers
+            try:
+                self._wait_for(workers)
+            finally:
+                errors = [error for error in self.errors[:workers] if error is not None]
+                self.jobs[:workers] = [None] * workers      # no arrays kept alive by a finished job
+                self.errors[:workers] = [None] * workers
         if errors:
             raise errors[0]
 
     def _wait_for(self, workers: int) -> None:
+        """Return once workers ``0..workers-1`` finished their slices, even if interrupted
+        meanwhile (Ctrl-C): the interruption is raised then, so no slice of this call runs on
+        into the next one."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._wait_once(workers)
+                break
+            except BaseException as error:  # noqa: BLE001 - raised once the slices are done
+                if isinstance(error, WorkerLost):
+                    raise
+                interrupted = interrupted or error
+        if interrupted is not None:
+            raise interrupted
+
+    def _wait_once(self, workers: int) -> None:
         if self.polling is not None and self.polling.workers_done(self.state, workers, self.polling.POLLS):
             return
+        # Timed waits: with polling, a worker that saw the caller awake just before it fell
+        # asleep polls on without notifying (at most `polling.POLLS` polls); and a worker
+        # thread that ended (it never should) is noticed instead of waited for.
+        timeout = 0.001 if self.polling is not None else 0.1
         with self.changed:
             self.caller_asleep = True
             try:
                 while any(self.state[worker, 1] != self.state[worker, 0] for worker in range(workers)):
-                    # Timed: a worker that saw the caller awake just before it fell asleep polls on
-                    # without notifying (at most `polling.POLLS` polls).
-                    self.changed.wait(0.001)
+                    self.changed.wait(timeout)
+                    lost = [worker for worker in range(workers) if not self.threads[worker].is_alive()
+                            and self.state[worker, 1] != self.state[worker, 0]]
+                    if lost:
+                        self.broken = True                  # `_pool` makes a new pool for the next call
+                        raise WorkerLost(f"xpcnn's CPU worker thread {lost[0]} ended without finishing its "
+                                         f"slice; the next call starts new threads")
             finally:
                 self.caller_asleep = False
 
@@ -259,31 +290,60 @@ class _Pool:
             self.changed.notify_all()
 
 
+def _has_sched_yield() -> bool:
+    """Whether the C library has POSIX's ``sched_yield`` (Linux, macOS; not Windows), which the
+    compiled waits link by name: a name that cannot be linked would crash the process, not
+    raise, so it is looked for first."""
+    if os.name != "posix":
+        return False
+    try:
+        return hasattr(ctypes.CDLL(None), "sched_yield")
+    except OSError:
+        return False
+
+
 def _polling() -> Any:
-    """`polling` where the compiled kernels run and its waits compile; otherwise None (the pool's
-    threads then sleep between jobs)."""
-    if cpu_kernels.requested() != "numba":
+    """`polling` where the compiled kernels run, ``sched_yield`` exists and the waits compile;
+    otherwise None (the pool's threads then sleep between jobs)."""
+    if cpu_kernels.requested() != "numba" or not _has_sched_yield():
         return None
     try:
         from . import polling  # imports Numba: an optional library, only where the compiled kernels run
-        polling.workers_done(np.zeros((1, 2), dtype=np.int64), 1, 1)     # compiled or loaded now
-    except Exception:  # noqa: BLE001 - no Numba, or no sched_yield to link (Windows): sleep instead
+        state = np.zeros((1, 2), dtype=np.int64)
+        polling.workers_done(state, 1, 1)                 # both compiled (or loaded) now
+        polling.finish_and_wait(state, 0, 0, 1)
+    except Exception:  # noqa: BLE001 - no Numba, or it cannot compile them: sleep instead
         return None
     return polling
 
 
+def _current_pool(workers: int) -> "_Pool | None":
+    """This process's pool if it has at least `workers` threads and none was lost (under `_LOCK`)."""
+    pool = _STATE["pool"]
+    if _STATE["pool_pid"] == os.getpid() and pool.size >= workers and not pool.broken:
+        return pool
+    return None
+
+
 def _pool(workers: int) -> _Pool:
-    """The worker threads, made again in a forked child (a fork copies the pool, not its threads)."""
+    """The worker threads, made again in a forked child (a fork copies the pool, not its
+    threads), for more threads, or after a thread was lost."""
     with _LOCK:
-        pool, ours = _STATE["pool"], _STATE["pool_pid"] == os.getpid()
-        if ours and pool.size >= workers:
+        pool = _current_pool(workers)
+    if pool is not None:
+        return pool
+    polling = _polling()                  # may compile: not under the lock
+    with _LOCK:
+        pool = _current_pool(workers)     # another thread may have made one meanwhile
+        if pool is not None:
             return pool
+        old = _STATE["pool"] if _STATE["pool_pid"] == os.getpid() else None
         _STATE["workers"], _STATE["kept_off"] = [], None
-        _STATE["pool"], _STATE["pool_pid"] = _Pool(workers, _polling()), os.getpid()
-        new = _STATE["pool"]
-    if ours:
-        pool.close()                      # a smaller one
-    return new
+        pool = _Pool(workers, polling)
+        _STATE["pool"], _STATE["pool_pid"] = pool, os.getpid()
+    if old is not None:
+        old.close()                       # a smaller one, or one that lost a thread
+    return pool
 
 
 def _keep_workers_off_this_cpu() -> None:

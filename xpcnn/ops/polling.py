@@ -31,10 +31,13 @@ from . import kernel_cache
 POLLS = 10_000
 
 #: The C library's ``sched_yield`` (POSIX: Linux, macOS), linked by name into the compiled code.
+#: Where it is missing (Windows), calling a wait would crash the process, so `cpu_threads` looks
+#: for it first. The waits are plain compiled functions (`kernel_cache.njit`), not `Kernel`s, so
+#: a failure to load or compile them never discards the kernels' cache: the pool sleeps instead.
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
 
 
-@kernel_cache.kernel(nogil=True)
+@kernel_cache.njit(nogil=True)
 def finish_and_wait(state, worker, finished, polls):
     """Worker `worker` marks job `finished` done, then polls for the next job: its number, or
     -1 after `polls` polls without one."""
@@ -47,7 +50,7 @@ def finish_and_wait(state, worker, finished, polls):
     return -1
 
 
-@kernel_cache.kernel(nogil=True)
+@kernel_cache.njit(nogil=True)
 def workers_done(state, workers, polls):
     """Whether workers ``0..workers-1`` finished the last job each was handed, polling up to
     `polls` times."""
