@@ -58,8 +58,8 @@ THREADS_VARIABLE = "XPCNN_CPU_THREADS"
 MIN_PARALLEL_BYTES = 256 << 10
 
 _LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "pool_size": 0,
-                          "holders": 0, "saved": [], "workers": [], "kept_off": None}
+_STATE: dict[str, Any] = {"blas": None, "pool": None, "pool_pid": None, "holders": 0,
+                          "saved": [], "workers": [], "kept_off": None}
 
 
 def _current_cpu_reader() -> Callable[[], int] | None:
@@ -190,8 +190,7 @@ class _Pool:
         error (slice 0's, else the workers' in order) is raised after all have finished."""
         workers = len(bounds) - 1
         with self.changed:
-            for worker in range(workers):
-                self.errors[worker] = None
+            for worker in range(workers):          # `errors` are all None: each call clears them
                 self.jobs[worker] = (work, worker + 1, *bounds[worker + 1])
                 self.state[worker, 0] += 1
             if any(self.asleep[:workers]):
